@@ -1,0 +1,36 @@
+"""lightning-influence: influence functions (Koh & Liang, 2017) for PyTorch Lightning.
+
+Add :class:`InfluenceCallback` to a ``Trainer``; when training ends it scores every training example's
+influence on chosen validation predictions. :func:`compute_influence` does the same without a Trainer.
+Scores follow Koh & Liang's sign: positive = harmful, negative = helpful.
+"""
+
+from .errors import InfluenceConfigError, InfluenceRuntimeError, SolverDivergedError
+from .pipeline import DEFAULT_DAMPING, compute_influence
+from .results import InfluenceResults, Ranked
+from .solvers import CGSettings, ExactSettings, LissaSettings, SolverSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CGSettings",
+    "DEFAULT_DAMPING",
+    "ExactSettings",
+    "InfluenceCallback",
+    "InfluenceConfigError",
+    "InfluenceResults",
+    "InfluenceRuntimeError",
+    "LissaSettings",
+    "Ranked",
+    "SolverDivergedError",
+    "SolverSettings",
+    "compute_influence",
+]
+
+
+def __getattr__(name: str):  # lazy: importing the maths should not import Lightning
+    if name == "InfluenceCallback":
+        from .callback import InfluenceCallback
+
+        return InfluenceCallback
+    raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")

@@ -1,0 +1,17 @@
+"""Exceptions raised by lightning-influence. Every message names the argument at fault and the fix."""
+
+from __future__ import annotations
+
+__all__ = ["InfluenceConfigError", "InfluenceRuntimeError", "SolverDivergedError"]
+
+
+class InfluenceConfigError(ValueError):
+    """A setting or input is invalid. Raised before heavy work wherever possible."""
+
+
+class InfluenceRuntimeError(RuntimeError):
+    """The computation itself failed (non-finite loss or gradients, a solver that cannot converge)."""
+
+
+class SolverDivergedError(InfluenceRuntimeError):
+    """An iterative inverse-HVP solver diverged or produced NaN/inf."""

@@ -1,0 +1,182 @@
+"""Pure ``torch.func`` building blocks: flat parameter spaces, per-sample gradients and batched
+Hessian-vector products.
+
+Everything here works on tensors and batches only; it knows nothing about Lightning, devices or
+logging. Parameters are handled as one flat vector ``theta`` of length ``P`` (the concatenation of the
+attributed parameters in a fixed order) so that solvers can treat right-hand sides as a ``[Q, P]``
+matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, jvp, vmap
+
+__all__ = [
+    "ParamSpace",
+    "PerExampleLoss",
+    "batch_size_of",
+    "batch_in_dims",
+    "per_sample_grads",
+    "batch_hvp",
+    "mean_loss",
+    "map_tensors",
+    "module_loss",
+]
+
+#: ``loss(params, batch) -> Tensor[B]``: per-example losses of a batch under the given parameters.
+PerExampleLoss = Callable[[Mapping[str, Tensor], Any], Tensor]
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """The attributed parameters, flattened into one vector in a fixed order.
+
+    Attributes:
+        names: parameter names, as keys of the dict the loss takes.
+        shapes: the shape of each parameter.
+    """
+
+    names: Tuple[str, ...]
+    shapes: Tuple[torch.Size, ...]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Tensor]) -> "ParamSpace":
+        return cls(tuple(params), tuple(p.shape for p in params.values()))
+
+    @property
+    def numels(self) -> Tuple[int, ...]:
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.numels)
+
+    def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate a dict of tensors shaped like the parameters into a vector ``[P]``."""
+        return torch.cat([params[n].reshape(-1) for n in self.names])
+
+    def flatten_batched(self, params: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate a dict of per-example tensors ``[B, *shape]`` into a matrix ``[B, P]``."""
+        first = params[self.names[0]]
+        return torch.cat([params[n].reshape(first.shape[0], -1) for n in self.names], dim=1)
+
+    def unflatten(self, flat: Tensor) -> Dict[str, Tensor]:
+        """Split a vector ``[P]`` into a dict of views shaped like the parameters."""
+        chunks = torch.split(flat, self.numels)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+
+def batch_in_dims(batch: Any) -> Any:
+    """``vmap`` in_dims for a batch: 0 for every tensor leaf, None for anything else."""
+    if isinstance(batch, Tensor):
+        return 0
+    return _map_leaves(batch, lambda leaf: 0 if isinstance(leaf, Tensor) else None)
+
+
+def batch_size_of(batch: Any) -> int:
+    """Leading dimension of the first tensor found in a (nested) batch."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, (list, tuple)):
+        items: Sequence[Any] = batch
+    elif isinstance(batch, Mapping):
+        items = list(batch.values())
+    else:
+        items = []
+    for item in items:
+        try:
+            return batch_size_of(item)
+        except ValueError:
+            continue
+    raise ValueError("batch contains no tensor, so its size is unknown")
+
+
+def _map_leaves(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply ``fn`` to every leaf of a nest of lists, tuples, namedtuples and dicts."""
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_map_leaves(t, fn) for t in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_leaves(t, fn) for t in tree)
+    if isinstance(tree, Mapping):
+        return {k: _map_leaves(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
+def map_tensors(tree: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor of a (nested) batch, leaving other leaves as they are."""
+    return _map_leaves(tree, lambda leaf: fn(leaf) if isinstance(leaf, Tensor) else leaf)
+
+
+def _unsqueeze(example: Any) -> Any:
+    return map_tensors(example, lambda t: t.unsqueeze(0))
+
+
+def mean_loss(loss: PerExampleLoss, space: ParamSpace, batch: Any) -> Callable[[Tensor], Tensor]:
+    """``theta -> mean_i loss(theta, z_i)`` over the examples of ``batch``, as a function of the flat
+    parameter vector."""
+
+    def f(theta: Tensor) -> Tensor:
+        return loss(space.unflatten(theta), batch).mean()
+
+    return f
+
+
+def per_sample_grads(loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch: Any) -> Tensor:
+    """Gradients of each example's loss, ``∇_θ L(z_i, θ)``, as a matrix ``[B, P]``.
+
+    Computed with ``vmap(grad)``: one call, no Python loop over examples. The model sees each example
+    as a batch of one, so batch-dependent layers must be in eval mode.
+    """
+    params = space.unflatten(theta)
+
+    def one(p: Mapping[str, Tensor], example: Any) -> Tensor:
+        return loss(p, _unsqueeze(example)).sum()
+
+    grads = vmap(grad(one), in_dims=(None, batch_in_dims(batch)))(params, batch)
+    return space.flatten_batched(grads)
+
+
+def batch_hvp(
+    loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch: Any, vectors: Tensor
+) -> Tensor:
+    """Hessian-vector products of the batch's mean loss, ``H_B v`` for every row ``v`` of ``vectors``.
+
+    Forward-over-reverse (``jvp`` of ``grad``), vmapped over the rows, so all right-hand sides share
+    one batch and one traced computation.
+
+    Args:
+        loss: per-example loss ``loss(params, batch) -> Tensor[B]``.
+        space: the flat parameter layout.
+        theta: parameters ``[P]`` at which the Hessian is taken.
+        batch: the examples whose mean loss is differentiated.
+        vectors: right-hand sides ``[Q, P]``.
+
+    Returns:
+        ``[Q, P]``, row ``q`` equal to ``∇²(1/B Σ_i L(z_i, θ)) v_q``.
+    """
+    g = grad(mean_loss(loss, space, batch))
+
+    def hvp_one(v: Tensor) -> Tensor:
+        return jvp(g, (theta,), (v,))[1]
+
+    return vmap(hvp_one)(vectors)
+
+
+def module_loss(
+    module: torch.nn.Module,
+    frozen: Mapping[str, Tensor],
+) -> PerExampleLoss:
+    """Turn a module whose ``forward(batch)`` returns per-example losses into a :data:`PerExampleLoss`.
+
+    ``frozen`` holds every parameter and buffer not being attributed (constants of the loss).
+    """
+
+    def loss(params: Mapping[str, Tensor], batch: Any) -> Tensor:
+        return functional_call(module, {**frozen, **params}, (batch,), strict=False)
+
+    return loss

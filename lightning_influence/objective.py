@@ -1,0 +1,178 @@
+"""How a batch becomes per-example losses.
+
+Two contracts, the user picks by what they define:
+
+* ``(inputs, targets)`` batches (tuples, lists or the first two items of a longer sequence) with a
+  ``loss_fn(outputs, targets) -> Tensor[B]`` (default: cross-entropy with ``reduction="none"``);
+* a module method ``influence_loss(self, batch) -> Tensor[B]``, used whenever the module defines it,
+  so any batch format works.
+
+The objective binds a module to a dict of parameter values through ``torch.func.functional_call``;
+the module's own tensors are never modified.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .errors import InfluenceConfigError, InfluenceRuntimeError
+from .functional import ParamSpace, PerExampleLoss, batch_size_of, map_tensors, module_loss
+
+__all__ = ["Objective", "default_loss_fn", "select_params"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+HOOK_NAME = "influence_loss"
+
+
+def default_loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Per-example cross-entropy (natural log, nats): ``F.cross_entropy(..., reduction="none")``."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+class _LossModule(nn.Module):
+    """Wraps the user's module so that ``forward(batch)`` returns per-example losses."""
+
+    def __init__(self, inner: nn.Module, loss_fn: Optional[LossFn]) -> None:
+        super().__init__()
+        self.inner = inner
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        if self._loss_fn is None:
+            return getattr(self.inner, HOOK_NAME)(batch)
+        inputs, targets = batch[0], batch[1]
+        return self._loss_fn(self.inner(inputs), targets)
+
+
+def select_params(module: nn.Module, patterns: Optional[Sequence[str]]) -> Dict[str, nn.Parameter]:
+    """The trainable parameters to attribute to, in module order.
+
+    Args:
+        module: the trained model.
+        patterns: ``None`` for every parameter with ``requires_grad``; otherwise names or prefixes
+            (``"classifier"`` selects ``classifier.weight`` and ``classifier.bias``) or glob patterns
+            (``"*.bias"``).
+
+    Raises:
+        InfluenceConfigError: if nothing trainable matches.
+    """
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if patterns is None:
+        chosen = trainable
+    else:
+        if isinstance(patterns, str):
+            patterns = [patterns]
+
+        def matches(name: str) -> bool:
+            for pat in patterns:  # type: ignore[union-attr]
+                if name == pat or name.startswith(pat.rstrip(".") + ".") or fnmatch.fnmatchcase(name, pat):
+                    return True
+            return False
+
+        chosen = {n: p for n, p in trainable.items() if matches(n)}
+    if not chosen:
+        names = ", ".join(list(trainable)[:8]) or "(none: every parameter has requires_grad=False)"
+        raise InfluenceConfigError(
+            f"params={patterns!r} matches no trainable parameter of {type(module).__name__}. "
+            f"Trainable parameters include: {names}. Pass names or prefixes of these, or params=None "
+            "for all of them."
+        )
+    return chosen
+
+
+class Objective:
+    """Per-example loss of a module, as a function of a flat vector of the attributed parameters.
+
+    Args:
+        module: the trained model. It is put in eval mode by the caller; this class never writes to it.
+        params: names/prefixes of the parameters to attribute to (``None``: all trainable ones).
+        loss_fn: ``loss_fn(outputs, targets) -> Tensor[B]`` for ``(inputs, targets)`` batches.
+            Ignored when the module defines ``influence_loss(batch)``. Default: cross-entropy.
+        dtype: floating dtype the influence maths runs in; parameters, floating buffers and floating
+            batch tensors are cast to it.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Optional[Union[str, Sequence[str]]] = None,
+        loss_fn: Optional[LossFn] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not dtype.is_floating_point:
+            raise InfluenceConfigError(f"dtype={dtype} is not a floating dtype; use torch.float32 or torch.float64.")
+        self.module = module
+        self.dtype = dtype
+        self.uses_hook = callable(getattr(module, HOOK_NAME, None))
+        self.loss_fn: Optional[LossFn] = None if self.uses_hook else (loss_fn or default_loss_fn)
+        selected = select_params(module, params)
+        self.device = next(iter(selected.values())).device
+        wrapper = _LossModule(module, self.loss_fn)
+        prefixed = {f"inner.{n}": p.detach().to(dtype) for n, p in selected.items()}
+        frozen: Dict[str, Tensor] = {}
+        for n, t in list(wrapper.named_parameters()) + list(wrapper.named_buffers()):
+            if n not in prefixed:
+                frozen[n] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+        self._inner_frozen = {n[len("inner.") :]: t for n, t in frozen.items() if n.startswith("inner.")}
+        self.space = ParamSpace.from_params(prefixed)
+        self.theta: Tensor = self.space.flatten(prefixed)
+        self.param_names: Tuple[str, ...] = tuple(selected)
+        self.loss: PerExampleLoss = module_loss(wrapper, frozen)
+
+    @property
+    def num_params(self) -> int:
+        return self.space.num_params
+
+    def prepare_batch(self, batch: Any) -> Any:
+        """Move a collated batch to the parameters' device and cast floating tensors to ``dtype``."""
+        if not self.uses_hook and not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
+            raise InfluenceConfigError(
+                f"batches are {type(batch).__name__}, not (inputs, targets) pairs. Define "
+                f"`{HOOK_NAME}(self, batch) -> Tensor[B]` on your LightningModule to return per-example "
+                "losses for your batch format."
+            )
+
+        def move(t: Tensor) -> Tensor:
+            t = t.to(self.device, non_blocking=True)
+            return t.to(self.dtype) if t.is_floating_point() else t
+
+        return map_tensors(batch, move)
+
+    def losses(self, batch: Any, theta: Optional[Tensor] = None) -> Tensor:
+        """Per-example losses ``[B]`` of a prepared batch at ``theta`` (default: the trained values)."""
+        with torch.no_grad():
+            out = self.loss(self.space.unflatten(self.theta if theta is None else theta), batch)
+        return out
+
+    def outputs(self, batch: Any) -> Optional[Tensor]:
+        """The model's outputs for the inputs of an ``(inputs, targets)`` batch, or ``None`` on the
+        ``influence_loss`` path (where the batch format is the user's)."""
+        if self.uses_hook:
+            return None
+        params = {n[len("inner.") :]: t for n, t in self.space.unflatten(self.theta).items()}
+        with torch.no_grad():
+            return functional_call(self.module, {**self._inner_frozen, **params}, (batch[0],), strict=False)
+
+    def check_per_example(self, batch: Any) -> None:
+        """Raise a clear error unless the loss of ``batch`` is a finite vector with one entry per example."""
+        n = batch_size_of(batch)
+        out = self.losses(batch)
+        where = f"{type(self.module).__name__}.{HOOK_NAME}(batch)" if self.uses_hook else "loss_fn(outputs, targets)"
+        if not isinstance(out, Tensor) or out.dim() != 1 or out.shape[0] != n:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise InfluenceConfigError(
+                f"{where} returned shape {shape} for a batch of {n} examples; influence needs one loss per "
+                "example, shape [B]. Use reduction='none' (e.g. F.cross_entropy(..., reduction='none'))."
+            )
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).sum())
+            raise InfluenceRuntimeError(
+                f"{where} is NaN/inf for {bad} of {n} examples at the trained weights; influence functions "
+                "need a finite loss. Check the inputs and the trained model (did training diverge?)."
+            )

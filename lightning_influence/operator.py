@@ -1,0 +1,85 @@
+"""The curvature every solver inverts: the Hessian of the empirical risk at the trained parameters.
+
+``H = ∇²R(θ̂)``, ``R(θ) = (1/n) Σ_i L(z_i, θ)``. Damping is *not* included here; solvers add ``λI``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .data import ExampleSource
+from .functional import ParamSpace, PerExampleLoss, batch_hvp, batch_size_of
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator:
+    """Hessian-vector products of the mean training loss, on minibatches or on the whole training set.
+
+    Args:
+        loss: per-example loss ``loss(params, batch) -> Tensor[B]``.
+        space: layout of the flat parameter vector.
+        theta: trained parameters ``[P]``.
+        data: the training examples (already prepared for ``theta``'s device and dtype).
+        chunk_size: examples per HVP when sweeping the whole training set.
+    """
+
+    def __init__(
+        self,
+        loss: PerExampleLoss,
+        space: ParamSpace,
+        theta: Tensor,
+        data: ExampleSource,
+        chunk_size: int = 256,
+    ) -> None:
+        self.loss, self.space, self.theta, self.data = loss, space, theta, data
+        self.chunk_size = int(chunk_size)
+        self.hvp_calls = 0  # number of batched HVP evaluations (one per batch per call)
+
+    @property
+    def num_params(self) -> int:
+        return self.space.num_params
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.data)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.theta.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.theta.device
+
+    def batch_hvp(self, batch: Any, vectors: Tensor) -> Tensor:
+        """``H_B V``: the Hessian of the batch's mean loss times each row of ``vectors`` ``[Q, P]``."""
+        self.hvp_calls += 1
+        return batch_hvp(self.loss, self.space, self.theta, batch, vectors)
+
+    def full_hvp(self, vectors: Tensor) -> Tensor:
+        """``H V`` for the whole training set: ``Σ_chunks (b/n) H_chunk V``, in dataset order."""
+        out = torch.zeros_like(vectors)
+        n = self.num_examples
+        for _, batch in self.data.chunks(self.chunk_size):
+            b = batch_size_of(batch)
+            out.add_(self.batch_hvp(batch, vectors), alpha=b / n)
+        return out
+
+    def minibatches(self, batch_size: int, seed: int) -> Iterator[Any]:
+        """Endless random minibatches of training examples, determined by ``seed``."""
+        gen = torch.Generator().manual_seed(int(seed))
+        return self.data.minibatches(batch_size, gen)
+
+    def dense(self, block: int = 512) -> Tensor:
+        """The explicit Hessian ``[P, P]`` of the mean training loss, built from HVPs with identity
+        blocks (``P / block`` sweeps over the data). Symmetrised to remove round-off asymmetry."""
+        p = self.num_params
+        h = torch.empty(p, p, dtype=self.dtype, device=self.device)
+        eye = torch.eye(p, dtype=self.dtype, device=self.device)
+        for s in range(0, p, block):
+            h[s : s + block] = self.full_hvp(eye[s : s + block])
+        return 0.5 * (h + h.T)

@@ -1,0 +1,32 @@
+"""Inverse-HVP solvers behind one interface: ``settings.build(operator, damping).solve(V)``."""
+
+from __future__ import annotations
+
+from typing import Dict, Type, Union
+
+from ..errors import InfluenceConfigError
+from .base import InverseHVP, SolverSettings, SolveResult
+from .cg import CGSettings
+from .exact import ExactSettings
+from .lissa import LissaSettings
+
+__all__ = ["SOLVERS", "CGSettings", "ExactSettings", "InverseHVP", "LissaSettings", "SolveResult",
+           "SolverSettings", "resolve_solver"]
+
+SOLVERS: Dict[str, Type[SolverSettings]] = {
+    "lissa": LissaSettings,
+    "cg": CGSettings,
+    "exact": ExactSettings,
+}
+
+
+def resolve_solver(solver: Union[str, SolverSettings]) -> SolverSettings:
+    """Settings from a solver name (with default settings) or a settings object."""
+    if isinstance(solver, SolverSettings):
+        return solver
+    if isinstance(solver, str) and solver in SOLVERS:
+        return SOLVERS[solver]()
+    raise InfluenceConfigError(
+        f"solver={solver!r} is not a known solver; use one of {sorted(SOLVERS)} or a settings object "
+        "such as LissaSettings(depth=..., scale=...)."
+    )

@@ -1,0 +1,71 @@
+"""Exact solver: form ``H + λI`` explicitly and solve. The reference other solvers are tested against;
+only for small parameter counts (memory ``P²``, time ``O(P·n)`` HVP work plus ``O(P³)``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import InfluenceConfigError, InfluenceRuntimeError
+from ..operator import HessianOperator
+from .base import InverseHVP, SolveResult, SolverSettings
+
+__all__ = ["ExactSettings", "ExactSolver"]
+
+
+@dataclass(frozen=True)
+class ExactSettings(SolverSettings):
+    """Explicit Hessian and a dense solve.
+
+    Args:
+        max_params: refuse above this many attributed parameters (the Hessian takes ``P²`` numbers).
+        block: identity columns per HVP sweep when forming the Hessian.
+    """
+
+    name = "exact"
+    max_params: int = 10_000
+    block: int = 512
+
+    def __post_init__(self) -> None:
+        if self.max_params < 1:
+            raise InfluenceConfigError(f"ExactSettings.max_params={self.max_params} must be positive.")
+        if self.block < 1:
+            raise InfluenceConfigError(f"ExactSettings.block={self.block} must be positive.")
+
+    def build(self, operator: HessianOperator, damping: float) -> "ExactSolver":
+        return ExactSolver(operator, damping, self)
+
+
+class ExactSolver(InverseHVP):
+    """Factorises ``H + λI`` once (LU, which also handles indefinite matrices); each ``solve`` is a
+    pair of triangular solves."""
+
+    def __init__(self, operator: HessianOperator, damping: float, settings: ExactSettings) -> None:
+        super().__init__(operator, damping)
+        p = operator.num_params
+        if p > settings.max_params:
+            raise InfluenceConfigError(
+                f"solver='exact' would form a {p}×{p} Hessian ({p * p * operator.theta.element_size() / 2**30:.1f} GiB); "
+                f"that is above ExactSettings.max_params={settings.max_params}. Use solver='lissa' or 'cg', "
+                "attribute to fewer parameters (params=[...]), or raise max_params."
+            )
+        self.settings = settings
+        self.hessian = operator.dense(settings.block)
+        a = self.hessian + self.damping * torch.eye(p, dtype=self.hessian.dtype, device=self.hessian.device)
+        evals = torch.linalg.eigvalsh(a)
+        self.min_eig, self.max_eig = float(evals[0]), float(evals[-1])
+        self._lu, self._pivots, info = torch.linalg.lu_factor_ex(a)
+        if int(info) != 0:
+            raise InfluenceRuntimeError(
+                f"H + λI is singular (λ={self.damping:g}, smallest eigenvalue {self.min_eig:.3g}); "
+                "raise the damping."
+            )
+
+    def solve(self, rhs: Tensor) -> SolveResult:
+        x = torch.linalg.lu_solve(self._lu, self._pivots, rhs.T).T
+        return SolveResult(
+            x.contiguous(),
+            {"min_eigenvalue": self.min_eig, "max_eigenvalue": self.max_eig, "num_params": self.operator.num_params},
+        )
