@@ -1,0 +1,336 @@
+"""``InfluenceCallback``: compute influence functions when ``trainer.fit`` ends.
+
+Orchestration only: argument checks, where the data and the model are, which damping the optimizer
+implies, error containment and the hand-off to reporters. The maths lives in :mod:`pipeline`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .data import check_map_dataset
+from .errors import InfluenceConfigError
+from .objective import LossFn, select_params
+from .pipeline import DEFAULT_DAMPING, ProgressFn, check_damping, compute_influence
+from .results import InfluenceResults
+from .solvers import SolverSettings, resolve_solver
+
+__all__ = ["InfluenceCallback", "optimizer_damping"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32, torch.float64: torch.float64}
+#: optimizers whose ``weight_decay`` adds ``wd·θ`` to the gradient (an L2 term ``wd/2·‖θ‖²`` in the loss)
+_COUPLED_L2 = ("SGD", "Adam", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD")
+_AVERAGING_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging")
+
+
+def optimizer_damping(
+    optimizers: Sequence[torch.optim.Optimizer], params: Sequence[torch.nn.Parameter]
+) -> Tuple[float, str]:
+    """The L2 coefficient the optimizer applied to ``params``, as a Hessian damping ``λ``.
+
+    Coupled weight decay (SGD, Adam, …) adds ``wd·θ`` to the gradient, i.e. ``wd/2·‖θ‖²`` to the loss,
+    whose Hessian is ``wd·I``: ``λ = wd``. Decoupled decay (AdamW, ``decoupled_weight_decay=True``) is not
+    a term of the loss, so it gives no damping; nor does no decay at all. Those cases (and unknown
+    optimizers) fall back to :data:`DEFAULT_DAMPING`.
+
+    Returns:
+        ``(λ, reason)``, the reason being a short human-readable explanation recorded with the results.
+    """
+    wanted = {id(p) for p in params}
+    decays: List[float] = []
+    kinds = set()
+    for opt in optimizers:
+        name = type(opt).__name__
+        for group in opt.param_groups:
+            if not any(id(p) in wanted for p in group["params"]):
+                continue
+            wd = float(group.get("weight_decay", 0.0) or 0.0)
+            decoupled = isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+            if wd > 0 and not decoupled and name in _COUPLED_L2:
+                decays.append(wd)
+                kinds.add(name)
+            elif wd > 0:
+                return DEFAULT_DAMPING, f"{name} weight decay is decoupled or unknown (not an L2 term); default damping"
+            else:
+                decays.append(0.0)
+    positive = [d for d in decays if d > 0]
+    if not positive:
+        return DEFAULT_DAMPING, "no L2 weight decay; default damping"
+    if len(set(decays)) > 1:
+        rank_zero_warn(
+            f"The attributed parameters have different L2 weight decays {sorted(set(decays))}; the Hessian "
+            f"damping uses the smallest, {min(decays):g}. Pass damping= to InfluenceCallback to choose."
+        )
+    lam = min(decays)
+    if lam == 0:
+        return DEFAULT_DAMPING, "some attributed parameters have no L2 weight decay; default damping"
+    return lam, f"{'/'.join(sorted(kinds))} weight_decay (coupled L2)"
+
+
+class InfluenceCallback(Callback):
+    """Scores every training example's influence on chosen validation predictions when training ends.
+
+    Scores are Koh & Liang's ``I_up,loss(z_train, z_query) = −∇L(z_query)ᵀ (H + λI)⁻¹ ∇L(z_train)``:
+    **positive = harmful** (removing the example would lower the query's loss), **negative = helpful**.
+    ``H`` is the Hessian of the mean training loss at the trained weights; ``λ`` is the damping.
+
+    It runs in ``on_train_end``, on the device Lightning trained on, in ``dtype`` with autocast off,
+    with the module in eval mode; the module's weights, mode and ``requires_grad`` flags are unchanged
+    afterwards. Training examples are indexed by their position in the training *dataset*.
+
+    Args:
+        num_queries: how many validation examples to explain; by default those with the highest loss.
+        query_indices: explicit positions in the query dataset (overrides ``num_queries``).
+        query_dataloader: where queries come from (default: the trainer's validation dataloader).
+        solver: ``"lissa"`` (default), ``"cg"``, ``"exact"`` or a settings object such as
+            ``LissaSettings(depth=2000)``.
+        damping: ``λ ≥ 0`` in Hessian units. ``None`` (default): the optimizer's coupled L2
+            ``weight_decay`` (SGD, Adam), else :data:`~lightning_influence.pipeline.DEFAULT_DAMPING`.
+        params: names or prefixes of the parameters to attribute to (default: all trainable ones), e.g.
+            ``["classifier"]`` for the last layer of a large network.
+        loss_fn: ``loss_fn(outputs, targets) -> Tensor[B]`` for ``(inputs, targets)`` batches (default
+            per-example cross-entropy). A LightningModule defining ``influence_loss(batch)`` overrides it.
+        top_k: examples per query in reports.
+        self_influence: also compute ``I_up,loss(z, z)`` for every training example (likely mislabelled).
+        chunk_size: training examples per per-sample-gradient chunk (memory vs speed; results unchanged).
+        query_batch_size: queries solved together (default all; results unchanged).
+        dtype: ``torch.float32`` (default) or ``torch.float64`` for the influence maths.
+        on_error: ``"warn"`` (default): a failure of the influence computation is reported as a warning
+            and ``error`` is set, so training and its checkpoints are unaffected; ``"raise"`` re-raises.
+        save_results: write the results file (``influence/results.pt`` under the trainer's log dir).
+        report: hand the results to the reporters (loggers, W&B, HTML).
+        report_path: path of the HTML report (default: ``influence/report.html`` under the log dir).
+        render_example: ``render_example(example) -> value`` for report previews (e.g. a ``wandb.Image``).
+
+    Attributes:
+        results: the :class:`InfluenceResults` after training (``None`` before, or on failure).
+        error: the exception that stopped the computation when ``on_error="warn"``.
+        results_path: where the results were saved.
+    """
+
+    def __init__(
+        self,
+        num_queries: int = 16,
+        *,
+        query_indices: Optional[Sequence[int]] = None,
+        query_dataloader: Optional[DataLoader] = None,
+        solver: Union[Literal["lissa", "cg", "exact"], SolverSettings] = "lissa",
+        damping: Optional[float] = None,
+        params: Optional[Union[str, Sequence[str]]] = None,
+        loss_fn: Optional[LossFn] = None,
+        top_k: int = 10,
+        self_influence: bool = False,
+        chunk_size: int = 256,
+        query_batch_size: Optional[int] = None,
+        dtype: Union[torch.dtype, Literal["float32", "float64"]] = torch.float32,
+        on_error: Literal["warn", "raise"] = "warn",
+        save_results: bool = True,
+        report: bool = True,
+        report_path: Optional[Union[str, os.PathLike]] = None,
+        render_example: Optional[Callable[[Any], Any]] = None,
+    ) -> None:
+        for name, value in (("num_queries", num_queries), ("top_k", top_k), ("chunk_size", chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InfluenceConfigError(f"{name}={value!r} must be a positive integer.")
+        if query_batch_size is not None and (not isinstance(query_batch_size, int) or query_batch_size < 1):
+            raise InfluenceConfigError(f"query_batch_size={query_batch_size!r} must be a positive integer or None.")
+        if query_indices is not None:
+            query_indices = [int(i) for i in query_indices]
+            if not query_indices:
+                raise InfluenceConfigError("query_indices=[] is empty; pass positions in the query dataset or None.")
+            if min(query_indices) < 0:
+                raise InfluenceConfigError(f"query_indices={query_indices[:5]}… must be non-negative positions.")
+        if query_dataloader is not None and not isinstance(query_dataloader, DataLoader):
+            raise InfluenceConfigError(
+                f"query_dataloader must be a torch DataLoader, got {type(query_dataloader).__name__}."
+            )
+        if dtype not in _DTYPES:
+            raise InfluenceConfigError(f"dtype={dtype!r} is not supported; use torch.float32 or torch.float64.")
+        if on_error not in ("warn", "raise"):
+            raise InfluenceConfigError(f"on_error={on_error!r} must be 'warn' or 'raise'.")
+        if damping is not None:
+            check_damping(damping)
+        if loss_fn is not None and not callable(loss_fn):
+            raise InfluenceConfigError(f"loss_fn={loss_fn!r} is not callable; pass loss_fn(outputs, targets) -> Tensor[B].")
+        if render_example is not None and not callable(render_example):
+            raise InfluenceConfigError("render_example must be callable: render_example(example) -> value.")
+        self.solver: SolverSettings = resolve_solver(solver)
+        self.num_queries = num_queries
+        self.query_indices = query_indices
+        self.query_dataloader = query_dataloader
+        self.damping = damping
+        self.params = params
+        self.loss_fn = loss_fn
+        self.top_k = top_k
+        self.self_influence = bool(self_influence)
+        self.chunk_size = chunk_size
+        self.query_batch_size = query_batch_size
+        self.dtype = _DTYPES[dtype]
+        self.on_error = on_error
+        self.save_results = save_results
+        self.report = report
+        self.report_path = report_path
+        self.render_example = render_example
+        self.results: Optional[InfluenceResults] = None
+        self.error: Optional[BaseException] = None
+        self.results_path: Optional[str] = None
+        self.outputs: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        select_params(pl_module, self.params)  # raises if nothing trainable matches
+        mine = trainer.callbacks.index(self) if self in trainer.callbacks else -1
+        for i, cb in enumerate(trainer.callbacks):
+            if i > mine and type(cb).__name__ in _AVERAGING_CALLBACKS:
+                rank_zero_warn(
+                    f"InfluenceCallback is listed before {type(cb).__name__}, which swaps in the averaged "
+                    "weights in its own on_train_end; influence would explain the un-averaged weights. "
+                    f"List InfluenceCallback after {type(cb).__name__} in Trainer(callbacks=[...])."
+                )
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Checks that need the dataloaders; they run before any training step so that a bad
+        # configuration costs nothing.
+        self._train_loader(trainer)
+        loader = self._query_loader(trainer, required=False)
+        if loader is not None and self.query_indices is not None:
+            n = check_map_dataset(loader.dataset, "query")
+            bad = [i for i in self.query_indices if i >= n]
+            if bad:
+                raise InfluenceConfigError(
+                    f"query_indices {bad[:5]} are out of range for a query dataset of {n} examples (valid: 0..{n - 1})."
+                )
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.sanity_checking or getattr(trainer, "interrupted", False):
+            return
+        self.results, self.error = None, None
+        try:
+            self.results = self._compute(trainer, pl_module)
+            self._finish(trainer, pl_module, self.results)
+        except Exception as err:  # noqa: BLE001 - contained on purpose, see on_error
+            self.error = err
+            if self.on_error == "raise":
+                raise
+            rank_zero_warn(
+                f"InfluenceCallback failed ({type(err).__name__}: {err}). Training, its weights and checkpoints "
+                "are unaffected; the exception is kept in InfluenceCallback.error. Pass on_error='raise' to "
+                "stop on it instead."
+            )
+
+    # ------------------------------------------------------------------ steps
+    def _train_loader(self, trainer: "pl.Trainer") -> DataLoader:
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise InfluenceConfigError(
+                "InfluenceCallback found no train dataloader; pass train_dataloaders or a datamodule to trainer.fit."
+            )
+        if not isinstance(loader, DataLoader):
+            raise InfluenceConfigError(
+                f"the train dataloader is a {type(loader).__name__}; InfluenceCallback supports a single "
+                "torch DataLoader over a map-style dataset. Wrap multiple sources into one Dataset."
+            )
+        check_map_dataset(loader.dataset, "training")
+        return loader
+
+    def _query_loader(self, trainer: "pl.Trainer", required: bool = True) -> Optional[DataLoader]:
+        if self.query_dataloader is not None:
+            return self.query_dataloader
+        loaders = trainer.val_dataloaders
+        if isinstance(loaders, (list, tuple)):
+            if len(loaders) > 1:
+                rank_zero_warn("InfluenceCallback takes queries from the first of several validation dataloaders.")
+            loaders = loaders[0] if loaders else None
+        if loaders is None:
+            if required:
+                raise InfluenceConfigError(
+                    "InfluenceCallback has no query data: the trainer ran no validation dataloader. Pass "
+                    "val_dataloaders to trainer.fit, or query_dataloader= to InfluenceCallback."
+                )
+            return None
+        if not isinstance(loaders, DataLoader):
+            raise InfluenceConfigError(
+                f"the validation dataloader is a {type(loaders).__name__}; pass query_dataloader= (a torch DataLoader)."
+            )
+        return loaders
+
+    def _resolve_damping(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tuple[float, str]:
+        if self.damping is not None:
+            return float(self.damping), "set by the user"
+        chosen = list(select_params(pl_module, self.params).values())
+        return optimizer_damping(trainer.optimizers, chosen)
+
+    def _compute(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> InfluenceResults:
+        train_loader = self._train_loader(trainer)
+        query_loader = self._query_loader(trainer)
+        assert query_loader is not None
+        damping, reason = self._resolve_damping(trainer, pl_module)
+        results = compute_influence(
+            pl_module,
+            train_loader.dataset,
+            query_loader.dataset,
+            query_indices=self.query_indices,
+            num_queries=self.num_queries,
+            loss_fn=self.loss_fn,
+            params=self.params,
+            solver=self.solver,
+            damping=damping,
+            self_influence=self.self_influence,
+            collate_fn=train_loader.collate_fn,
+            query_collate_fn=query_loader.collate_fn,
+            chunk_size=self.chunk_size,
+            query_batch_size=self.query_batch_size,
+            dtype=self.dtype,
+            progress=self._progress(trainer),
+        )
+        results.settings.update(
+            damping_source=reason,
+            global_step=int(trainer.global_step),
+            epoch=int(trainer.current_epoch),
+            top_k=self.top_k,
+        )
+        return results
+
+    def _progress(self, trainer: "pl.Trainer") -> Optional[ProgressFn]:
+        from .progress import trainer_progress
+
+        return trainer_progress(trainer)
+
+    def _log_dir(self, trainer: "pl.Trainer") -> str:
+        return trainer.log_dir or trainer.default_root_dir
+
+    def _finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", results: InfluenceResults) -> None:
+        if self.save_results:
+            self.results_path = self._save(trainer, results)
+        if self.report:
+            from .reporting import report_influence
+
+            self.outputs = report_influence(
+                trainer,
+                pl_module,
+                results,
+                train_dataset=self._train_loader(trainer).dataset,
+                query_dataset=self._query_loader(trainer).dataset,  # type: ignore[union-attr]
+                results_path=self.results_path,
+                report_path=self.report_path,
+                render_example=self.render_example,
+                top_k=self.top_k,
+            )
+
+    @rank_zero_only
+    def _save(self, trainer: "pl.Trainer", results: InfluenceResults) -> str:
+        path = os.path.join(self._log_dir(trainer), "influence", "results.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        results.save(path)
+        return path
