@@ -1,20 +1,31 @@
 """Reporters: each turns an :class:`~lightning_influence.results.InfluenceResults` into one kind of output.
 
-:func:`report_influence` is what the callback calls once the results exist.
+:func:`report_influence` is what the callback calls once the results exist: scalar summaries to every
+logger, a self-contained HTML report, and, when the trainer has a ``WandbLogger``, tables with example
+previews, histograms, summary, config and an artifact in that W&B run. Nothing is printed; the paths and
+names written are returned.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 from torch.utils.data import Dataset
 
 from ..results import InfluenceResults
+from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, query_views, suspects
+from .html import render_html, write_html
+from .previews import ExampleCatalog
 from .scalars import log_scalars, summary_scalars
 
-__all__ = ["report_influence", "summary_scalars"]
+__all__ = ["report_influence", "summary_scalars", "default_report_path", "HELPFUL", "HARMFUL", "SIGN_CONVENTION"]
+
+
+def default_report_path(trainer: "pl.Trainer") -> str:
+    """``influence/report.html`` under the trainer's log directory (beside the saved results)."""
+    return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence", "report.html")
 
 
 def report_influence(
@@ -28,6 +39,58 @@ def report_influence(
     report_path: Optional[Union[str, os.PathLike]] = None,
     render_example: Optional[Callable[[Any], Any]] = None,
     top_k: int = 10,
+    html: bool = True,
+    wandb: bool = True,
+    self_influence_k: Optional[int] = None,
+    classes: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
-    """Send ``results`` to every logger of ``trainer``. Returns what was written (paths, keys)."""
-    return {"scalars": log_scalars(trainer, results)}
+    """Send ``results`` to every logger of ``trainer`` and write the HTML report, on global rank zero.
+
+    Args:
+        results_path: the saved results file, put into the W&B artifact (saved to a temporary file
+            for the artifact when ``None``).
+        report_path: where the HTML report goes (default :func:`default_report_path`).
+        render_example: ``render_example(dataset[i]) -> value`` for previews; see
+            :mod:`lightning_influence.reporting.previews`.
+        top_k: helpful and harmful examples shown per query.
+        html: write the HTML report.
+        wandb: log to the trainer's ``WandbLogger`` when it has one.
+        self_influence_k: self-influence suspects shown (default ``max(top_k, 10)``).
+        classes: class names for integer labels (default ``dataset.classes`` when present).
+
+    Returns:
+        ``{"scalars": {...}, "html_path": str | None, "wandb_run_dir": str | None, "wandb_run_id": ...,
+        "wandb_artifact": "name:latest" | None, "wandb_keys": [...]}``; ``{}`` on other ranks.
+    """
+    if not trainer.is_global_zero:
+        return {}
+    from .wandb import find_wandb_logger
+
+    wandb_logger = find_wandb_logger(trainer) if wandb else None
+    out: Dict[str, Any] = {
+        "scalars": log_scalars(trainer, results, skip=[wandb_logger] if wandb_logger is not None else []),
+        "html_path": None,
+        "wandb_run_dir": None,
+        "wandb_run_id": None,
+        "wandb_artifact": None,
+        "wandb_keys": [],
+    }
+    views = query_views(results, top_k)
+    suspect_entries = suspects(results, self_influence_k if self_influence_k is not None else max(top_k, 10))
+    train = ExampleCatalog(train_dataset, render_example, classes)
+    query = ExampleCatalog(query_dataset, render_example, classes)
+
+    if html:
+        path = os.fspath(report_path) if report_path is not None else default_report_path(trainer)
+        links = {"results": results_path} if results_path else None
+        out["html_path"] = write_html(path, render_html(results, views, suspect_entries, train, query, links=links))
+    if wandb_logger is not None:
+        from .wandb import log_to_wandb
+
+        out.update(
+            log_to_wandb(
+                trainer, wandb_logger, results, views, suspect_entries, train, query,
+                results_path=results_path, html_path=out["html_path"],
+            )
+        )
+    return out

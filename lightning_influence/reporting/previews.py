@@ -1,0 +1,340 @@
+"""Examples as previews: what a report shows for one training or query example.
+
+An example ``dataset[i]`` is split into its input and label (``(x, y)`` tuples, dicts with a label key,
+or anything else as an input without label). The input becomes a :class:`Preview`:
+
+- tensors shaped like images (``C×H×W`` with ``C ∈ {1, 3}``, ``H×W×C``, or ``H×W``) become pixels,
+  normalised to ``uint8`` (see :func:`to_uint8`);
+- 1-D feature vectors and token ids, scalars and strings become a short text;
+- a user's ``render_example(example)`` overrides both: a tensor or array it returns goes through the same
+  rules (so ``lambda ex: ex[0].view(8, 8)`` shows flat digits as images), a string is text, and anything
+  else (a ``wandb.Image``, ``wandb.Html``, …) is passed to W&B unchanged.
+
+Previews are made only for the examples a report shows (:class:`ExampleCatalog` caches them by index),
+never for the whole dataset.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Preview",
+    "ExampleCatalog",
+    "split_example",
+    "make_preview",
+    "to_uint8",
+    "encode_png",
+    "png_data_uri",
+]
+
+_LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class")
+_INPUT_KEYS = ("input", "inputs", "x", "image", "pixels", "input_ids", "text", "features")
+#: W&B images are upscaled (nearest neighbour) until their longer side reaches this many pixels
+_WANDB_MIN_SIDE = 64
+#: HTML images are subsampled until their longer side is at most this many pixels
+_HTML_MAX_SIDE = 128
+_TEXT_VALUES = 8
+_TEXT_CHARS = 160
+
+
+@dataclass(frozen=True)
+class Preview:
+    """One example as a report shows it: ``pixels`` (``uint8``, ``H×W`` or ``H×W×3``), ``text``, or a
+    user-rendered ``value`` (whatever ``render_example`` returned, for W&B)."""
+
+    pixels: Optional[np.ndarray] = None
+    text: Optional[str] = None
+    value: Any = None
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.pixels is not None else ("text" if self.text is not None else "custom")
+
+    def to_wandb(self, caption: Optional[str] = None) -> Any:
+        """A ``wandb.Image`` for pixels (small images upscaled for visibility), text as a ``str``, or the
+        user's value unchanged."""
+        if self.pixels is not None:
+            import wandb
+
+            return wandb.Image(_upscale(self.pixels, _WANDB_MIN_SIDE), caption=caption)
+        if self.text is not None:
+            return self.text
+        return self.value
+
+    def to_html(self, alt: str, size: int = 72) -> str:
+        """An ``<img>`` with a PNG data URI (displayed ``size`` px on its longer side), or escaped text."""
+        png = self.png()
+        if png is not None:
+            h, w = _png_size(png)
+            scale = size / max(h, w)
+            return (
+                f'<img class="preview" src="{png_data_uri(png)}" alt="{html.escape(alt)}" '
+                f'width="{max(1, round(w * scale))}" height="{max(1, round(h * scale))}">'
+            )
+        text = self.text if self.text is not None else _value_text(self.value)
+        return f'<div class="preview text">{html.escape(text)}</div>'
+
+    def png(self) -> Optional[bytes]:
+        """PNG bytes of the preview when it is an image (also for a user's ``wandb.Image``)."""
+        if self.pixels is not None:
+            return encode_png(_downsample(self.pixels, _HTML_MAX_SIDE))
+        return _wandb_image_png(self.value) if self.value is not None else None
+
+
+# ---------------------------------------------------------------------- examples
+def split_example(example: Any) -> Tuple[Any, Any]:
+    """``(input, label)`` of one dataset item: ``(x, y, ...)`` sequences, dicts with a label key
+    (``label``, ``target``, ``y``, …), else the whole item as input and ``None`` as label."""
+    if isinstance(example, (tuple, list)):
+        if len(example) >= 2:
+            return example[0], example[1]
+        return (example[0] if example else None), None
+    if isinstance(example, dict):
+        label_key = next((k for k in _LABEL_KEYS if k in example), None)
+        label = example[label_key] if label_key is not None else None
+        input_key = next((k for k in _INPUT_KEYS if k in example), None)
+        if input_key is None:
+            rest = [k for k in example if k != label_key]
+            input_key = rest[0] if len(rest) == 1 else None
+        return (example[input_key] if input_key is not None else {k: v for k, v in example.items() if k != label_key}), label
+    return example, None
+
+
+def label_value(label: Any, classes: Optional[Sequence[str]] = None) -> Any:
+    """A label as a plain value for tables: ``int``/``float`` for scalars (``"3 (cat)"`` with class
+    names), short text otherwise, ``None`` when absent."""
+    if label is None:
+        return None
+    if isinstance(label, (torch.Tensor, np.ndarray)):
+        arr = _numpy(label)
+        if arr.size != 1:
+            return _vector_text(arr)
+        label = arr.reshape(-1)[0].item()
+    if isinstance(label, (bool, np.bool_)):
+        label = int(label)
+    if isinstance(label, (int, np.integer)):
+        label = int(label)
+        if classes is not None and 0 <= label < len(classes):
+            return f"{label} ({classes[label]})"
+        return label
+    if isinstance(label, (float, np.floating)):
+        return float(label)
+    return _short(str(label))
+
+
+def make_preview(value: Any) -> Preview:
+    """The :class:`Preview` of an input (or of what ``render_example`` returned)."""
+    if isinstance(value, Preview):
+        return value
+    if isinstance(value, str):
+        return Preview(text=_short(value))
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        arr = _numpy(value)
+        image = _as_image(arr)
+        if image is not None:
+            return Preview(pixels=to_uint8(image))
+        if arr.ndim == 0:
+            return Preview(text=_short(str(arr.item())))
+        return Preview(text=_vector_text(arr))
+    if isinstance(value, (int, float, bool, np.generic)):
+        return Preview(text=str(value))
+    if isinstance(value, dict):
+        parts = [f"{k}: {_value_text(v)}" for k, v in value.items()]
+        return Preview(text=_short("; ".join(parts)))
+    if _is_plain_data(value):
+        return Preview(text=_short(repr(value)))
+    return Preview(value=value)
+
+
+class ExampleCatalog:
+    """Labels and previews of a dataset's examples, computed on first request and cached by index.
+
+    Args:
+        dataset: any map-style dataset.
+        render_example: optional ``render_example(example) -> value``; see the module docstring.
+        classes: class names for integer labels (default: ``dataset.classes`` when it exists).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        render_example: Optional[Callable[[Any], Any]] = None,
+        classes: Optional[Sequence[str]] = None,
+    ) -> None:
+        self.dataset = dataset
+        self.render_example = render_example
+        self.classes = classes if classes is not None else _dataset_classes(dataset)
+        self._cache: Dict[int, Tuple[Preview, Any]] = {}
+
+    def _get(self, index: int) -> Tuple[Preview, Any]:
+        index = int(index)
+        if index not in self._cache:
+            example = self.dataset[index]
+            x, y = split_example(example)
+            rendered = self.render_example(example) if self.render_example is not None else x
+            self._cache[index] = (make_preview(rendered), label_value(y, self.classes))
+        return self._cache[index]
+
+    def preview(self, index: int) -> Preview:
+        return self._get(index)[0]
+
+    def label(self, index: int) -> Any:
+        return self._get(index)[1]
+
+    def __len__(self) -> int:
+        """How many examples have been rendered so far."""
+        return len(self._cache)
+
+
+# ---------------------------------------------------------------------- pixels
+def _as_image(arr: np.ndarray) -> Optional[np.ndarray]:
+    """``H×W`` or ``H×W×3`` view of an image-shaped array, else ``None``."""
+    if arr.dtype.kind not in "biuf":
+        return None
+    if arr.ndim == 2 and min(arr.shape) >= 2:
+        return arr
+    if arr.ndim == 3:
+        if arr.shape[0] in (1, 3) and min(arr.shape[1:]) >= 2:
+            arr = np.moveaxis(arr, 0, -1)
+        elif not (arr.shape[2] in (1, 3) and min(arr.shape[:2]) >= 2):
+            return None
+        return arr[..., 0] if arr.shape[2] == 1 else arr
+    return None
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Pixels as ``uint8``: ``uint8`` unchanged, ``bool`` as 0/255, values within ``[0, 1]`` times 255,
+    integers within ``[0, 255]`` unchanged, anything else (e.g. mean/std-normalised inputs) min–max
+    scaled per image. NaN and ±inf become the minimum."""
+    if image.dtype == np.uint8:
+        return np.ascontiguousarray(image)
+    if image.dtype == np.bool_:
+        return image.astype(np.uint8) * 255
+    x = image.astype(np.float64)
+    finite = np.isfinite(x)
+    if not finite.all():
+        x = np.where(finite, x, x[finite].min() if finite.any() else 0.0)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if lo >= 0.0 and hi <= 1.0 and image.dtype.kind == "f":
+        x = x * 255.0
+    elif lo >= 0.0 and hi <= 255.0 and (image.dtype.kind in "iu" or np.all(x == np.round(x))) and hi > 1.0:
+        pass
+    elif hi > lo:
+        x = (x - lo) / (hi - lo) * 255.0
+    else:
+        x = np.zeros_like(x)
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def _upscale(pixels: np.ndarray, min_side: int) -> np.ndarray:
+    factor = max(1, min_side // max(pixels.shape[:2]))
+    if factor == 1:
+        return pixels
+    return np.repeat(np.repeat(pixels, factor, axis=0), factor, axis=1)
+
+
+def _downsample(pixels: np.ndarray, max_side: int) -> np.ndarray:
+    step = -(-max(pixels.shape[:2]) // max_side)
+    return np.ascontiguousarray(pixels[::step, ::step]) if step > 1 else pixels
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """A PNG (8-bit greyscale or RGB, no filtering) of ``uint8`` pixels ``H×W`` or ``H×W×3``; needs
+    only :mod:`zlib`."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
+        raise ValueError(f"encode_png takes uint8 H×W or H×W×3 pixels, got {pixels.dtype} {pixels.shape}.")
+    h, w = pixels.shape[:2]
+    color = 0 if pixels.ndim == 2 else 2
+    rows = np.ascontiguousarray(pixels).reshape(h, -1)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+
+
+def _png_size(png: bytes) -> Tuple[int, int]:
+    """``(height, width)`` from a PNG's IHDR chunk."""
+    w, h = struct.unpack(">II", png[16:24])
+    return h, w
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _wandb_image_png(value: Any) -> Optional[bytes]:
+    """PNG bytes of a ``wandb.Image`` a user's renderer returned (read from the file wandb wrote)."""
+    if type(value).__name__ != "Image" or not type(value).__module__.startswith("wandb"):
+        return None
+    path = getattr(value, "_path", None)
+    if path and os.path.isfile(path) and str(path).lower().endswith(".png"):
+        with open(path, "rb") as fh:
+            return fh.read()
+    image = getattr(value, "image", None)  # a PIL image when wandb still holds one
+    if image is not None:
+        try:
+            return encode_png(to_uint8(np.asarray(image.convert("RGB"))))
+        except Exception:  # noqa: BLE001 - a preview is best effort; the text fallback follows
+            return None
+    return None
+
+
+# ---------------------------------------------------------------------- text
+def _short(text: str, limit: int = _TEXT_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _vector_text(arr: np.ndarray) -> str:
+    flat = arr.reshape(-1)
+    n = flat.size
+    shown = flat[:_TEXT_VALUES]
+    if arr.dtype.kind in "iub":
+        body = " ".join(str(int(v)) for v in shown)
+        what = "token ids" if arr.ndim == 1 else f"ints {tuple(arr.shape)}"
+    else:
+        body = " ".join(f"{float(v):.3g}" for v in shown)
+        what = "values" if arr.ndim == 1 else f"values {tuple(arr.shape)}"
+    more = " …" if n > _TEXT_VALUES else ""
+    return f"[{body}{more}] ({n} {what})" if arr.ndim == 1 else f"[{body}{more}] ({what})"
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        arr = _numpy(value)
+        return _vector_text(arr) if arr.ndim else str(arr.item())
+    return _short(str(value), 80)
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype in (torch.bfloat16, torch.float16):
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _is_plain_data(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) or value is None
+
+
+def _dataset_classes(dataset: Any) -> Optional[Sequence[str]]:
+    for ds in (dataset, getattr(dataset, "dataset", None)):  # Subset-style wrappers
+        classes = getattr(ds, "classes", None)
+        if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
+            return classes
+    return None

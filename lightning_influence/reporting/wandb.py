@@ -1,0 +1,230 @@
+"""The W&B reporter: tables with example previews, histograms, summary, config and an artifact, logged to
+the run of the trainer's :class:`~pytorch_lightning.loggers.WandbLogger`.
+
+``wandb`` is imported only inside these functions, and only when such a logger exists; the user's run is
+neither re-initialised nor finished. Everything lands in one ``run.log`` call (one history row, with
+``trainer/global_step``), plus summary values, config and one artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+
+from ..results import InfluenceResults
+from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryView
+from .previews import ExampleCatalog, Preview
+from .scalars import config_values, summary_scalars, summary_values
+
+__all__ = [
+    "find_wandb_logger",
+    "log_to_wandb",
+    "QUERY_COLUMNS",
+    "EXAMPLE_COLUMNS",
+    "SUSPECT_COLUMNS",
+    "ARTIFACT_TYPE",
+    "MAX_TABLE_ROWS",
+]
+
+#: W&B cuts tables at this many rows; the full score matrix is in the artifact instead
+MAX_TABLE_ROWS = 10_000
+ARTIFACT_TYPE = "influence-scores"
+QUERY_COLUMNS = [
+    "query_id", "preview", "label", "prediction", "query_loss",
+    "helpful_ids", "helpful_scores", "helpful_labels", "helpful_previews",
+    "harmful_ids", "harmful_scores", "harmful_labels", "harmful_previews",
+]
+EXAMPLE_COLUMNS = [
+    "query_id", "query_label", "query_prediction", "rank", "kind", "meaning",
+    "train_id", "score", "pred_delta_loss", "label", "preview",
+]
+SUSPECT_COLUMNS = ["rank", "train_id", "self_influence", "label", "preview"]
+_MEANING = {"helpful": HELPFUL.split("(", 1)[1].rstrip(")"), "harmful": HARMFUL.split("(", 1)[1].rstrip(")")}
+
+
+def find_wandb_logger(trainer: "pl.Trainer") -> Optional[Any]:
+    """The first :class:`WandbLogger` of the trainer, or ``None`` (imports no ``wandb``)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return logger
+    return None
+
+
+class _Previews:
+    """W&B values for one table, each example rendered once."""
+
+    def __init__(self, catalog: ExampleCatalog, prefix: str) -> None:
+        self.catalog, self.prefix = catalog, prefix
+        self._values: Dict[int, Any] = {}
+
+    def __call__(self, index: int) -> Any:
+        if index not in self._values:
+            label = self.catalog.label(index)
+            caption = f"{self.prefix} #{index}" + ("" if label is None else f" · label {label}")
+            self._values[index] = self.catalog.preview(index).to_wandb(caption)
+        return self._values[index]
+
+
+def _montage(previews: Sequence[Preview], gap: int = 2) -> Optional[np.ndarray]:
+    """The pixels of image previews side by side (white gaps), or ``None`` when any is not an image."""
+    if not previews or any(p.pixels is None for p in previews):
+        return None
+    rgb = any(p.pixels.ndim == 3 for p in previews)  # type: ignore[union-attr]
+    tiles = [np.repeat(p.pixels[..., None], 3, axis=2) if rgb and p.pixels.ndim == 2 else p.pixels for p in previews]  # type: ignore[union-attr,index]
+    h = max(t.shape[0] for t in tiles)
+    shape = (h, sum(t.shape[1] for t in tiles) + gap * (len(tiles) - 1)) + ((3,) if rgb else ())
+    out = np.full(shape, 255, dtype=np.uint8)
+    x = 0
+    for t in tiles:
+        out[: t.shape[0], x : x + t.shape[1]] = t
+        x += t.shape[1] + gap
+    return out
+
+
+def _strip(entries: Sequence[Entry], catalog: ExampleCatalog, kind: str) -> Any:
+    """One cell showing a query's top examples of one kind: a montage image, else their texts."""
+    import wandb
+
+    previews = [catalog.preview(e.train_id) for e in entries]
+    ids = ", ".join(f"#{e.train_id}" for e in entries)
+    pixels = _montage(previews)
+    if pixels is not None:
+        scale = max(1, 48 // max(pixels.shape[0], 1))
+        pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+        return wandb.Image(pixels, caption=f"{kind}, left to right: {ids}")
+    if all(p.text is not None for p in previews):
+        return " | ".join(f"#{e.train_id}: {p.text}" for e, p in zip(entries, previews))
+    return f"{ids} (previews in influence/top_examples)"
+
+
+def _query_label(view: QueryView, query: ExampleCatalog) -> Any:
+    label = query.label(view.query_id)
+    return view.target if label is None else label
+
+
+def _tables(
+    views: Sequence[QueryView], suspects: Sequence[Entry], train: ExampleCatalog, query: ExampleCatalog
+) -> Dict[str, Any]:
+    import wandb
+
+    per_query = 2 * max((len(v.helpful) for v in views), default=0)
+    if per_query and len(views) * per_query > MAX_TABLE_ROWS:
+        keep = MAX_TABLE_ROWS // per_query
+        rank_zero_warn(
+            f"The influence/top_examples table would have {len(views) * per_query} rows; W&B keeps "
+            f"{MAX_TABLE_ROWS}, so the W&B tables show the first {keep} queries. All scores are in the artifact."
+        )
+        views = views[:keep]
+    train_values, query_values = _Previews(train, "train"), _Previews(query, "query")
+
+    qt = wandb.Table(columns=QUERY_COLUMNS)
+    for v in views:
+        row: List[Any] = [v.query_id, query_values(v.query_id), _query_label(v, query), v.prediction, v.loss]
+        for kind, entries in (("helpful", v.helpful), ("harmful", v.harmful)):
+            row += [
+                [e.train_id for e in entries],
+                [e.score for e in entries],
+                [train.label(e.train_id) for e in entries],
+                _strip(entries, train, kind),
+            ]
+        qt.add_data(*row)
+
+    et = wandb.Table(columns=EXAMPLE_COLUMNS)
+    for v in views:
+        qlabel = _query_label(v, query)
+        for e in list(v.helpful) + list(v.harmful):
+            et.add_data(
+                v.query_id, qlabel, v.prediction, e.rank, e.kind, _MEANING[e.kind],
+                e.train_id, e.score, e.delta_loss, train.label(e.train_id), train_values(e.train_id),
+            )
+    tables = {"influence/queries": qt, "influence/top_examples": et}
+    if suspects:
+        st = wandb.Table(columns=SUSPECT_COLUMNS)
+        for e in suspects:
+            st.add_data(e.rank, e.train_id, e.score, train.label(e.train_id), train_values(e.train_id))
+        tables["influence/self_influence"] = st
+    return tables
+
+
+def _histogram(values: Any) -> Any:
+    import wandb
+
+    v = values.detach().reshape(-1).double().cpu().numpy()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None
+    return wandb.Histogram(np_histogram=np.histogram(v, bins=64))
+
+
+def log_to_wandb(
+    trainer: "pl.Trainer",
+    logger: Any,
+    results: InfluenceResults,
+    views: Sequence[QueryView],
+    suspects: Sequence[Entry],
+    train: ExampleCatalog,
+    query: ExampleCatalog,
+    *,
+    results_path: Optional[str] = None,
+    html_path: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Log tables, histograms, scalars (one row), summary, config and the ``influence-scores`` artifact to
+    ``logger``'s run. Returns the run directory, the artifact name and the logged keys."""
+    import wandb
+
+    run = logger.experiment
+    step = int(trainer.global_step)
+    row: Dict[str, Any] = dict(_tables(views, suspects, train, query))
+    hist = _histogram(results.scores)
+    if hist is not None:
+        row["influence/score_histogram"] = hist
+    if results.self_influence is not None:
+        hist = _histogram(results.self_influence)
+        if hist is not None:
+            row["influence/self_influence_histogram"] = hist
+    if html_path is not None:
+        with open(html_path, encoding="utf-8") as fh:
+            row["influence/report"] = wandb.Html(fh.read(), inject=False)
+    row.update(summary_scalars(results))
+    row["trainer/global_step"] = step
+    run.log(row)
+
+    run.config.update(config_values(results), allow_val_change=True)
+    summary = summary_values(results)
+    summary["influence/sign_convention"] = SIGN_CONVENTION
+    summary["influence/helpful"] = HELPFUL
+    summary["influence/harmful"] = HARMFUL
+    if suspects:
+        summary["influence/self_influence_meaning"] = SUSPECTS
+
+    artifact_name = f"influence-{run.id}"
+    artifact = wandb.Artifact(
+        artifact_name,
+        type=ARTIFACT_TYPE,
+        description="InfluenceResults (load with InfluenceResults.load('results.pt')). " + SIGN_CONVENTION,
+        metadata={**config_values(results), **summary_scalars(results), "global_step": step},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = results_path
+        if path is None or not os.path.isfile(path):
+            path = os.path.join(tmp, "results.pt")
+            results.save(path)
+        artifact.add_file(path, name="results.pt")  # copied to wandb's staging area now
+        if html_path is not None:
+            artifact.add_file(html_path, name="report.html")
+        run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
+    summary["influence/artifact"] = f"{artifact_name}:latest"
+    run.summary.update(summary)
+    return {
+        "wandb_run_dir": os.path.dirname(os.path.abspath(run.dir)) if getattr(run, "dir", None) else None,
+        "wandb_run_id": run.id,
+        "wandb_artifact": f"{artifact_name}:latest",
+        "wandb_keys": sorted(row),
+    }
