@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from .data import check_map_dataset
 from .errors import InfluenceConfigError
 from .objective import LossFn, select_params
-from .pipeline import DEFAULT_DAMPING, ProgressFn, check_damping, compute_influence
+from .pipeline import DEFAULT_DAMPING, ProgressFn, check_damping, compute_influence, preflight
 from .results import InfluenceResults
 from .solvers import SolverSettings, resolve_solver
 
@@ -202,7 +202,9 @@ class InfluenceCallback(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Checks that need the dataloaders; they run before any training step so that a bad
         # configuration costs nothing.
-        self._train_loader(trainer)
+        train_loader = self._train_loader(trainer)
+        preflight(pl_module, train_loader.dataset, loss_fn=self.loss_fn, params=self.params,
+                  collate_fn=train_loader.collate_fn, dtype=self.dtype)
         loader = self._query_loader(trainer, required=False)
         if loader is not None and self.query_indices is not None:
             n = check_map_dataset(loader.dataset, "query")

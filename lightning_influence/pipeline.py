@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .data import Collate, ExampleSource
-from .errors import InfluenceConfigError
+from .errors import InfluenceConfigError, InfluenceRuntimeError
 from .objective import LossFn, Objective
 from .operator import HessianOperator
 from .results import InfluenceResults
@@ -65,6 +65,48 @@ def check_damping(damping: Any) -> float:
             f"damping={damping!r} must be a finite number ≥ 0 (it is added to the Hessian as λI)."
         )
     return float(damping)
+
+
+def preflight(
+    model: nn.Module,
+    train_dataset: Dataset,
+    *,
+    loss_fn: Optional[LossFn] = None,
+    params: Optional[Union[str, Sequence[str]]] = None,
+    collate_fn: Optional[Collate] = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """The cheap checks of :func:`compute_influence` (parameters, dataset, per-example finite loss on a
+    few training examples), for running before training starts."""
+    with frozen_module(model):
+        _bind(model, train_dataset, loss_fn, params, collate_fn, dtype)
+
+
+def _bind(
+    model: nn.Module,
+    train_dataset: Dataset,
+    loss_fn: Optional[LossFn],
+    params: Optional[Union[str, Sequence[str]]],
+    collate_fn: Optional[Collate],
+    dtype: torch.dtype,
+) -> Tuple[Objective, ExampleSource]:
+    """Objective and training examples, checked on a few examples (call inside :func:`frozen_module`)."""
+    objective = Objective(model, params=params, loss_fn=loss_fn, dtype=dtype)
+    train = ExampleSource(train_dataset, collate_fn, objective.prepare_batch, what="training")
+    objective.check_per_example(train.batch(torch.arange(min(len(train), 4))))
+    return objective, train
+
+
+def check_finite_losses(objective: Objective, source: ExampleSource, chunk_size: int) -> None:
+    """One forward pass over ``source``; raises naming the first example whose loss is NaN/inf."""
+    for start, batch in source.chunks(chunk_size):
+        bad = (~torch.isfinite(objective.losses(batch))).nonzero()
+        if bad.numel():
+            i = int(source.indices[start + int(bad[0])])
+            raise InfluenceRuntimeError(
+                f"the loss of training example {i} (and {bad.numel() - 1} more in its chunk) is NaN/inf at the "
+                "trained weights. Influence needs finite losses and gradients: check that example's inputs and label."
+            )
 
 
 def select_queries(objective: Objective, source: ExampleSource, num_queries: int, chunk_size: int) -> Tensor:
@@ -128,16 +170,17 @@ def compute_influence(
     _check_positive_int("query_batch_size", query_batch_size, allow_none=True)
     damping = check_damping(damping)
     settings = resolve_solver(solver)
+    if train_dataset is None:
+        raise InfluenceConfigError("train_dataset is None; pass the map-style Dataset the model was trained on.")
     if not any(True for _ in model.parameters()):
         raise InfluenceConfigError(f"model {type(model).__name__} has no parameters to attribute to.")
     report = progress or (lambda phase, done, total: None)
     timings: Dict[str, float] = {}
 
     with frozen_module(model):
-        objective = Objective(model, params=params, loss_fn=loss_fn, dtype=dtype)
-        train = ExampleSource(train_dataset, collate_fn, objective.prepare_batch, what="training")
+        objective, train = _bind(model, train_dataset, loss_fn, params, collate_fn, dtype)
         n = len(train)
-        objective.check_per_example(train.batch(torch.arange(min(n, 4))))
+        check_finite_losses(objective, train, chunk_size)
         qdata = train_dataset if query_dataset is None else query_dataset
         qcollate = query_collate_fn or (collate_fn if query_dataset is None else None)
         if query_indices is None:

@@ -53,6 +53,11 @@ class ExactSolver(InverseHVP):
             )
         self.settings = settings
         self.hessian = operator.dense(settings.block)
+        if not bool(torch.isfinite(self.hessian).all()):
+            raise InfluenceRuntimeError(
+                "the Hessian has NaN/inf entries: some training example has a non-finite gradient or curvature "
+                "at the trained weights. Check the data and the loss."
+            )
         a = self.hessian + self.damping * torch.eye(p, dtype=self.hessian.dtype, device=self.hessian.device)
         evals = torch.linalg.eigvalsh(a)
         self.min_eig, self.max_eig = float(evals[0]), float(evals[-1])

@@ -1,0 +1,157 @@
+"""The callback inside real Trainers: same numbers as the functional core, dataset-order indices,
+the influence_loss hook, damping from the optimizer, and a model left exactly as trained."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_influence import ExactSettings, InfluenceCallback, InfluenceResults, LissaSettings, compute_influence
+from lightning_influence.callback import optimizer_damping
+from lightning_influence.pipeline import DEFAULT_DAMPING
+
+from .lit_models import DictDataset, LitClassifier, LitDictClassifier, loaders, quiet_trainer
+from .problems import digits
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits(torch.float32, n_train=400)
+
+
+class Snapshot(pl.Callback):
+    """Records the module's state when training ends, before InfluenceCallback runs (listed first)."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.state = copy.deepcopy(pl_module.state_dict())
+        self.modes = {n: m.training for n, m in pl_module.named_modules()}
+        self.flags = {n: p.requires_grad for n, p in pl_module.named_parameters()}
+
+
+def test_callback_matches_functional_core_and_leaves_model_untouched(tmp_path, data):
+    train, val = data
+    net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 10))
+    net[0].bias.requires_grad_(False)  # a frozen parameter: excluded, flag kept
+    model = LitClassifier(net, lr=0.2, weight_decay=1e-3)
+    snap = Snapshot()
+    cb = InfluenceCallback(num_queries=5, solver="exact", self_influence=True, on_error="raise")
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[snap, cb])
+    trainer.fit(model, *loaders(train, val))
+
+    res = cb.results
+    assert cb.error is None and isinstance(res, InfluenceResults)
+    assert res.scores.shape == (5, len(train)) and res.self_influence.shape == (len(train),)
+    assert res.damping == pytest.approx(1e-3) and "SGD" in res.settings["damping_source"]
+    assert "net.0.bias" not in res.settings["params"] and res.settings["num_params"] == 64 * 16 + 16 * 10 + 10
+    # queries default to the highest-loss validation examples
+    evaluated = copy.deepcopy(model).eval()
+    val_losses = torch.nn.functional.cross_entropy(evaluated(val.tensors[0]), val.tensors[1], reduction="none")
+    assert set(res.query_indices.tolist()) == set(torch.topk(val_losses.detach(), 5).indices.tolist())
+    torch.testing.assert_close(res.query_losses, val_losses.detach()[res.query_indices], rtol=1e-5, atol=1e-6)
+    # model exactly as trained: weights, per-module mode, requires_grad flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap.state[k]), k
+    assert {n: m.training for n, m in model.named_modules()} == snap.modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == snap.flags
+    # the functional core on the same weights gives the same numbers
+    ref = compute_influence(model, train, val, query_indices=res.query_indices.tolist(), solver=ExactSettings(),
+                            damping=1e-3, self_influence=True)
+    torch.testing.assert_close(res.scores, ref.scores)
+    torch.testing.assert_close(res.self_influence, ref.self_influence)
+    # the results file round-trips
+    loaded = InfluenceResults.load(cb.results_path)
+    assert torch.equal(loaded.scores, res.scores) and loaded.settings == res.settings
+
+
+def test_shuffled_loader_gives_dataset_order_indices(tmp_path, data):
+    """lr=0 keeps the weights fixed, so shuffled and sequential training must give identical scores,
+    each column i belonging to dataset example i."""
+    train, val = data
+    torch.manual_seed(0)
+    base = LitClassifier(lr=0.0, weight_decay=1e-2)
+    runs = []
+    for shuffle in (True, False):
+        model = copy.deepcopy(base)
+        cb = InfluenceCallback(query_indices=[0, 5, 9], solver="exact", on_error="raise")
+        quiet_trainer(tmp_path / str(shuffle), callbacks=[cb]).fit(model, *loaders(train, val, shuffle=shuffle))
+        runs.append(cb.results)
+    torch.testing.assert_close(runs[0].scores, runs[1].scores)
+    assert torch.equal(runs[0].train_indices, torch.arange(len(train)))
+    ref = compute_influence(base, train, val, query_indices=[0, 5, 9], solver="exact", damping=1e-2)
+    torch.testing.assert_close(runs[0].scores, ref.scores)
+
+
+def test_influence_loss_hook_with_dict_batches(tmp_path, data):
+    train, val = data
+    torch.manual_seed(0)
+    plain = LitClassifier(lr=0.0, weight_decay=1e-2)
+    hooked = LitDictClassifier(copy.deepcopy(plain.net), lr=0.0, weight_decay=1e-2)
+    cb = InfluenceCallback(query_indices=[1, 2, 3], solver="exact", on_error="raise")
+    dtrain, dval = DictDataset(*train.tensors), DictDataset(*val.tensors)
+    quiet_trainer(tmp_path, callbacks=[cb]).fit(hooked, DataLoader(dtrain, batch_size=64), DataLoader(dval, batch_size=64))
+    assert cb.results.settings["loss"] == "influence_loss"
+    ref = compute_influence(plain, train, val, query_indices=[1, 2, 3], solver="exact", damping=1e-2)
+    torch.testing.assert_close(cb.results.scores, ref.scores)
+    assert cb.results.query_predictions is None  # the batch format is the user's
+
+
+def test_query_dataloader_and_lissa_in_trainer(tmp_path, data):
+    train, val = data
+    qloader = DataLoader(torch.utils.data.TensorDataset(*val[:20]), batch_size=8)
+    cb = InfluenceCallback(num_queries=3, query_dataloader=qloader, solver=LissaSettings(depth=50, scale=5.0),
+                           chunk_size=64, on_error="raise")
+    quiet_trainer(tmp_path, limit_val_batches=0, callbacks=[cb]).fit(LitClassifier(), DataLoader(train, batch_size=64))
+    assert cb.results.scores.shape == (3, len(train)) and bool(torch.isfinite(cb.results.scores).all())
+    assert cb.results.query_indices.max() < 20
+    assert cb.results.settings["solver"] == "lissa"
+
+
+def test_float64_option_runs_in_float64(tmp_path, data):
+    train, val = data
+    cb = InfluenceCallback(num_queries=2, solver="exact", dtype="float64", on_error="raise")
+    quiet_trainer(tmp_path, callbacks=[cb]).fit(LitClassifier(), *loaders(train, val))
+    assert cb.results.scores.dtype == torch.float64 and cb.results.settings["dtype"] == "float64"
+
+
+@pytest.mark.parametrize(
+    "optimizer, weight_decay, expected, reason",
+    [
+        ("sgd", 5e-3, 5e-3, "coupled"),
+        ("adam", 2e-4, 2e-4, "coupled"),
+        ("adamw", 1e-2, DEFAULT_DAMPING, "decoupled"),
+        ("sgd", 0.0, DEFAULT_DAMPING, "no L2"),
+    ],
+)
+def test_damping_from_optimizer(optimizer, weight_decay, expected, reason):
+    model = LitClassifier(weight_decay=weight_decay, optimizer=optimizer)
+    opt = model.configure_optimizers()
+    lam, why = optimizer_damping([opt], list(model.parameters()))
+    assert lam == pytest.approx(expected) and reason in why
+
+
+def test_failure_is_contained_by_default(tmp_path, data):
+    """A failing influence computation warns, keeps the error, and fit completes with the model intact."""
+    train, val = data
+    cb = InfluenceCallback(num_queries=2, solver=ExactSettings(max_params=10))
+    model = LitClassifier()
+    with pytest.warns(UserWarning, match="InfluenceCallback failed .*max_params"):
+        quiet_trainer(tmp_path, callbacks=[cb]).fit(model, *loaders(train, val))
+    assert cb.results is None and "max_params" in str(cb.error)
+    assert model.trainer.state.finished
+
+
+def test_warns_when_listed_before_weight_averaging(tmp_path, data):
+    train, val = data
+    from pytorch_lightning.callbacks import StochasticWeightAveraging
+
+    cb = InfluenceCallback(num_queries=2, solver="exact")
+    trainer = quiet_trainer(tmp_path, callbacks=[cb, StochasticWeightAveraging(swa_lrs=0.01)])
+    with pytest.warns(UserWarning, match="listed before StochasticWeightAveraging"):
+        trainer.fit(LitClassifier(), *loaders(train, val))
