@@ -58,7 +58,7 @@ def _model() -> LitClassifier:
 def test_scalars_to_every_logger_and_html_at_default_path(tmp_path, data, capsys):
     train, val = data
     loggers = [pl.loggers.CSVLogger(str(tmp_path)), RecordingLogger()]
-    cb = InfluenceCallback(num_queries=2, solver="exact", top_k=4, on_error="raise")
+    cb = InfluenceCallback(num_queries=2, solver="exact", top_k=4, on_error="raise", params=["net.1.bias"])
     trainer = quiet_trainer(tmp_path, logger=loggers, callbacks=[cb], limit_train_batches=2, enable_progress_bar=True)
     trainer.fit(_model(), *loaders(train, val))
     out = cb.outputs
@@ -87,7 +87,7 @@ def test_no_progress_when_bar_disabled(tmp_path, data, capsys):
     progress = trainer_progress(quiet_trainer(tmp_path, enable_progress_bar=True))
     assert isinstance(progress, PhaseBars)
     train, val = data
-    cb = InfluenceCallback(num_queries=2, solver="exact", on_error="raise")
+    cb = InfluenceCallback(num_queries=2, solver="exact", on_error="raise", params=["net.1.bias"])
     quiet_trainer(tmp_path, callbacks=[cb], limit_train_batches=1, enable_progress_bar=False).fit(
         _model(), *loaders(train, val)
     )
@@ -114,7 +114,8 @@ def test_dict_examples_and_render_example(tmp_path, data):
     xs, ys = train.tensors
     vx, vy = val.tensors
     cb = InfluenceCallback(
-        num_queries=2, solver="exact", top_k=2, on_error="raise", report_path=tmp_path / "r" / "custom.html",
+        num_queries=2, solver="exact", top_k=2, on_error="raise", params=["net.1.bias"],
+        report_path=tmp_path / "r" / "custom.html",
         render_example=lambda ex: f"digit labelled {int(ex['label'])}",
     )
     module = LitDictClassifier(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
@@ -163,7 +164,7 @@ def test_wandb_not_imported_without_wandb_logger(tmp_path):
         from tests.problems import digits
         from lightning_influence import InfluenceCallback
         train, val = digits(torch.float32, n_train=100)
-        cb = InfluenceCallback(num_queries=1, solver="exact", on_error="raise")
+        cb = InfluenceCallback(num_queries=1, solver="exact", on_error="raise", params=["net.bias"])
         quiet_trainer({str(tmp_path)!r}, callbacks=[cb], limit_train_batches=1).fit(LitClassifier(), *loaders(train, val))
         assert cb.outputs["html_path"]
         print("WANDB_IMPORTED", "wandb" in sys.modules)

@@ -145,3 +145,11 @@ def test_wandb_image_preview():
     user = make_preview(wandb.Image(np.zeros((5, 6), dtype=np.uint8)))
     assert user.kind == "custom" and user.png() is not None
     assert "data:image/png;base64," in user.to_html("u")
+
+
+def test_without_pillow_wandb_previews_fall_back_to_text(monkeypatch):
+    from lightning_influence.reporting import previews
+
+    monkeypatch.setattr(previews, "pillow_available", lambda: False)
+    text = make_preview(torch.rand(1, 8, 8)).to_wandb()
+    assert text.startswith("image 8×8") and "pillow" in text

@@ -17,9 +17,12 @@ never for the whole dataset.
 from __future__ import annotations
 
 import base64
+import functools
 import html
+import importlib.util
 import os
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -35,6 +38,7 @@ __all__ = [
     "to_uint8",
     "encode_png",
     "png_data_uri",
+    "pillow_available",
 ]
 
 _LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class")
@@ -64,6 +68,8 @@ class Preview:
         """A ``wandb.Image`` for pixels (small images upscaled for visibility), text as a ``str``, or the
         user's value unchanged."""
         if self.pixels is not None:
+            if not pillow_available():
+                return f"image {'×'.join(map(str, self.pixels.shape))} (pip install pillow to see it in W&B)"
             import wandb
 
             return wandb.Image(_upscale(self.pixels, _WANDB_MIN_SIDE), caption=caption)
@@ -89,6 +95,18 @@ class Preview:
         if self.pixels is not None:
             return encode_png(_downsample(self.pixels, _HTML_MAX_SIDE))
         return _wandb_image_png(self.value) if self.value is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def pillow_available() -> bool:
+    """``wandb.Image`` needs Pillow; without it W&B previews fall back to text (with one warning)."""
+    if importlib.util.find_spec("PIL") is not None:
+        return True
+    warnings.warn(
+        "Pillow is not installed, so W&B tables show image previews as text; pip install pillow to see them.",
+        stacklevel=2,
+    )
+    return False
 
 
 # ---------------------------------------------------------------------- examples

@@ -18,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from ..results import InfluenceResults
 from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryView
-from .previews import ExampleCatalog, Preview
+from .previews import ExampleCatalog, Preview, pillow_available
 from .scalars import config_values, summary_scalars, summary_values
 
 __all__ = [
@@ -94,7 +94,7 @@ def _strip(entries: Sequence[Entry], catalog: ExampleCatalog, kind: str) -> Any:
 
     previews = [catalog.preview(e.train_id) for e in entries]
     ids = ", ".join(f"#{e.train_id}" for e in entries)
-    pixels = _montage(previews)
+    pixels = _montage(previews) if pillow_available() else None
     if pixels is not None:
         scale = max(1, 48 // max(pixels.shape[0], 1))
         pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
