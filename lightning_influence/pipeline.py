@@ -126,7 +126,7 @@ def compute_influence(
     loss_fn: Optional[LossFn] = None,
     params: Optional[Union[str, Sequence[str]]] = None,
     solver: Union[str, SolverSettings] = "lissa",
-    damping: float = DEFAULT_DAMPING,
+    damping: Union[float, str] = DEFAULT_DAMPING,
     self_influence: bool = False,
     collate_fn: Optional[Collate] = None,
     query_collate_fn: Optional[Collate] = None,
@@ -152,7 +152,9 @@ def compute_influence(
         params: names or prefixes of the parameters to attribute to (default: all trainable).
         solver: ``"lissa"``, ``"cg"``, ``"exact"`` or a settings object (``LissaSettings(...)``…).
         damping: ``λ ≥ 0`` added to the Hessian of the mean training loss (the L2 coefficient, plus any
-            regularisation the solver needs).
+            regularisation the solver needs). ``"auto"`` (solvers that support it, e.g. LiSSA): the solver
+            chooses the smallest damping that makes the recursion contract; the λ used is recorded in
+            ``results.settings["damping"]``.
         self_influence: also compute ``I_up,loss(z_i, z_i)`` for every training example.
         collate_fn / query_collate_fn: how examples become batches (default ``default_collate``).
         chunk_size: training examples per per-sample-gradient chunk and per full-data HVP chunk.
@@ -168,8 +170,13 @@ def compute_influence(
     _check_positive_int("num_queries", num_queries)
     _check_positive_int("chunk_size", chunk_size)
     _check_positive_int("query_batch_size", query_batch_size, allow_none=True)
-    damping = check_damping(damping)
     settings = resolve_solver(solver)
+    auto_damping = isinstance(damping, str) and damping == "auto"
+    if auto_damping and not getattr(settings, "supports_auto_damping", False):
+        raise InfluenceConfigError(
+            f'damping="auto" is not supported by solver={settings.name!r}; give a number, or use solver="lissa".'
+        )
+    damping = "auto" if auto_damping else check_damping(damping)
     if train_dataset is None:
         raise InfluenceConfigError("train_dataset is None; pass the map-style Dataset the model was trained on.")
     if not any(True for _ in model.parameters()):
@@ -260,7 +267,8 @@ def compute_influence(
     timings["total"] = time.perf_counter() - t_start
     run_settings: Dict[str, Any] = {
         **settings.to_dict(),
-        "damping": damping,
+        "damping": float(inverse.damping),
+        "damping_mode": "auto" if auto_damping else "fixed",
         "dtype": str(dtype).replace("torch.", ""),
         "params": list(objective.param_names),
         "num_params": objective.num_params,

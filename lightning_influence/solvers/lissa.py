@@ -1,89 +1,364 @@
-"""LiSSA: the stochastic Neumann recursion of Agarwal et al. (2017), batched over right-hand sides.
+"""LiSSA: the stochastic Neumann recursion of Agarwal et al. (2017), batched over right-hand sides, with
+automatic scale, batch size, depth and (optionally) damping.
 
-With ``A = H + λI`` and a scale ``s`` larger than the top eigenvalue of every minibatch ``A_B``,
+Damping semantics: the solver targets ``(H + λI)⁻¹ v`` with ``H`` the Hessian of the *mean* training
+loss and ``λ`` in the same units as ``H``, independent of the scale (unlike Koh & Liang's code, where the
+damping is multiplied by the scale). With ``A = H + λI`` and ``A_B = H_B + λI`` on a minibatch ``B``:
 
-    h_0 = v,    h_t = v + (I − A_{B_t} / s) h_{t−1},    A⁻¹ v ≈ h_T / s,
+    x_0 = v / s,    x_t = x_{t−1} + (v − A_{B_t} x_{t−1}) / s,
 
-because ``Σ_k (I − A/s)^k = s A⁻¹``. All right-hand sides share the minibatch ``B_t`` of each step, so one
-vmapped HVP advances every query. ``repeats`` independent recursions (seeds ``seed, seed+1, …``) are
-averaged. Damping ``λ`` is in Hessian units and independent of ``s``.
+which is ``h_t / s`` for the classic recursion ``h_t = v + (I − A_{B_t}/s) h_{t−1}`` (``Σ_k (I − A/s)^k =
+s A⁻¹``), i.e. SGD with step ``1/s`` on ``½ xᵀAx − vᵀx``. Each step is a contraction whenever every
+eigenvalue of ``A_B`` lies in ``(0, 2s)``; the expected error shrinks by ``1 − λ_min(A)/s`` per step.
+
+* ``scale="auto"``: ``s = scale_margin · max_b λ̂_max(A_b)`` over ``power_batches`` minibatches of the
+  chosen size (power iteration, ``power_iters`` HVPs each). Minibatch Hessians have larger top eigenvalues
+  than the full one (fewer examples average less), so the full-batch ``λ_max`` is the wrong yardstick.
+  Since a step contracts for any batch with ``λ_max(A_B) < 2s``, the default margin ``1`` tolerates
+  unseen minibatches whose top eigenvalue is up to twice the largest one sampled (the Rayleigh quotient
+  never overestimates).
+* ``batch_size="auto"``: minibatch noise is small once ``B ≳ tr(H)/λ_max(H)`` (Klochkov & Liu, 2024);
+  ``tr(H)`` is estimated with Hutchinson probes and ``λ_max(H)`` by power iteration on the full Hessian;
+  ``B = batch_factor · tr/λ_max`` rounded up to a multiple of 32, within ``[64, 512]`` and ``≤ n``.
+* Iterate averaging (``average=True``): the estimate is the mean of ``x_t`` over the last half of the
+  iterations (Polyak–Ruppert tail averaging), which removes most of the minibatch noise that a single
+  iterate carries; ``average=False`` returns the classic last iterate ``h_T / s``.
+* ``depth="auto"``: iterations run in segments of doubling length (``4·check_every``, then ×2); at the
+  end of each segment a query's estimate (the mean over that segment, the last half) is compared with
+  the previous segment's; when the relative change is below ``tol`` the query is converged and frozen
+  (later steps skip it). Each query converges on its own, so results do not depend on which queries are
+  solved together. ``max_depth`` caps the steps; ending unconverged warns.
+* ``repeats`` independent recursions (own minibatch streams) are averaged; their spread gives a
+  per-query relative standard error ``‖std(X_r)/√R‖ / ‖mean X_r‖``.
+* Divergence: a contracting recursion satisfies ``‖h_t‖ ≤ min(t, s/λ)·‖v‖``; an estimate that exceeds
+  ten times that (geometric growth from too small a scale or negative curvature) or becomes NaN/inf
+  stops the solve at once with :class:`SolverDivergedError` naming the step, the norm history and the
+  fix (a scale or damping estimated from the spectrum).
+* ``damping="auto"`` (pass the string as the damping): ``λ = 1e-3·λ̂_max(H) + 1.5·max(0, −λ̂_min(H))``,
+  the smallest damping (with a safety factor for the power-iteration estimate) that makes ``H + λI``
+  positive definite and the recursion contract; the chosen ``λ`` is ``solver.damping`` and is reported.
+
+Diagnostics are plain data: the spectral estimates and HVPs they cost, the scale, batch size and damping
+used, per-repeat depth and norm history, per-query depth and relative standard error.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
-from typing import List
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor
 
 from ..errors import InfluenceConfigError, SolverDivergedError
 from ..operator import HessianOperator
-from .base import InverseHVP, SolveResult, SolverSettings, check_finite
+from ..spectral import hutchinson_trace, power_iteration
+from .base import InverseHVP, SolveResult, SolverSettings
 
 __all__ = ["LissaSettings", "LissaSolver"]
+
+_MIN_BATCH, _MAX_BATCH = 64, 512
+#: relative floor of the automatic damping (times λ̂_max(H)) and safety factor on −λ̂_min(H)
+AUTO_DAMPING_FLOOR, AUTO_DAMPING_SAFETY = 1e-3, 1.5
+#: an estimate more than this many times the contracting-recursion bound counts as divergence
+_DIVERGENCE_SLACK = 10.0
+
+
+def _repeat_seed(seed: int, r: int) -> int:
+    """Seed of repeat ``r``'s minibatch stream: a function of ``(seed, r)`` only."""
+    return (int(seed) * 1_000_003 + 7919 * int(r) + 17) % (2**62)
 
 
 @dataclass(frozen=True)
 class LissaSettings(SolverSettings):
-    """Settings of the LiSSA recursion.
+    """Settings of the LiSSA recursion; every default works without tuning.
 
     Args:
-        depth: recursion steps per repeat (each one minibatch HVP for all queries at once).
-        batch_size: training examples per minibatch HVP.
-        scale: ``s`` above; must exceed the largest eigenvalue of ``H_B + λI`` for the recursion to contract.
-        repeats: independent recursions averaged.
-        seed: seed of the minibatch sampler; the same seed gives the same result.
+        depth: ``"auto"`` (stop each query when converged, see ``tol``) or a fixed number of steps.
+        max_depth: step cap for ``depth="auto"``.
+        tol: relative change between successive segment averages below which a query is converged.
+        check_every: steps between divergence checkpoints (norm history); the first convergence
+            segment is ``4·check_every`` steps.
+        batch_size: ``"auto"`` (from ``tr(H)/λ_max(H)``) or training examples per minibatch HVP.
+        batch_factor: ``B = batch_factor · tr(H)/λ_max(H)`` for ``batch_size="auto"``.
+        scale: ``"auto"`` or a fixed ``s``; must exceed half the top eigenvalue of every ``H_B + λI``.
+        scale_margin: ``s = scale_margin · max sampled λ_max(H_B + λI)`` for ``scale="auto"``.
+        repeats: independent recursions averaged (≥ 2 gives a standard error).
+        seed: seed of all sampling; the same seed gives the same result.
+        power_iters: power-iteration HVPs per eigenvalue estimate.
+        power_batches: minibatches sampled for the minibatch ``λ_max`` estimate.
+        trace_probes: Hutchinson probes for ``tr(H)``.
+        average: tail-average the iterates (``False``: the classic last iterate).
     """
 
     name = "lissa"
-    depth: int = 1000
-    batch_size: int = 64
-    scale: float = 10.0
-    repeats: int = 1
+    depth: Union[int, str] = "auto"
+    max_depth: int = 5000
+    tol: float = 5e-2
+    check_every: int = 10
+    batch_size: Union[int, str] = "auto"
+    batch_factor: float = 4.0
+    scale: Union[float, str] = "auto"
+    scale_margin: float = 1.0
+    repeats: int = 2
     seed: int = 0
+    power_iters: int = 20
+    power_batches: int = 4
+    trace_probes: int = 8
+    average: bool = True
+
+    #: ``compute_influence(..., damping="auto")`` is supported by this solver.
+    supports_auto_damping = True
 
     def __post_init__(self) -> None:
-        for arg in ("depth", "batch_size", "repeats"):
-            v = getattr(self, arg)
-            if not isinstance(v, int) or v < 1:
-                raise InfluenceConfigError(f"LissaSettings.{arg}={v!r} must be a positive integer.")
-        if not (isinstance(self.scale, (int, float)) and self.scale > 0):
-            raise InfluenceConfigError(f"LissaSettings.scale={self.scale!r} must be a positive number.")
+        def bad(arg: str, what: str) -> InfluenceConfigError:
+            return InfluenceConfigError(f"LissaSettings.{arg}={getattr(self, arg)!r} must be {what}.")
 
-    def build(self, operator: HessianOperator, damping: float) -> "LissaSolver":
+        def pos_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        def pos_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < math.inf
+
+        if not (self.depth == "auto" or pos_int(self.depth)):
+            raise bad("depth", '"auto" or a positive integer')
+        if not (self.batch_size == "auto" or pos_int(self.batch_size)):
+            raise bad("batch_size", '"auto" or a positive integer')
+        if not (self.scale == "auto" or pos_num(self.scale)):
+            raise bad("scale", '"auto" or a positive number')
+        for arg in ("max_depth", "check_every", "repeats", "power_iters", "power_batches", "trace_probes"):
+            if not pos_int(getattr(self, arg)):
+                raise bad(arg, "a positive integer")
+        for arg in ("tol", "scale_margin", "batch_factor"):
+            if not pos_num(getattr(self, arg)):
+                raise bad(arg, "a positive number")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise bad("seed", "an integer")
+        if not isinstance(self.average, bool):
+            raise bad("average", "True or False")
+
+    def build(self, operator: HessianOperator, damping: Union[float, str]) -> "LissaSolver":
         return LissaSolver(operator, damping, self)
 
 
 class LissaSolver(InverseHVP):
-    """Runs the recursion; diverging estimates raise :class:`SolverDivergedError` with the fix."""
+    """Runs the recursion for a batch of right-hand sides. Setup (spectral estimates, automatic batch
+    size, scale and damping) happens once here, so every query chunk is solved with the same settings.
 
-    def __init__(self, operator: HessianOperator, damping: float, settings: LissaSettings) -> None:
-        super().__init__(operator, damping)
+    Args:
+        operator: the Hessian of the mean training loss.
+        damping: ``λ ≥ 0`` (Hessian units) or ``"auto"``.
+        settings: :class:`LissaSettings`.
+    """
+
+    def __init__(self, operator: HessianOperator, damping: Union[float, str], settings: LissaSettings) -> None:
+        auto_damping = isinstance(damping, str)
+        if auto_damping and damping != "auto":
+            raise InfluenceConfigError(f'damping={damping!r} must be a number ≥ 0 or "auto".')
+        super().__init__(operator, 0.0 if auto_damping else float(damping))
         self.settings = settings
+        self.auto_damping = auto_damping
+        self.setup: Dict[str, Any] = {"hvps": 0}
+        hvp0 = operator.hvp_calls
+        kw = dict(dtype=operator.dtype, device=operator.device)
+        p = operator.num_params
+        st = settings
+        base = _repeat_seed(st.seed, 10_000)
 
+        lam_max_full: Optional[float] = None
+        if auto_damping or st.batch_size == "auto":
+            est = power_iteration(operator.full_hvp, p, iters=st.power_iters, tol=1e-3, seed=base, **kw)
+            lam_max_full = est.value
+            self.setup["lambda_max_full"] = lam_max_full
+        if auto_damping:
+            assert lam_max_full is not None
+            shift = 1.1 * abs(lam_max_full)
+            est = power_iteration(operator.full_hvp, p, iters=3 * st.power_iters, tol=1e-4, shift=shift,
+                                  seed=base + 1, **kw)
+            self.setup["lambda_min_full"] = est.value
+            self.damping = AUTO_DAMPING_FLOOR * abs(lam_max_full) + AUTO_DAMPING_SAFETY * max(0.0, -est.value)
+        if st.batch_size == "auto":
+            assert lam_max_full is not None
+            tr = hutchinson_trace(operator.full_hvp, p, probes=st.trace_probes, seed=base + 2, **kw)
+            self.setup["trace"], self.setup["trace_stderr"] = tr.value, tr.stderr
+            ratio = tr.value / max(lam_max_full, 1e-30)
+            b = int(math.ceil(st.batch_factor * max(ratio, 1.0) / 32.0)) * 32
+            self.batch_size = int(min(max(b, _MIN_BATCH), _MAX_BATCH, operator.num_examples))
+        else:
+            self.batch_size = int(min(int(st.batch_size), operator.num_examples))
+        if st.scale == "auto":
+            ests = self._minibatch_lambda_max(base + 3)
+            self.setup["lambda_max_minibatch"] = ests
+            self.scale = float(st.scale_margin * max(ests))
+            if not self.scale > 0:
+                raise SolverDivergedError(
+                    f"the top eigenvalue of the minibatch Hessians plus damping is estimated as {max(ests):.3g} ≤ 0; "
+                    f"the Hessian has no positive curvature at damping λ={self.damping:g}. Raise the damping."
+                )
+        else:
+            self.scale = float(st.scale)
+        self.setup["hvps"] = operator.hvp_calls - hvp0
+
+    def _minibatch_lambda_max(self, seed: int) -> List[float]:
+        """``λ_max(H_B + λI)`` by power iteration on ``power_batches`` minibatches of the chosen size."""
+        st, op = self.settings, self.operator
+        batches = op.minibatches(self.batch_size, seed)
+        out = []
+        for i in range(st.power_batches):
+            b = next(batches)
+            est = power_iteration(lambda v: op.batch_hvp(b, v), op.num_params, iters=st.power_iters, tol=1e-3,
+                                  seed=seed + 1 + i, dtype=op.dtype, device=op.device)
+            out.append(est.value + self.damping)
+        return out
+
+    # ------------------------------------------------------------------ solve
     def solve(self, rhs: Tensor) -> SolveResult:
+        """``(H + λI)⁻¹ rhs`` for every row of ``rhs`` ``[Q, P]``; see the module docstring."""
         st = self.settings
-        total = torch.zeros_like(rhs)
-        vnorm = rhs.norm(dim=1).clamp_min(torch.finfo(rhs.dtype).tiny)
-        norms: List[List[float]] = []
+        hvp0 = self.operator.hvp_calls
+        q = rhs.shape[0]
+        estimates: List[Tensor] = []
+        per_repeat: List[Dict[str, Any]] = []
         for r in range(st.repeats):
-            batches = self.operator.minibatches(st.batch_size, st.seed + r)
-            h = rhs.clone()
-            hist: List[float] = []
-            for t in range(1, st.depth + 1):
-                h = rhs + h - self.damped_hvp(next(batches), h) / st.scale
-                if t % 10 == 0 or t == st.depth:
-                    ratio = float((h.norm(dim=1) / vnorm).max())
-                    hist.append(ratio)
-                    check_finite(h, "LiSSA estimate", t, hist[-5:], f"Raise scale above {st.scale:g} or add damping.")
-                    if ratio > 1e6 * (t + 1):
-                        raise SolverDivergedError(
-                            f"LiSSA diverged at step {t}: ‖h_t‖/‖v‖ = {ratio:.3g} grows geometrically "
-                            f"(history {hist[-5:]}). scale={st.scale:g} is below the top eigenvalue of the "
-                            "minibatch Hessian plus damping, or the Hessian has negative curvature: raise scale "
-                            "or damping."
-                        )
-            total += h / st.scale
-            norms.append(hist)
-        return SolveResult(total / st.repeats, {"depth": st.depth, "scale": st.scale, "norm_history": norms})
+            x, info = self._one_repeat(rhs, _repeat_seed(st.seed, r))
+            estimates.append(x)
+            per_repeat.append(info)
+        stack = torch.stack(estimates)  # [R, Q, P]
+        mean = stack.mean(0)
+        if st.repeats > 1:
+            sd = stack.std(0, unbiased=True) / math.sqrt(st.repeats)
+            rel_se = (sd.norm(dim=1) / mean.norm(dim=1).clamp_min(torch.finfo(mean.dtype).tiny)).tolist()
+        else:
+            rel_se = [float("nan")] * q
+        depth_per_query = [max(info["depth_per_query"][i] for info in per_repeat) for i in range(q)]
+        converged = all(info["converged"] for info in per_repeat)
+        diagnostics: Dict[str, Any] = {
+            "scale": self.scale,
+            "damping": self.damping,
+            "damping_auto": self.auto_damping,
+            "batch_size": self.batch_size,
+            "depth_mode": "auto" if st.depth == "auto" else "fixed",
+            "depth": [info["depth"] for info in per_repeat],
+            "depth_per_query": depth_per_query,
+            "converged": converged,
+            "relative_stderr": rel_se,
+            "norm_history": [info["norm_history"] for info in per_repeat],
+            "checkpoint_steps": [info["checkpoint_steps"] for info in per_repeat],
+            "segment_change": [info["segment_change"] for info in per_repeat],
+            "setup": dict(self.setup),
+            "hvp_calls": self.operator.hvp_calls - hvp0,
+        }
+        return SolveResult(mean, diagnostics)
+
+    def _diverged(self, t: int, ratio: float, steps: List[int], hist: List[float], why: str) -> SolverDivergedError:
+        """Build the divergence error, with fixes estimated from the spectrum (a few more HVPs)."""
+        op, st = self.operator, self.settings
+        kw = dict(dtype=op.dtype, device=op.device)
+        lam_b = max(self._minibatch_lambda_max(_repeat_seed(st.seed, 20_000)))
+        lam_max = power_iteration(op.full_hvp, op.num_params, iters=st.power_iters, tol=1e-3, **kw).value
+        lam_min = power_iteration(op.full_hvp, op.num_params, iters=3 * st.power_iters, tol=1e-4,
+                                  shift=1.1 * abs(lam_max), seed=1, **kw).value
+        history = ", ".join(f"{s}: {h:.3g}" for s, h in list(zip(steps, hist))[-8:])
+        fixes = []
+        if self.scale < 0.5 * lam_b:
+            fixes.append(f"scale={self.scale:g} is below half the top eigenvalue of the minibatch Hessian plus "
+                         f"damping (estimated {lam_b:.3g}); raise scale to at least {lam_b:.3g}, or use scale='auto'")
+        if lam_min + self.damping <= 0:
+            need = AUTO_DAMPING_SAFETY * (-lam_min) + AUTO_DAMPING_FLOOR * abs(lam_max)
+            fixes.append(f"H + λI has negative curvature: the smallest Hessian eigenvalue is estimated at "
+                         f"{lam_min:.3g} with damping λ={self.damping:g}; use damping ≥ {need:.3g} "
+                         "(or damping='auto')")
+        if not fixes:
+            fixes.append(f"raise damping above {self.damping:g} or scale above {self.scale:g} (smallest Hessian "
+                         f"eigenvalue estimate {lam_min:.3g}, top minibatch eigenvalue estimate {lam_b:.3g})")
+        return SolverDivergedError(
+            f"LiSSA diverged at step {t}: {why} (‖h_t‖/‖v‖ = {ratio:.3g}). Norm history (step: max ‖h‖/‖v‖): "
+            f"{history}. Fix: " + "; ".join(fixes) + "."
+        )
+
+    def _one_repeat(self, rhs: Tensor, seed: int):
+        st, s, lam = self.settings, self.scale, self.damping
+        auto = st.depth == "auto"
+        depth = st.max_depth if auto else int(st.depth)
+        q = rhs.shape[0]
+        tiny = torch.finfo(rhs.dtype).tiny
+        vnorm = rhs.norm(dim=1).clamp_min(tiny)
+        batches = self.operator.minibatches(self.batch_size, seed)
+        x = rhs / s
+        active = torch.ones(q, dtype=torch.bool, device=rhs.device)
+        depth_q = [depth] * q
+        # segment bookkeeping: the estimate is the mean of x over the current segment
+        seg_end = 4 * st.check_every if auto else depth
+        seg_start = 0 if auto else (depth // 2 if st.average else depth - 1)
+        acc = torch.zeros_like(rhs)
+        prev: Optional[Tensor] = None
+        final = torch.zeros_like(rhs)
+        hist: List[float] = []
+        steps: List[int] = []
+        changes: List[float] = []
+        bound_cap = s / lam if lam > 0 else math.inf
+        t = 0
+        for t in range(1, depth + 1):
+            idx = active.nonzero().squeeze(1)
+            xa = x[idx]
+            step = (rhs[idx] - self.operator.batch_hvp(next(batches), xa) - lam * xa) / s
+            xa = xa + step
+            x[idx] = xa
+            ratio_q = xa.norm(dim=1) * s / vnorm[idx]
+            ratio = float(ratio_q.max())
+            if not math.isfinite(ratio):
+                bad_q = int(idx[~torch.isfinite(ratio_q)][0])
+                raise self._diverged(t, ratio, steps + [t], hist + [ratio],
+                                     f"the estimate for query {bad_q} became NaN/inf")
+            if ratio > _DIVERGENCE_SLACK * min(t + 1, bound_cap):
+                raise self._diverged(t, ratio, steps + [t], hist + [ratio],
+                                     "the norm grows geometrically, beyond the bound min(t, s/λ) of a contracting "
+                                     "recursion")
+            if t % st.check_every == 0:
+                steps.append(t)
+                hist.append(ratio)
+            if t > seg_start:
+                acc[idx] += xa
+            if t == seg_end or t == depth:
+                n_avg = t - seg_start
+                est = acc / n_avg if (st.average or not auto) else x.clone()
+                if auto and prev is not None:
+                    rel = (est - prev).norm(dim=1) / est.norm(dim=1).clamp_min(tiny)
+                    rel = torch.where(active, rel, torch.zeros_like(rel))
+                    changes.append(float(rel[active].max()))
+                    done = active & (rel < st.tol)
+                else:
+                    done = torch.zeros_like(active)
+                if t == depth:
+                    done = active.clone()
+                for i in done.nonzero().squeeze(1).tolist():
+                    depth_q[i] = t
+                final[done] = est[done]
+                active &= ~done
+                if not bool(active.any()):
+                    break
+                prev = est
+                acc = torch.zeros_like(rhs)
+                seg_start, seg_end = t, min(2 * t, depth)
+        converged = True
+        if auto and max(depth_q) >= depth:
+            last_change = changes[-1] if changes else float("nan")
+            converged = bool(changes) and last_change < st.tol
+            if not converged:
+                warnings.warn(
+                    f"LiSSA reached max_depth={depth} before converging (relative change {last_change:.3g} > "
+                    f"tol={st.tol:g}); the scores may be inaccurate. Raise max_depth, raise the damping, or "
+                    "loosen tol.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return final, {
+            "depth": t,
+            "depth_per_query": depth_q,
+            "converged": converged,
+            "norm_history": hist,
+            "checkpoint_steps": steps,
+            "segment_change": changes,
+        }

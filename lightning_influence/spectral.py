@@ -1,0 +1,121 @@
+"""Cheap spectral estimates of a symmetric operator from matrix-vector products alone.
+
+Used by the LiSSA solver to choose its scale, batch size and (optionally) damping without tuning:
+
+* :func:`power_iteration`: the eigenvalue of largest magnitude of ``A − shift·I`` (plus ``shift``), i.e.
+  ``λ_max(A)`` with ``shift=0`` for a positive semi-definite ``A``, or ``λ_min(A)`` with ``shift`` at or
+  above ``λ_max(A)``.
+* :func:`hutchinson_trace`: ``tr(A) ≈ mean_k z_kᵀ A z_k`` over Rademacher probes ``z_k``.
+
+Every function takes ``matvec(V [K, P]) -> A V [K, P]`` acting on the *rows* of ``V`` (the batched
+form :meth:`~lightning_influence.operator.HessianOperator.batch_hvp` already has), a dimension and a
+seed; the same seed gives the same estimate. Results are plain data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List
+
+import torch
+from torch import Tensor
+
+__all__ = ["MatVec", "SpectralEstimate", "power_iteration", "hutchinson_trace", "rademacher"]
+
+#: ``matvec(V [K, P]) -> A V [K, P]`` for a symmetric ``A``.
+MatVec = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class SpectralEstimate:
+    """An estimate with how it was obtained.
+
+    Attributes:
+        value: the estimate.
+        matvecs: matrix-vector products (calls of ``matvec``) spent.
+        history: successive estimates (power iteration) or per-probe values (trace).
+        stderr: standard error of the estimate where one is defined (trace), else ``nan``.
+    """
+
+    value: float
+    matvecs: int
+    history: List[float] = field(default_factory=list)
+    stderr: float = float("nan")
+
+
+def rademacher(k: int, dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[k, dim]`` random signs ``±1``, drawn on the CPU from ``seed`` (device-independent)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    z = torch.randint(0, 2, (k, dim), generator=gen).to(dtype) * 2 - 1
+    return z.to(device)
+
+
+def power_iteration(
+    matvec: MatVec,
+    dim: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    iters: int = 20,
+    tol: float = 1e-3,
+    shift: float = 0.0,
+    seed: int = 0,
+) -> SpectralEstimate:
+    """Dominant eigenvalue of ``A − shift·I`` by power iteration, returned as an eigenvalue of ``A``.
+
+    With ``shift = 0`` and ``A`` positive semi-definite this is ``λ_max(A)``. With ``shift ≥ λ_max(A)``
+    the dominant eigenvalue of ``A − shift·I`` is ``λ_min(A) − shift``, so the result is ``λ_min(A)``.
+    The estimate is the Rayleigh quotient ``uᵀAu`` of the current unit vector, which never overshoots
+    the extreme eigenvalue it approaches (it is ``≤ λ_max`` and ``≥ λ_min``): callers add a margin.
+
+    Args:
+        matvec: ``A`` applied to the rows of a ``[K, P]`` matrix (called here with ``K = 1``).
+        dim: ``P``.
+        dtype / device: of the vectors.
+        iters: at most this many products.
+        tol: stop once the estimate changes by less than ``tol`` (relative) between two products.
+        shift: see above.
+        seed: start vector (Gaussian, drawn on the CPU).
+
+    Returns:
+        :class:`SpectralEstimate` with the eigenvalue, the products spent and the estimate per product.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    u = torch.randn(1, dim, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    u = u / u.norm()
+    history: List[float] = []
+    est = float("nan")
+    for i in range(1, iters + 1):
+        au = matvec(u)
+        if shift:
+            au = au - shift * u
+        rq = float((u * au).sum())  # Rayleigh quotient of A − shift·I
+        history.append(rq + shift)
+        norm = float(au.norm())
+        if not math.isfinite(norm) or norm == 0.0:
+            est = rq + shift
+            break
+        u = au / norm
+        if len(history) >= 2 and abs(history[-1] - history[-2]) <= tol * max(abs(history[-1]), 1e-30):
+            est = history[-1]
+            break
+        est = history[-1]
+    return SpectralEstimate(value=float(est), matvecs=len(history), history=history)
+
+
+def hutchinson_trace(
+    matvec: MatVec,
+    dim: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    probes: int = 8,
+    seed: int = 0,
+) -> SpectralEstimate:
+    """Hutchinson's estimate ``tr(A) ≈ (1/K) Σ_k z_kᵀ A z_k`` with ``K`` Rademacher probes, all applied
+    in one batched ``matvec`` call. Unbiased; ``stderr`` is the standard error over probes."""
+    z = rademacher(probes, dim, seed, dtype, device)
+    vals = (z * matvec(z)).sum(1).double().cpu()
+    stderr = float(vals.std(unbiased=True) / math.sqrt(probes)) if probes > 1 else float("nan")
+    return SpectralEstimate(value=float(vals.mean()), matvecs=1, history=vals.tolist(), stderr=stderr)

@@ -1,0 +1,192 @@
+"""LiSSA with no tuning: accuracy of the defaults against exact solves, divergence and negative-curvature
+errors, automatic damping, standard errors, invariances, settings validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_influence import (
+    CGSettings,
+    ExactSettings,
+    InfluenceConfigError,
+    LissaSettings,
+    SolverDivergedError,
+    compute_influence,
+)
+from lightning_influence.data import ExampleSource
+from lightning_influence.objective import Objective
+from lightning_influence.operator import HessianOperator
+from lightning_influence.spectral import hutchinson_trace, power_iteration
+
+from . import problems
+
+QUERIES = list(range(0, 450, 45))  # 10 validation queries
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-query Pearson correlation of two score matrices ``[Q, N]``."""
+    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return F.cosine_similarity(ac, bc, dim=1)
+
+
+def run(p, solver, damping=None, queries=QUERIES, **kw):
+    return compute_influence(p.model, p.train, p.val, query_indices=queries, solver=solver,
+                             damping=p.damping if damping is None else damping, dtype=torch.float64, **kw)
+
+
+# --------------------------------------------------------------------------- a small saddle problem
+def saddle_problem(n: int = 256, seed: int = 0) -> problems.Problem:
+    """A tanh MLP (83 parameters) at its random initial weights: far from a minimum, its Hessian has
+    eigenvalues down to about −0.27 (checked against the explicit Hessian in the test)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(2 * n, 6, dtype=torch.float64), torch.randint(0, 3, (2 * n,))
+    return problems.Problem(model, TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), 0.0)
+
+
+def dense_hessian(p: problems.Problem) -> torch.Tensor:
+    obj = Objective(p.model, params=None, loss_fn=None, dtype=torch.float64)
+    op = HessianOperator(obj.loss, obj.space, obj.theta, ExampleSource(p.train, None, obj.prepare_batch), 512)
+    return op.dense()
+
+
+@pytest.fixture(scope="module")
+def saddle() -> problems.Problem:
+    return saddle_problem()
+
+
+# --------------------------------------------------------------------------- settings
+@pytest.mark.parametrize(
+    "kw, field",
+    [({"depth": 0}, "depth"), ({"depth": "deep"}, "depth"), ({"batch_size": "big"}, "batch_size"),
+     ({"scale": -1.0}, "scale"), ({"scale": "x"}, "scale"), ({"tol": 0}, "tol"), ({"repeats": 0}, "repeats"),
+     ({"max_depth": 2.5}, "max_depth"), ({"scale_margin": float("nan")}, "scale_margin"), ({"seed": 1.5}, "seed")],
+)
+def test_settings_are_validated_naming_the_field(kw, field):
+    with pytest.raises(InfluenceConfigError, match=rf"LissaSettings\.{field}="):
+        LissaSettings(**kw)
+
+
+def test_defaults_are_automatic_and_serialisable():
+    s = LissaSettings()
+    assert (s.depth, s.batch_size, s.scale) == ("auto", "auto", "auto")
+    d = s.to_dict()
+    assert d["solver"] == "lissa" and d["scale"] == "auto"
+
+
+def test_auto_damping_is_refused_by_solvers_without_it(saddle):
+    with pytest.raises(InfluenceConfigError, match="damping=\"auto\" is not supported by solver='cg'"):
+        run(saddle, CGSettings(), damping="auto", queries=[0])
+
+
+# --------------------------------------------------------------------------- spectral estimates
+def test_power_iteration_and_trace_match_the_explicit_spectrum(saddle):
+    h = dense_hessian(saddle)
+    ev = torch.linalg.eigvalsh(h)
+    a = h + 0.5 * torch.eye(len(h), dtype=h.dtype)  # positive definite
+    mv = lambda v: v @ a  # noqa: E731  (rows)
+    kw = dict(dtype=h.dtype, device=h.device)
+    top = power_iteration(mv, len(h), iters=200, tol=1e-10, **kw)
+    assert top.value == pytest.approx(float(ev[-1]) + 0.5, rel=1e-3)
+    low = power_iteration(lambda v: v @ h, len(h), iters=500, tol=1e-12, shift=1.1 * float(ev[-1]), **kw)
+    assert low.value == pytest.approx(float(ev[0]), rel=2e-2)
+    tr = hutchinson_trace(mv, len(h), probes=256, **kw)
+    assert abs(tr.value - float(a.trace())) < 4 * tr.stderr
+
+
+# --------------------------------------------------------------------------- accuracy with defaults
+@pytest.mark.slow  # ~1-2 min on 2 shared CPU cores (per-step HVP overhead); run with -m slow
+def test_defaults_match_exact_on_logistic_regression(logreg):
+    exact = run(logreg, ExactSettings())
+    res = run(logreg, LissaSettings())
+    r = pearson(res.scores, exact.scores)
+    assert r.median() >= 0.995, r
+    d = res.diagnostics["solve"][0]
+    assert d["converged"] and d["scale"] > 0 and d["batch_size"] >= 64
+    assert all(math.isfinite(v) and v < 0.05 for v in d["relative_stderr"])
+    assert d["setup"]["hvps"] <= 200  # a few dozen power-iteration HVPs, reported
+    assert res.settings["damping"] == logreg.damping and res.settings["damping_mode"] == "fixed"
+
+
+@pytest.mark.slow
+def test_defaults_match_exact_on_tanh_mlp(mlp):
+    exact = run(mlp, ExactSettings())
+    res = run(mlp, LissaSettings())
+    r = pearson(res.scores, exact.scores)
+    assert r.median() >= 0.995, r
+
+
+@pytest.mark.slow
+def test_defaults_match_cg_on_relu_cnn():
+    p = problems.trained_cnn()
+    queries = QUERIES[:8]
+    ref = run(p, CGSettings(tol=1e-6), queries=queries)
+    assert all(d["converged"] for d in ref.diagnostics["solve"])
+    res = run(p, LissaSettings(), queries=queries)
+    r = pearson(res.scores, ref.scores)
+    assert r.median() >= 0.99, r
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_scale_does_not_diverge_across_seeds(saddle, seed):
+    # positive definite at λ = 0.5, with minibatches of 64 out of 256: the minibatch spectra vary a lot
+    res = run(saddle, LissaSettings(seed=seed, batch_size=64, depth=100, repeats=1), damping=0.5, queries=list(range(6)))
+    assert torch.isfinite(res.scores).all()
+    d = res.diagnostics["solve"][0]
+    assert max(max(h) for h in d["norm_history"]) < 100
+
+
+# --------------------------------------------------------------------------- divergence
+def test_bad_fixed_scale_raises_within_a_few_steps(logreg):
+    with pytest.raises(SolverDivergedError, match=r"diverged at step (\d) .*raise scale to at least") as err:
+        run(logreg, LissaSettings(scale=0.05, depth=5000, repeats=1), queries=QUERIES[:2])
+    assert "Norm history" in str(err.value)
+
+
+def test_negative_curvature_raises_naming_the_damping_and_auto_damping_converges(saddle):
+    ev = torch.linalg.eigvalsh(dense_hessian(saddle))
+    assert ev[0] < -0.1  # the problem really has negative curvature
+    queries = list(range(8))
+    with pytest.raises(SolverDivergedError, match=r"negative curvature.*use damping ≥ ([0-9.]+)") as err:
+        run(saddle, LissaSettings(repeats=1), damping=0.0, queries=queries)
+    needed = float(err.value.args[0].split("use damping ≥ ")[1].split(" ")[0])
+    assert needed > -float(ev[0])
+
+    res = run(saddle, LissaSettings(), damping="auto", queries=queries)
+    lam = res.settings["damping"]
+    assert res.settings["damping_mode"] == "auto" and lam > -float(ev[0]) and lam < 3 * -float(ev[0])
+    assert res.diagnostics["solve"][0]["damping"] == lam
+    exact = run(saddle, ExactSettings(), damping=lam, queries=queries)
+    assert pearson(res.scores, exact.scores).median() >= 0.99
+
+
+# --------------------------------------------------------------------------- repeats, seeds, chunks
+def test_standard_error_shrinks_as_repeats_grow(saddle):
+    def median_se(repeats):
+        res = run(saddle, LissaSettings(depth=30, repeats=repeats, batch_size=64), damping=0.5,
+                  queries=list(range(8)))
+        return float(torch.tensor(res.diagnostics["solve"][0]["relative_stderr"]).median())
+
+    se2, se8 = median_se(2), median_se(8)  # 8 repeats: 4× the samples
+    assert se8 < 0.75 * se2, (se2, se8)  # ≈ 1/2 expected from 1/√R
+
+
+def test_results_do_not_depend_on_query_chunking_and_seed_reproduces(saddle):
+    s = LissaSettings(repeats=2, max_depth=160)
+    a = run(saddle, s, damping=0.5, queries=list(range(6)))
+    b = run(saddle, s, damping=0.5, queries=list(range(6)), query_batch_size=2)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-9, atol=1e-12)
+    assert torch.equal(a.scores, run(saddle, s, damping=0.5, queries=list(range(6))).scores)
+    c = run(saddle, LissaSettings(repeats=2, max_depth=160, seed=1), damping=0.5, queries=list(range(6)))
+    assert not torch.equal(a.scores, c.scores)
+
+
+def test_unconverged_depth_budget_warns(saddle):
+    with pytest.warns(RuntimeWarning, match="max_depth=50 before converging"):
+        run(saddle, LissaSettings(max_depth=50, tol=1e-6, repeats=1), damping=0.5, queries=[0, 1])
