@@ -3,7 +3,7 @@
 Follows the trainer's progress-bar settings: nothing when ``enable_progress_bar=False`` (no progress-bar
 callback) or when the bar is disabled, nothing off global rank zero, and otherwise one bar per phase in
 the style of Lightning's :class:`~pytorch_lightning.callbacks.TQDMProgressBar` (its ``Tqdm`` class and
-bar format, on stdout, at the bar's ``process_position``). A ``RichProgressBar`` gets the same tqdm bars.
+bar format, on stdout, on the line Lightning uses for its validation bar). A ``RichProgressBar`` gets the same tqdm bars.
 """
 
 from __future__ import annotations
@@ -74,5 +74,6 @@ def trainer_progress(trainer: "pl.Trainer") -> Optional[ProgressFn]:
     bar = getattr(trainer, "progress_bar_callback", None)
     if bar is None or not trainer.is_global_zero or getattr(bar, "is_disabled", False):
         return None
-    position = 2 * int(getattr(bar, "process_position", 0) or 0)
+    # the validation bar's line: the training bar may still be open on the line above when fit ends
+    position = 2 * int(getattr(bar, "process_position", 0) or 0) + 1
     return PhaseBars(position=position, leave=bool(getattr(bar, "_leave", False)))
