@@ -144,7 +144,7 @@ def test_auto_scale_does_not_diverge_across_seeds(saddle, seed):
 
 # --------------------------------------------------------------------------- divergence
 def test_bad_fixed_scale_raises_within_a_few_steps(logreg):
-    with pytest.raises(SolverDivergedError, match=r"diverged at step (\d) .*raise scale to at least") as err:
+    with pytest.raises(SolverDivergedError, match=r"diverged at step \d:.*raise scale to at least") as err:
         run(logreg, LissaSettings(scale=0.05, depth=5000, repeats=1), queries=QUERIES[:2])
     assert "Norm history" in str(err.value)
 
@@ -178,12 +178,12 @@ def test_standard_error_shrinks_as_repeats_grow(saddle):
 
 
 def test_results_do_not_depend_on_query_chunking_and_seed_reproduces(saddle):
-    s = LissaSettings(repeats=2, max_depth=160)
+    s = LissaSettings(repeats=2, max_depth=80, tol=0.1)  # per-query stopping: some queries stop early
     a = run(saddle, s, damping=0.5, queries=list(range(6)))
     b = run(saddle, s, damping=0.5, queries=list(range(6)), query_batch_size=2)
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-9, atol=1e-12)
     assert torch.equal(a.scores, run(saddle, s, damping=0.5, queries=list(range(6))).scores)
-    c = run(saddle, LissaSettings(repeats=2, max_depth=160, seed=1), damping=0.5, queries=list(range(6)))
+    c = run(saddle, LissaSettings(repeats=2, max_depth=80, tol=0.1, seed=1), damping=0.5, queries=list(range(6)))
     assert not torch.equal(a.scores, c.scores)
 
 

@@ -257,9 +257,11 @@ class LissaSolver(InverseHVP):
         op, st = self.operator, self.settings
         kw = dict(dtype=op.dtype, device=op.device)
         lam_b = max(self._minibatch_lambda_max(_repeat_seed(st.seed, 20_000)))
-        lam_max = power_iteration(op.full_hvp, op.num_params, iters=st.power_iters, tol=1e-3, **kw).value
-        lam_min = power_iteration(op.full_hvp, op.num_params, iters=3 * st.power_iters, tol=1e-4,
-                                  shift=1.1 * abs(lam_max), seed=1, **kw).value
+        lam_min = lam_max = math.nan
+        if not self.scale < 0.5 * lam_b:  # the scale is not the culprit: look for negative curvature
+            lam_max = power_iteration(op.full_hvp, op.num_params, iters=st.power_iters, tol=1e-3, **kw).value
+            lam_min = power_iteration(op.full_hvp, op.num_params, iters=3 * st.power_iters, tol=1e-4,
+                                      shift=1.1 * abs(lam_max), seed=1, **kw).value
         history = ", ".join(f"{s}: {h:.3g}" for s, h in list(zip(steps, hist))[-8:])
         fixes = []
         if self.scale < 0.5 * lam_b:
