@@ -25,7 +25,9 @@ eigenvalue of ``A_B`` lies in ``(0, 2s)``; the expected error shrinks by ``1 −
   iterate carries; ``average=False`` returns the classic last iterate ``h_T / s``.
 * ``depth="auto"``: iterations run in segments of doubling length (``4·check_every``, then ×2); at the
   end of each segment a query's estimate (the mean over that segment, the last half) is compared with
-  the previous segment's; when the relative change is below ``tol`` the query is converged and frozen
+  the previous segment's; when the relative change in the energy norm ``√(dᵀ A_B d)`` (one extra HVP per
+  segment; this is the norm training gradients see, so slowly-converging flat directions that do not
+  move the scores do not hold the solve back) is below ``tol`` the query is converged and frozen
   (later steps skip it). Each query converges on its own, so results do not depend on which queries are
   solved together. ``max_depth`` caps the steps; ending unconverged warns.
 * ``repeats`` independent recursions (own minibatch streams) are averaged; their spread gives a
@@ -78,7 +80,8 @@ class LissaSettings(SolverSettings):
     Args:
         depth: ``"auto"`` (stop each query when converged, see ``tol``) or a fixed number of steps.
         max_depth: step cap for ``depth="auto"``.
-        tol: relative change between successive segment averages below which a query is converged.
+        tol: relative change between successive segment averages, in the energy norm ``‖d‖_A =
+            √(dᵀ(H_B + λI)d)`` on a fresh minibatch, below which a query is converged.
         check_every: steps between divergence checkpoints (norm history); the first convergence
             segment is ``4·check_every`` steps.
         batch_size: ``"auto"`` (from ``tr(H)/λ_max(H)``) or training examples per minibatch HVP.
@@ -123,11 +126,11 @@ class LissaSettings(SolverSettings):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < math.inf
 
         if not (self.depth == "auto" or pos_int(self.depth)):
-            raise bad("depth", '"auto" or a positive integer')
+            raise bad("depth", 'a positive integer or "auto"')
         if not (self.batch_size == "auto" or pos_int(self.batch_size)):
-            raise bad("batch_size", '"auto" or a positive integer')
+            raise bad("batch_size", 'a positive integer or "auto"')
         if not (self.scale == "auto" or pos_num(self.scale)):
-            raise bad("scale", '"auto" or a positive number')
+            raise bad("scale", 'a positive number or "auto"')
         for arg in ("max_depth", "check_every", "repeats", "power_iters", "power_batches", "trace_probes"):
             if not pos_int(getattr(self, arg)):
                 raise bad(arg, "a positive integer")
@@ -327,8 +330,14 @@ class LissaSolver(InverseHVP):
                 n_avg = t - seg_start
                 est = acc / n_avg if (st.average or not auto) else x.clone()
                 if auto and prev is not None:
-                    rel = (est - prev).norm(dim=1) / est.norm(dim=1).clamp_min(tiny)
-                    rel = torch.where(active, rel, torch.zeros_like(rel))
+                    # relative change in the energy norm ‖·‖_A (≈ the norm the scores see: training
+                    # gradients span the high-curvature directions), with A ≈ A_B on one more minibatch
+                    k = idx.numel()
+                    both = torch.cat([(est - prev)[idx], est[idx]])
+                    a_both = self.operator.batch_hvp(next(batches), both) + lam * both
+                    quad = (both * a_both).sum(1).clamp_min(0)
+                    rel = torch.zeros(q, dtype=rhs.dtype, device=rhs.device)
+                    rel[idx] = (quad[:k] / quad[k:].clamp_min(tiny)).sqrt()
                     changes.append(float(rel[active].max()))
                     done = active & (rel < st.tol)
                 else:
