@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["MatVec", "SpectralEstimate", "power_iteration", "hutchinson_trace", "rademacher"]
+__all__ = ["MatVec", "SpectralEstimate", "power_iteration", "lanczos_extremes", "hutchinson_trace", "rademacher"]
 
 #: ``matvec(V [K, P]) -> A V [K, P]`` for a symmetric ``A``.
 MatVec = Callable[[Tensor], Tensor]
@@ -102,6 +102,53 @@ def power_iteration(
             break
         est = history[-1]
     return SpectralEstimate(value=float(est), matvecs=len(history), history=history)
+
+
+def lanczos_extremes(
+    matvec: MatVec,
+    dim: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    iters: int = 40,
+    seed: int = 0,
+) -> Tuple[SpectralEstimate, SpectralEstimate]:
+    """Smallest and largest eigenvalues of ``A`` by ``iters`` steps of Lanczos with full
+    reorthogonalisation (``iters`` products, ``iters`` stored vectors). The extreme Ritz values converge
+    much faster than power iteration at the end of the spectrum far from the shift (e.g. a small negative
+    eigenvalue next to a large positive one); like the Rayleigh quotient they never overshoot.
+
+    Returns:
+        ``(λ_min, λ_max)`` estimates; ``history`` holds the Ritz value after each product.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    q = torch.randn(1, dim, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    q = q / q.norm()
+    basis = [q]
+    alphas: List[float] = []
+    betas: List[float] = []
+    lo: List[float] = []
+    hi: List[float] = []
+    for _ in range(min(iters, dim)):
+        w = matvec(basis[-1])
+        alphas.append(float((w * basis[-1]).sum()))
+        qs = torch.cat(basis)
+        w = w - (w @ qs.T) @ qs  # full reorthogonalisation (twice is enough)
+        w = w - (w @ qs.T) @ qs
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        ev = torch.linalg.eigvalsh(t)
+        lo.append(float(ev[0]))
+        hi.append(float(ev[-1]))
+        b = float(w.norm())
+        if not math.isfinite(b) or b < 1e-12 * max(abs(lo[-1]), abs(hi[-1]), 1e-30):
+            break
+        betas.append(b)
+        basis.append(w / b)
+    n = len(lo)
+    return SpectralEstimate(lo[-1], n, lo), SpectralEstimate(hi[-1], n, hi)
 
 
 def hutchinson_trace(

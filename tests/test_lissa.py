@@ -22,7 +22,7 @@ from lightning_influence import (
 from lightning_influence.data import ExampleSource
 from lightning_influence.objective import Objective
 from lightning_influence.operator import HessianOperator
-from lightning_influence.spectral import hutchinson_trace, power_iteration
+from lightning_influence.spectral import hutchinson_trace, lanczos_extremes, power_iteration
 
 from . import problems
 
@@ -96,12 +96,13 @@ def test_power_iteration_and_trace_match_the_explicit_spectrum(saddle):
     assert top.value == pytest.approx(float(ev[-1]) + 0.5, rel=1e-3)
     low = power_iteration(lambda v: v @ h, len(h), iters=500, tol=1e-12, shift=1.1 * float(ev[-1]), **kw)
     assert low.value == pytest.approx(float(ev[0]), rel=2e-2)
+    lo, hi = lanczos_extremes(lambda v: v @ h, len(h), iters=40, **kw)
+    assert lo.value == pytest.approx(float(ev[0]), rel=1e-3) and hi.value == pytest.approx(float(ev[-1]), rel=1e-3)
     tr = hutchinson_trace(mv, len(h), probes=256, **kw)
     assert abs(tr.value - float(a.trace())) < 4 * tr.stderr
 
 
 # --------------------------------------------------------------------------- accuracy with defaults
-@pytest.mark.slow  # ~1-2 min on 2 shared CPU cores (per-step HVP overhead); run with -m slow
 def test_defaults_match_exact_on_logistic_regression(logreg):
     exact = run(logreg, ExactSettings())
     res = run(logreg, LissaSettings())

@@ -36,7 +36,8 @@ eigenvalue of ``A_B`` lies in ``(0, 2s)``; the expected error shrinks by ``1 −
   ten times that (geometric growth from too small a scale or negative curvature) or becomes NaN/inf
   stops the solve at once with :class:`SolverDivergedError` naming the step, the norm history and the
   fix (a scale or damping estimated from the spectrum).
-* ``damping="auto"`` (pass the string as the damping): ``λ = 1e-3·λ̂_max(H) + 1.5·max(0, −λ̂_min(H))``,
+* ``damping="auto"`` (pass the string as the damping): ``λ = 1e-3·λ̂_max(H) + 1.5·max(0, −λ̂_min(H))``
+  with ``λ̂_min`` from ``3·power_iters`` steps of Lanczos on the full Hessian,
   the smallest damping (with a safety factor for the power-iteration estimate) that makes ``H + λI``
   positive definite and the recursion contract; the chosen ``λ`` is ``solver.damping`` and is reported.
 
@@ -56,7 +57,7 @@ from torch import Tensor
 
 from ..errors import InfluenceConfigError, SolverDivergedError
 from ..operator import HessianOperator
-from ..spectral import hutchinson_trace, power_iteration
+from ..spectral import hutchinson_trace, lanczos_extremes, power_iteration
 from .base import InverseHVP, SolveResult, SolverSettings
 
 __all__ = ["LissaSettings", "LissaSolver"]
@@ -177,9 +178,8 @@ class LissaSolver(InverseHVP):
             self.setup["lambda_max_full"] = lam_max_full
         if auto_damping:
             assert lam_max_full is not None
-            shift = 1.1 * abs(lam_max_full)
-            est = power_iteration(operator.full_hvp, p, iters=3 * st.power_iters, tol=1e-4, shift=shift,
-                                  seed=base + 1, **kw)
+            est, top = lanczos_extremes(operator.full_hvp, p, iters=3 * st.power_iters, seed=base + 1, **kw)
+            lam_max_full = max(lam_max_full, top.value)
             self.setup["lambda_min_full"] = est.value
             self.damping = AUTO_DAMPING_FLOOR * abs(lam_max_full) + AUTO_DAMPING_SAFETY * max(0.0, -est.value)
         if st.batch_size == "auto":
@@ -262,9 +262,8 @@ class LissaSolver(InverseHVP):
         lam_b = max(self._minibatch_lambda_max(_repeat_seed(st.seed, 20_000)))
         lam_min = lam_max = math.nan
         if not self.scale < 0.5 * lam_b:  # the scale is not the culprit: look for negative curvature
-            lam_max = power_iteration(op.full_hvp, op.num_params, iters=st.power_iters, tol=1e-3, **kw).value
-            lam_min = power_iteration(op.full_hvp, op.num_params, iters=3 * st.power_iters, tol=1e-4,
-                                      shift=1.1 * abs(lam_max), seed=1, **kw).value
+            low, top = lanczos_extremes(op.full_hvp, op.num_params, iters=3 * st.power_iters, seed=1, **kw)
+            lam_min, lam_max = low.value, top.value
         history = ", ".join(f"{s}: {h:.3g}" for s, h in list(zip(steps, hist))[-8:])
         fixes = []
         if self.scale < 0.5 * lam_b:
