@@ -125,11 +125,16 @@ def test_defaults_match_exact_on_tanh_mlp(mlp):
 
 @pytest.mark.slow
 def test_defaults_match_cg_on_relu_cnn():
+    # The Adam-trained ReLU CNN has Hessian eigenvalues near −0.15, so H + 0.1·I is indefinite (CG stops
+    # on non-positive curvature at λ = 0.1). damping="auto" finds λ ≈ 0.23 (Lanczos); CG to 1e-6 is the
+    # reference at that λ. Measured: median r = 0.9992, min 0.9988 (about 4 min on 2 CPU cores).
     p = problems.trained_cnn()
     queries = QUERIES[:8]
-    ref = run(p, CGSettings(tol=1e-6), queries=queries)
+    res = run(p, LissaSettings(), damping="auto", queries=queries)
+    lam = res.settings["damping"]
+    assert lam > p.damping
+    ref = run(p, CGSettings(tol=1e-6), damping=lam, queries=queries)
     assert all(d["converged"] for d in ref.diagnostics["solve"])
-    res = run(p, LissaSettings(), queries=queries)
     r = pearson(res.scores, ref.scores)
     assert r.median() >= 0.99, r
 
