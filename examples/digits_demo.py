@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         max_epochs=args.epochs, accelerator="auto", devices=1, logger=logger, callbacks=[influence],
         default_root_dir=str(out), enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=10,
     )
-    model = make_module(lr=3e-3, weight_decay=1e-3)
+    model = make_module(lr=3e-3, weight_decay=1e-2)
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=256))
 
     res = influence.results
