@@ -219,8 +219,11 @@ class InfluenceCallback(Callback):
             return
         self.results, self.error = None, None
         try:
-            self.results = self._compute(trainer, pl_module)
-            self._finish(trainer, pl_module, self.results)
+            train_loader = self._train_loader(trainer)
+            query_loader = self._query_loader(trainer)
+            assert query_loader is not None
+            self.results = self._compute(trainer, pl_module, train_loader, query_loader)
+            self._finish(trainer, pl_module, self.results, train_loader, query_loader)
         except Exception as err:  # noqa: BLE001 - contained on purpose, see on_error
             self.error = err
             if self.on_error == "raise":
@@ -273,10 +276,9 @@ class InfluenceCallback(Callback):
         chosen = list(select_params(pl_module, self.params).values())
         return optimizer_damping(trainer.optimizers, chosen)
 
-    def _compute(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> InfluenceResults:
-        train_loader = self._train_loader(trainer)
-        query_loader = self._query_loader(trainer)
-        assert query_loader is not None
+    def _compute(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", train_loader: DataLoader, query_loader: DataLoader
+    ) -> InfluenceResults:
         damping, reason = self._resolve_damping(trainer, pl_module)
         results = compute_influence(
             pl_module,
@@ -312,7 +314,14 @@ class InfluenceCallback(Callback):
     def _log_dir(self, trainer: "pl.Trainer") -> str:
         return trainer.log_dir or trainer.default_root_dir
 
-    def _finish(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", results: InfluenceResults) -> None:
+    def _finish(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        results: InfluenceResults,
+        train_loader: DataLoader,
+        query_loader: DataLoader,
+    ) -> None:
         if self.save_results:
             self.results_path = self._save(trainer, results)
         if self.report:
@@ -322,8 +331,8 @@ class InfluenceCallback(Callback):
                 trainer,
                 pl_module,
                 results,
-                train_dataset=self._train_loader(trainer).dataset,
-                query_dataset=self._query_loader(trainer).dataset,  # type: ignore[union-attr]
+                train_dataset=train_loader.dataset,
+                query_dataset=query_loader.dataset,
                 results_path=self.results_path,
                 report_path=self.report_path,
                 render_example=self.render_example,
