@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -15,9 +16,14 @@ from .scoring import top_k
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["InfluenceResults", "Ranked"]
+__all__ = ["InfluenceResults", "Ranked", "SolveChunk", "PER_QUERY_DIAGNOSTICS"]
 
 _FORMAT_VERSION = 1
+
+#: solver diagnostics recorded as one value per query of a chunk (LiSSA): ``relative_stderr`` is
+#: ``‖std(s_test over repeats)/√R‖ / ‖s_test‖`` (dimensionless, NaN with one repeat); ``depth_per_query``
+#: the recursion steps run for the query (the most over repeats)
+PER_QUERY_DIAGNOSTICS = ("relative_stderr", "depth_per_query")
 
 
 class Ranked(NamedTuple):
@@ -25,6 +31,19 @@ class Ranked(NamedTuple):
 
     indices: Tensor
     scores: Tensor
+
+
+class SolveChunk(NamedTuple):
+    """One chunk of queries the solver handled together: rows ``start:stop`` of ``scores`` and the
+    diagnostics the solver returned for them."""
+
+    start: int
+    stop: int
+    diagnostics: Dict[str, Any]
+
+
+def _number(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
 @dataclass
@@ -88,6 +107,57 @@ class InfluenceResults:
     def wall_time(self) -> float:
         """Total seconds spent computing these results."""
         return float(self.timings.get("total", sum(self.timings.values())))
+
+    # ------------------------------------------------------------------ diagnostics
+    def solve_chunks(self) -> List[SolveChunk]:
+        """The solver's diagnostics per query chunk, in order, with the rows of ``scores`` each chunk
+        covers (``[]`` when none were recorded, e.g. results from older files).
+
+        Chunk ``k`` covers the queries ``k·query_batch_size`` up to the next chunk; a chunk that recorded
+        per-query lists (:data:`PER_QUERY_DIAGNOSTICS`) covers as many rows as they have entries. Entries
+        of ``diagnostics["solve"]`` that are not dicts count as chunks without diagnostics.
+        """
+        raw = (self.diagnostics or {}).get("solve") or []
+        if isinstance(raw, dict):
+            raw = [raw]
+        if not isinstance(raw, (list, tuple)):
+            return []
+        q = self.num_queries
+        qb = self.settings.get("query_batch_size")
+        if not isinstance(qb, int) or isinstance(qb, bool) or qb < 1:
+            qb = -(-q // len(raw)) if raw else q
+        out, start = [], 0
+        for chunk in raw:
+            d = chunk if isinstance(chunk, dict) else {}
+            sizes = [len(d[k]) for k in PER_QUERY_DIAGNOSTICS if isinstance(d.get(k), (list, tuple))]
+            stop = min(start + (sizes[0] if sizes else qb), q)
+            out.append(SolveChunk(start, stop, d))
+            start = stop
+        return out
+
+    def per_query_diagnostics(self) -> Dict[str, Tensor]:
+        """Per-query solver diagnostics concatenated over the query chunks: ``{name: [Q] float64 tensor}``
+        for each name of :data:`PER_QUERY_DIAGNOSTICS` that at least one chunk recorded, entry ``q``
+        belonging to row ``q`` of ``scores``. NaN where a chunk did not record the value (or recorded NaN,
+        as LiSSA does for ``relative_stderr`` with one repeat). Empty for the exact and CG solvers.
+
+        * ``relative_stderr``: relative standard error of the query's ``s_test = (H + λI)⁻¹∇L(z_q)``
+          across LiSSA repeats (dimensionless; 0.05 = 5 %).
+        * ``depth_per_query``: LiSSA recursion steps run for the query (most over repeats).
+        """
+        chunks = self.solve_chunks()
+        out: Dict[str, Tensor] = {}
+        for key in PER_QUERY_DIAGNOSTICS:
+            if not any(isinstance(c.diagnostics.get(key), (list, tuple)) for c in chunks):
+                continue
+            values = torch.full((self.num_queries,), math.nan, dtype=torch.float64)
+            for c in chunks:
+                v = c.diagnostics.get(key)
+                if isinstance(v, (list, tuple)):
+                    n = min(len(v), c.stop - c.start)
+                    values[c.start : c.start + n] = torch.tensor([_number(x) for x in v[:n]], dtype=torch.float64)
+            out[key] = values
+        return out
 
     # ------------------------------------------------------------------ rankings
     def _row(self, query: int) -> Tensor:

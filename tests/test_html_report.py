@@ -34,6 +34,8 @@ window.addEventListener('load', () => {
     resources: performance.getEntriesByType('resource').map(e => e.name),
     sections: Array.from(document.querySelectorAll('section')).map(s => s.id),
     histograms: document.querySelectorAll('svg.histogram').length,
+    normHistories: Array.from(document.querySelectorAll('svg.norm-history polyline'))
+      .map(p => p.getBoundingClientRect().width),
   });
   document.body.appendChild(out);
 });
@@ -63,7 +65,12 @@ def report(tmp_path_factory):
         query_targets=val.tensors[1][[3, 17, 40]],
         query_predictions=torch.tensor([1, 2, 3]),
         settings={"solver": "lissa", "depth": 100, "scale": 10.0, "damping": 0.01, "num_train_total": N},
-        diagnostics={"solve": [{"depth": 100, "norm_history": [1.0, 2.0]}], "hvp_calls": 100},
+        diagnostics={"solve": [{
+            "scale": 10.0, "damping": 0.01, "damping_auto": False, "batch_size": 64, "depth_mode": "fixed",
+            "depth": [100, 100], "depth_per_query": [100] * Q, "converged": True, "relative_stderr": [0.02, 0.04, 0.03],
+            "norm_history": [[1.0, 2.0, 2.4], [1.0, 2.1, 2.3]], "checkpoint_steps": [[25, 50, 100], [25, 50, 100]],
+            "segment_change": [[], []], "setup": {"hvps": 40, "lambda_max_minibatch": [8.0, 9.0]}, "hvp_calls": 200,
+        }], "hvp_calls": 240},
         timings={"query_gradients": 0.1, "solve": 1.0, "scoring": 0.5, "total": 1.6},
     )
     train_cat, val_cat = ExampleCatalog(train), ExampleCatalog(val)
@@ -86,7 +93,8 @@ def test_sections_and_sign_convention(report):
     harmful_ids = re.findall(r'class="example harmful" data-train-id="(\d+)"', first)
     assert [int(i) for i in harmful_ids] == res.top_harmful(0, K).indices.tolist()
     assert 'id="score-histogram"' in text and 'id="self-influence-histogram"' in text
-    assert 'id="settings-table"' in text and ">lissa<" in text and "norm_history_final" in text
+    assert 'id="settings-table"' in text and ">lissa<" in text
+    assert 'id="lissa-table"' in text and 'id="per-query-diagnostics"' in text and 'id="norm-history"' in text
     assert report["rendered"] < N  # previews only for the examples shown
 
 
@@ -117,6 +125,7 @@ def test_renders_in_headless_chromium(report, tmp_path):
     assert check["resources"] == []  # nothing fetched from files or the network
     assert check["sections"] == ["queries", "histograms", "self-influence", "settings"]
     assert check["histograms"] == 2
+    assert len(check["normHistories"]) == 2 and all(w > 100 for w in check["normHistories"])  # drawn, not empty
 
     shot = tmp_path / "report.png"  # kept as a test artifact
     subprocess.run(flags + [f"--screenshot={shot}", os.fspath(report["path"].as_uri())],

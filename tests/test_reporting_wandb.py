@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_influence import InfluenceCallback
+from lightning_influence.reporting.wandb import QUERY_COLUMNS
 from lightning_influence.results import InfluenceResults
 
 from .lit_models import LitClassifier, loaders, quiet_trainer
@@ -105,6 +106,7 @@ def test_queries_table(wandb_run):
     run, res = wandb_run["run"], wandb_run["cb"].results
     table = run.table("influence/queries")
     assert len(table.rows) == NUM_QUERIES
+    assert table.columns == QUERY_COLUMNS  # the exact solver has no per-query diagnostics
     recs = table.records()
     val = wandb_run["val"]
     for q, rec in enumerate(recs):

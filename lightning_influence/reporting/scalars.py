@@ -4,15 +4,24 @@ diagnostics flattened under ``influence/`` for run summaries and configs."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Sequence, Union
 
 import pytorch_lightning as pl
 
-from ..results import InfluenceResults
+from ..results import PER_QUERY_DIAGNOSTICS, InfluenceResults
 
-__all__ = ["summary_scalars", "diagnostic_scalars", "summary_values", "config_values", "log_scalars"]
+__all__ = ["summary_scalars", "diagnostic_scalars", "summary_values", "config_values", "log_scalars", "nan_median"]
 
-_MIN_KEYS = ("min_eigenvalue",)
+Scalar = Union[bool, int, float]
+
+#: reduced over the query chunks by their minimum (every other number: maximum, booleans: all)
+_MIN_KEYS = ("min_eigenvalue", "lambda_min_full", "depth_min")
+#: summed over the query chunks
+_SUM_KEYS = ("solve_hvp_calls",)
+#: chunk lists that are an axis, not a measurement, or are reduced on their own
+_SKIP_LISTS = ("checkpoint_steps", "depth") + PER_QUERY_DIAGNOSTICS
+#: names of LiSSA setup values (``diagnostics["solve"][k]["setup"]``) that would be ambiguous alone
+_SETUP_NAMES = {"hvps": "setup_hvps"}
 
 
 def summary_scalars(results: InfluenceResults) -> Dict[str, float]:
@@ -37,34 +46,104 @@ def summary_scalars(results: InfluenceResults) -> Dict[str, float]:
     return out
 
 
-def diagnostic_scalars(results: InfluenceResults) -> Dict[str, Any]:
-    """Solver diagnostics reduced to one value each over the query batches, under
-    ``influence/diagnostics/``: booleans (``converged``) all-of, ``min_eigenvalue`` the minimum, other
-    numbers the maximum (iterations, residuals), histories their final value (``<name>_final``)."""
+def nan_median(values: Sequence[float]) -> float:
+    """The median of the non-NaN ``values`` (the mean of the middle two for an even count); NaN when none."""
+    v = sorted(float(x) for x in values if not math.isnan(float(x)))
+    if not v:
+        return math.nan
+    m = len(v) // 2
+    return v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _numbers(v: Any) -> List[float]:
+    """The numbers of a list (empty when ``v`` is not a non-empty list of numbers)."""
+    if isinstance(v, (list, tuple)) and v and all(_is_number(x) for x in v):
+        return [float(x) for x in v]
+    return []
+
+
+def _reduce(key: str, vs: List[Any]) -> Scalar:
+    if all(isinstance(v, bool) for v in vs):
+        return all(vs)
+    nums = [v for v in vs if not (isinstance(v, float) and math.isnan(v))]
+    if not nums:
+        return math.nan
+    if key in _SUM_KEYS:
+        return sum(nums)
+    return min(nums) if key in _MIN_KEYS else max(nums)
+
+
+def diagnostic_scalars(results: InfluenceResults) -> Dict[str, Scalar]:
+    """Solver diagnostics reduced to one number each, keyed ``influence/diagnostics/<name>``.
+
+    Over the query chunks: booleans (``converged``, ``damping_auto``) all-of; ``min_eigenvalue``,
+    ``lambda_min_full`` the minimum; other numbers the maximum (``iterations``, ``scale``, ``damping``,
+    ``batch_size``, ``max_eigenvalue``, …); flat histories (CG's ``residual_history``) the largest final
+    value as ``<name>_final``, and per-repeat histories (LiSSA's ``norm_history``, ``segment_change``)
+    the largest final value over chunks and repeats, also as ``<name>_final``. Besides:
+
+    * ``hvp_calls``: Hessian-vector products of the whole run (setup, solve and self-influence);
+      ``solve_hvp_calls`` those of the query solves (summed over chunks).
+    * ``relative_stderr_median`` / ``relative_stderr_max``: over the queries, ignoring NaN, of LiSSA's
+      relative standard error of ``s_test`` across repeats (dimensionless); absent with one repeat.
+    * ``depth_max`` / ``depth_min``: LiSSA recursion steps, over the queries (over repeats in files
+      without per-query depths).
+    * LiSSA setup estimates under their own names: ``lambda_max_full``, ``lambda_min_full``, ``trace``,
+      ``trace_stderr`` (Hessian units), ``lambda_max_minibatch_max`` (the largest of the per-minibatch
+      ``λ_max(H_B + λI)``), ``setup_hvps``; any other numeric setup value by its name.
+
+    Strings and per-query lists are left out (see :meth:`InfluenceResults.per_query_diagnostics`).
+    """
     diags = results.diagnostics or {}
-    out: Dict[str, Any] = {}
-    if isinstance(diags.get("hvp_calls"), (int, float)):
-        out["influence/diagnostics/hvp_calls"] = diags["hvp_calls"]
-    batches = diags.get("solve") or []
-    if isinstance(batches, dict):
-        batches = [batches]
+    out: Dict[str, Scalar] = {}
     values: Dict[str, List[Any]] = {}
-    for batch in batches:
-        if not isinstance(batch, dict):
-            continue
-        for key, v in batch.items():
-            if isinstance(v, bool):
+    depths: List[float] = []
+    chunks = results.solve_chunks()
+    for chunk in chunks:
+        d = chunk.diagnostics
+        for key, v in d.items():
+            if key == "hvp_calls":
+                key = "solve_hvp_calls"
+            if isinstance(v, bool) or _is_number(v):
                 values.setdefault(key, []).append(v)
-            elif isinstance(v, (int, float)):
-                values.setdefault(key, []).append(v)
-            elif isinstance(v, (list, tuple)) and v and isinstance(v[-1], (int, float)) and not isinstance(v[-1], bool):
-                values.setdefault(f"{key}_final", []).append(v[-1])
+            elif key == "setup" and isinstance(v, dict):
+                for sk, sv in v.items():
+                    name = _SETUP_NAMES.get(sk, f"setup_{sk}" if sk in d else sk)
+                    if isinstance(sv, bool) or _is_number(sv):
+                        values.setdefault(name, []).append(sv)
+                    elif _numbers(sv):
+                        values.setdefault(f"{name}_max", []).append(max(_numbers(sv)))
+            elif key == "depth":
+                depths.extend(_numbers(v))
+            elif key in _SKIP_LISTS or not isinstance(v, (list, tuple)) or not v:
+                continue
+            elif _numbers(v):
+                values.setdefault(f"{key}_final", []).append(_numbers(v)[-1])
+            else:  # one history per repeat
+                finals = [_numbers(h)[-1] for h in v if _numbers(h)]
+                if finals:
+                    values.setdefault(f"{key}_final", []).append(max(finals))
     for key, vs in values.items():
-        if all(isinstance(v, bool) for v in vs):
-            out[f"influence/diagnostics/{key}"] = all(vs)
-        else:
-            nums = [float(v) for v in vs]
-            out[f"influence/diagnostics/{key}"] = min(nums) if key in _MIN_KEYS else max(nums)
+        out[f"influence/diagnostics/{key}"] = _reduce(key, vs)
+    if _is_number(diags.get("hvp_calls")):
+        out["influence/diagnostics/hvp_calls"] = diags["hvp_calls"]
+
+    per_query = results.per_query_diagnostics()
+    stderr = per_query.get("relative_stderr")
+    if stderr is not None and bool(stderr.isfinite().any()):
+        finite = stderr[~stderr.isnan()].tolist()
+        out["influence/diagnostics/relative_stderr_median"] = nan_median(finite)
+        out["influence/diagnostics/relative_stderr_max"] = max(finite)
+    depth = per_query.get("depth_per_query")
+    if depth is not None and bool((~depth.isnan()).any()):
+        depths = depth[~depth.isnan()].tolist()
+    if depths:
+        out["influence/diagnostics/depth_max"] = int(max(depths))
+        out["influence/diagnostics/depth_min"] = int(min(depths))
     return out
 
 

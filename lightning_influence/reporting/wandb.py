@@ -17,7 +17,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
 from ..results import InfluenceResults
-from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryView
+from .content import (
+    HARMFUL, HELPFUL, NORM_HISTORY, SIGN_CONVENTION, SUSPECTS, Entry, NormSeries, QueryView, norm_series,
+)
 from .previews import ExampleCatalog, Preview, pillow_available
 from .scalars import config_values, summary_scalars, summary_values
 
@@ -27,6 +29,9 @@ __all__ = [
     "QUERY_COLUMNS",
     "EXAMPLE_COLUMNS",
     "SUSPECT_COLUMNS",
+    "QUERY_DIAGNOSTIC_COLUMNS",
+    "NORM_HISTORY_COLUMNS",
+    "NORM_HISTORY_KEY",
     "ARTIFACT_TYPE",
     "MAX_TABLE_ROWS",
 ]
@@ -44,6 +49,13 @@ EXAMPLE_COLUMNS = [
     "train_id", "score", "pred_delta_loss", "label", "preview",
 ]
 SUSPECT_COLUMNS = ["rank", "train_id", "self_influence", "label", "preview"]
+#: appended to the queries table when the solver recorded them (LiSSA): the relative standard error of
+#: the query's s_test across repeats (dimensionless, empty with one repeat) and the recursion steps run
+QUERY_DIAGNOSTIC_COLUMNS = ["relative_stderr", "lissa_depth"]
+#: LiSSA's norm history, one row per checkpoint step of each (chunk, repeat); logged as a line chart whose
+#: table W&B stores under ``NORM_HISTORY_KEY + "_table"``
+NORM_HISTORY_COLUMNS = ["series", "chunk", "first_query", "last_query", "repeat", "step", "norm_ratio"]
+NORM_HISTORY_KEY = "influence/lissa_norm_history"
 _MEANING = {"helpful": HELPFUL.split("(", 1)[1].rstrip(")"), "harmful": HARMFUL.split("(", 1)[1].rstrip(")")}
 
 
@@ -110,7 +122,11 @@ def _query_label(view: QueryView, query: ExampleCatalog) -> Any:
 
 
 def _tables(
-    views: Sequence[QueryView], suspects: Sequence[Entry], train: ExampleCatalog, query: ExampleCatalog
+    views: Sequence[QueryView],
+    suspects: Sequence[Entry],
+    train: ExampleCatalog,
+    query: ExampleCatalog,
+    diagnostic_columns: Sequence[str] = (),
 ) -> Dict[str, Any]:
     import wandb
 
@@ -124,7 +140,8 @@ def _tables(
         views = views[:keep]
     train_values, query_values = _Previews(train, "train"), _Previews(query, "query")
 
-    qt = wandb.Table(columns=QUERY_COLUMNS)
+    extra = [c for c in QUERY_DIAGNOSTIC_COLUMNS if c in (diagnostic_columns or ())]
+    qt = wandb.Table(columns=QUERY_COLUMNS + extra)
     for v in views:
         row: List[Any] = [v.query_id, query_values(v.query_id), _query_label(v, query), v.prediction, v.loss]
         for kind, entries in (("helpful", v.helpful), ("harmful", v.harmful)):
@@ -134,6 +151,7 @@ def _tables(
                 [train.label(e.train_id) for e in entries],
                 _strip(entries, train, kind),
             ]
+        row += [{"relative_stderr": v.relative_stderr, "lissa_depth": v.depth}[c] for c in extra]
         qt.add_data(*row)
 
     et = wandb.Table(columns=EXAMPLE_COLUMNS)
@@ -151,6 +169,34 @@ def _tables(
             st.add_data(e.rank, e.train_id, e.score, train.label(e.train_id), train_values(e.train_id))
         tables["influence/self_influence"] = st
     return tables
+
+
+def _diagnostic_columns(results: InfluenceResults) -> List[str]:
+    """The :data:`QUERY_DIAGNOSTIC_COLUMNS` the solver recorded (not only NaN) values for."""
+    names = {"relative_stderr": "relative_stderr", "depth_per_query": "lissa_depth"}
+    return [names[k] for k, v in results.per_query_diagnostics().items() if k in names and bool((~v.isnan()).any())]
+
+
+def _norm_history_chart(series: Sequence[NormSeries]) -> Any:
+    """A W&B line chart of :data:`NORM_HISTORY_COLUMNS` rows (step across, ``norm_ratio`` up, one line per
+    chunk and repeat), at most :data:`MAX_TABLE_ROWS` rows."""
+    import wandb
+
+    table = wandb.Table(columns=NORM_HISTORY_COLUMNS)
+    rows = 0
+    total = sum(len(s.ratios) for s in series)
+    if total > MAX_TABLE_ROWS:
+        rank_zero_warn(
+            f"The LiSSA norm history has {total} points; W&B keeps {MAX_TABLE_ROWS} table rows, so "
+            f"{NORM_HISTORY_KEY} shows the first {MAX_TABLE_ROWS}. All of it is in the artifact's results.pt."
+        )
+    for s in series:
+        for step, ratio in zip(s.steps, s.ratios):
+            if rows == MAX_TABLE_ROWS:
+                break
+            table.add_data(s.label, s.chunk, s.start, max(s.stop - 1, s.start), s.repeat, step, ratio)
+            rows += 1
+    return wandb.plot.line(table, x="step", y="norm_ratio", stroke="series", title="LiSSA ‖h_t‖/‖v‖ (max over queries)")
 
 
 def _histogram(values: Any) -> Any:
@@ -181,7 +227,10 @@ def log_to_wandb(
 
     run = logger.experiment
     step = int(trainer.global_step)
-    row: Dict[str, Any] = dict(_tables(views, suspects, train, query))
+    row: Dict[str, Any] = dict(_tables(views, suspects, train, query, _diagnostic_columns(results)))
+    series = norm_series(results)
+    if series:
+        row[NORM_HISTORY_KEY] = _norm_history_chart(series)
     hist = _histogram(results.scores)
     if hist is not None:
         row["influence/score_histogram"] = hist
@@ -203,6 +252,8 @@ def log_to_wandb(
     summary["influence/harmful"] = HARMFUL
     if suspects:
         summary["influence/self_influence_meaning"] = SUSPECTS
+    if series:
+        summary["influence/lissa_norm_history_meaning"] = NORM_HISTORY
 
     artifact_name = f"influence-{run.id}"
     artifact = wandb.Artifact(
@@ -226,5 +277,14 @@ def log_to_wandb(
         "wandb_run_dir": os.path.dirname(os.path.abspath(run.dir)) if getattr(run, "dir", None) else None,
         "wandb_run_id": run.id,
         "wandb_artifact": f"{artifact_name}:latest",
-        "wandb_keys": sorted(row),
+        "wandb_keys": sorted(_logged_key(k, v) for k, v in row.items()),
     }
+
+
+def _logged_key(key: str, value: Any) -> str:
+    """The history key ``value`` ends up under: W&B stores a chart's data as a table beside it."""
+    spec = getattr(value, "spec", None)
+    try:
+        return spec.table_key if spec is not None else key
+    except Exception:  # noqa: BLE001 - a wandb version without table_key: the key as given
+        return key
