@@ -95,7 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--queries", type=int, default=8, help="validation examples to explain")
     parser.add_argument("--solver", default="exact", choices=["lissa", "cg", "exact"],
                         help="exact suits this 4,810-parameter model; lissa scales to large ones")
-    parser.add_argument("--damping", type=float, default=None, help="default: the optimizer weight decay")
+    parser.add_argument("--damping", type=float, default=None,
+                        help="fixed λ (default 'auto': the optimizer's weight decay, raised if the Hessian needs it)")
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -117,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         logger = pl.loggers.WandbLogger(project="lightning-influence-demo", save_dir=str(out), offline=True)
     influence = InfluenceCallback(num_queries=args.queries, solver=args.solver, self_influence=True, top_k=8,
-                                  damping=args.damping)
+                                  damping="auto" if args.damping is None else args.damping)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="auto", devices=1, logger=logger, callbacks=[influence],
         default_root_dir=str(out), enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=10,

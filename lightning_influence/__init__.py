@@ -5,7 +5,8 @@ influence on chosen validation predictions. :func:`compute_influence` does the s
 Scores follow Koh & Liang's sign: positive = harmful, negative = helpful.
 """
 
-from .errors import InfluenceConfigError, InfluenceRuntimeError, SolverDivergedError
+from .damping import AutoDamping
+from .errors import InfluenceConfigError, InfluenceRuntimeError, NegativeCurvatureError, SolverDivergedError
 from .pipeline import DEFAULT_DAMPING, compute_influence
 from .results import InfluenceResults, Ranked
 from .solvers import CGSettings, ExactSettings, LissaSettings, SolverSettings
@@ -13,6 +14,7 @@ from .solvers import CGSettings, ExactSettings, LissaSettings, SolverSettings
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoDamping",
     "CGSettings",
     "DEFAULT_DAMPING",
     "ExactSettings",
@@ -21,6 +23,7 @@ __all__ = [
     "InfluenceResults",
     "InfluenceRuntimeError",
     "LissaSettings",
+    "NegativeCurvatureError",
     "Ranked",
     "SolverDivergedError",
     "SolverSettings",

@@ -20,11 +20,12 @@ from torch.utils.data import DataLoader
 from .data import check_map_dataset
 from .errors import InfluenceConfigError
 from .objective import LossFn, select_params
-from .pipeline import DEFAULT_DAMPING, ProgressFn, check_damping, compute_influence, preflight
+from .damping import AutoDamping, resolve_damping
+from .pipeline import DEFAULT_DAMPING, ProgressFn, compute_influence, preflight
 from .results import InfluenceResults
 from .solvers import SolverSettings, resolve_solver
 
-__all__ = ["InfluenceCallback", "optimizer_damping"]
+__all__ = ["InfluenceCallback", "optimizer_damping", "optimizer_l2"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32, torch.float64: torch.float64}
 #: optimizers whose ``weight_decay`` adds ``wd·θ`` to the gradient (an L2 term ``wd/2·‖θ‖²`` in the loss)
@@ -32,18 +33,18 @@ _COUPLED_L2 = ("SGD", "Adam", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam
 _AVERAGING_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging")
 
 
-def optimizer_damping(
+def optimizer_l2(
     optimizers: Sequence[torch.optim.Optimizer], params: Sequence[torch.nn.Parameter]
-) -> Tuple[float, str]:
-    """The L2 coefficient the optimizer applied to ``params``, as a Hessian damping ``λ``.
+) -> Tuple[Optional[float], str]:
+    """The coupled L2 coefficient the optimizer applied to ``params``: the ``λ`` its penalty adds to the
+    Hessian, or ``None`` when there is none.
 
     Coupled weight decay (SGD, Adam, …) adds ``wd·θ`` to the gradient, i.e. ``wd/2·‖θ‖²`` to the loss,
     whose Hessian is ``wd·I``: ``λ = wd``. Decoupled decay (AdamW, ``decoupled_weight_decay=True``) is not
-    a term of the loss, so it gives no damping; nor does no decay at all. Those cases (and unknown
-    optimizers) fall back to :data:`DEFAULT_DAMPING`.
+    a term of the loss, so it gives none; nor does no decay at all, or an unknown optimizer.
 
     Returns:
-        ``(λ, reason)``, the reason being a short human-readable explanation recorded with the results.
+        ``(λ or None, reason)``, the reason being a short human-readable explanation.
     """
     wanted = {id(p) for p in params}
     decays: List[float] = []
@@ -59,21 +60,34 @@ def optimizer_damping(
                 decays.append(wd)
                 kinds.add(name)
             elif wd > 0:
-                return DEFAULT_DAMPING, f"{name} weight decay is decoupled or unknown (not an L2 term); default damping"
+                return None, f"{name} weight decay is decoupled or unknown (not an L2 term)"
             else:
                 decays.append(0.0)
-    positive = [d for d in decays if d > 0]
-    if not positive:
-        return DEFAULT_DAMPING, "no L2 weight decay; default damping"
+    if not any(d > 0 for d in decays):
+        return None, "no L2 weight decay"
     if len(set(decays)) > 1:
         rank_zero_warn(
             f"The attributed parameters have different L2 weight decays {sorted(set(decays))}; the Hessian "
             f"damping uses the smallest, {min(decays):g}. Pass damping= to InfluenceCallback to choose."
         )
-    lam = min(decays)
-    if lam == 0:
-        return DEFAULT_DAMPING, "some attributed parameters have no L2 weight decay; default damping"
-    return lam, f"{'/'.join(sorted(kinds))} weight_decay (coupled L2)"
+    if min(decays) == 0:
+        return None, "some attributed parameters have no L2 weight decay"
+    return min(decays), f"{'/'.join(sorted(kinds))} weight_decay (coupled L2)"
+
+
+def optimizer_damping(
+    optimizers: Sequence[torch.optim.Optimizer], params: Sequence[torch.nn.Parameter]
+) -> Tuple[float, str]:
+    """The damping ``λ`` the optimizer implies for ``params``: its coupled L2 coefficient
+    (:func:`optimizer_l2`), else :data:`~lightning_influence.pipeline.DEFAULT_DAMPING`.
+
+    Returns:
+        ``(λ, reason)``, the reason being recorded with the results.
+    """
+    lam, reason = optimizer_l2(optimizers, params)
+    if lam is None:
+        return DEFAULT_DAMPING, f"{reason}; default damping"
+    return lam, reason
 
 
 class InfluenceCallback(Callback):
@@ -93,8 +107,14 @@ class InfluenceCallback(Callback):
         query_dataloader: where queries come from (default: the trainer's validation dataloader).
         solver: ``"lissa"`` (default), ``"cg"``, ``"exact"`` or a settings object such as
             ``LissaSettings(depth=2000)``.
-        damping: ``λ ≥ 0`` in Hessian units. ``None`` (default): the optimizer's coupled L2
-            ``weight_decay`` (SGD, Adam), else :data:`~lightning_influence.pipeline.DEFAULT_DAMPING`.
+        damping: the ``λ`` added to the Hessian, in Hessian units. ``"auto"`` (default): the
+            optimizer's coupled L2 ``weight_decay`` (SGD, Adam; 0 for AdamW or no decay), raised when
+            the Hessian's most negative eigenvalue needs more (Lanczos estimate, 60 full-data HVPs), so
+            networks stopped short of a strict minimum still get a positive definite ``H + λI``; see
+            :class:`~lightning_influence.damping.AutoDamping`. A number: exactly that ``λ ≥ 0``.
+            ``None``: exactly the optimizer's coupled L2, else
+            :data:`~lightning_influence.pipeline.DEFAULT_DAMPING`. The ``λ`` used and why are in
+            ``results.settings`` (``damping``, ``damping_source``).
         params: names or prefixes of the parameters to attribute to (default: all trainable ones), e.g.
             ``["classifier"]`` for the last layer of a large network.
         loss_fn: ``loss_fn(outputs, targets) -> Tensor[B]`` for ``(inputs, targets)`` batches (default
@@ -124,7 +144,7 @@ class InfluenceCallback(Callback):
         query_indices: Optional[Sequence[int]] = None,
         query_dataloader: Optional[DataLoader] = None,
         solver: Union[Literal["lissa", "cg", "exact"], SolverSettings] = "lissa",
-        damping: Optional[float] = None,
+        damping: Optional[Union[float, Literal["auto"], AutoDamping]] = "auto",
         params: Optional[Union[str, Sequence[str]]] = None,
         loss_fn: Optional[LossFn] = None,
         top_k: int = 10,
@@ -158,7 +178,7 @@ class InfluenceCallback(Callback):
         if on_error not in ("warn", "raise"):
             raise InfluenceConfigError(f"on_error={on_error!r} must be 'warn' or 'raise'.")
         if damping is not None:
-            check_damping(damping)
+            resolve_damping(damping)
         if loss_fn is not None and not callable(loss_fn):
             raise InfluenceConfigError(f"loss_fn={loss_fn!r} is not callable; pass loss_fn(outputs, targets) -> Tensor[B].")
         if render_example is not None and not callable(render_example):
@@ -270,11 +290,22 @@ class InfluenceCallback(Callback):
             )
         return loaders
 
-    def _resolve_damping(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Tuple[float, str]:
-        if self.damping is not None:
-            return float(self.damping), "set by the user"
+    def _resolve_damping(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
+    ) -> Tuple[Union[float, AutoDamping], str]:
+        spec = None if self.damping is None else resolve_damping(self.damping)
+        if isinstance(spec, float):
+            return spec, "set by the user"
+        if isinstance(self.damping, AutoDamping):  # the user's own settings, base included
+            return spec, "AutoDamping set by the user: from the Hessian's spectrum"
         chosen = list(select_params(pl_module, self.params).values())
-        return optimizer_damping(trainer.optimizers, chosen)
+        if spec is None:
+            return optimizer_damping(trainer.optimizers, chosen)
+        l2, reason = optimizer_l2(trainer.optimizers, chosen)
+        return (
+            AutoDamping(base=l2 or 0.0),
+            f"auto: {reason}, plus what the Hessian's most negative eigenvalue needs (Lanczos estimate)",
+        )
 
     def _compute(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", train_loader: DataLoader, query_loader: DataLoader

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InfluenceConfigError", "InfluenceRuntimeError", "SolverDivergedError"]
+__all__ = ["InfluenceConfigError", "InfluenceRuntimeError", "NegativeCurvatureError", "SolverDivergedError"]
 
 
 class InfluenceConfigError(ValueError):
@@ -15,3 +15,8 @@ class InfluenceRuntimeError(RuntimeError):
 
 class SolverDivergedError(InfluenceRuntimeError):
     """An iterative inverse-HVP solver diverged or produced NaN/inf."""
+
+
+class NegativeCurvatureError(SolverDivergedError):
+    """``H + λI`` has a negative eigenvalue (the weights are not at a minimum): LiSSA would diverge and the
+    influence quadratic has no minimum. The message names the damping that fixes it."""

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .data import ExampleSource
-from .functional import ParamSpace, PerExampleLoss, batch_hvp, batch_size_of
+from .functional import ParamSpace, PerExampleLoss, batch_hvp, batch_size_of, per_sample_grads
 
 __all__ = ["HessianOperator"]
 
@@ -59,6 +59,10 @@ class HessianOperator:
         """``H_B V``: the Hessian of the batch's mean loss times each row of ``vectors`` ``[Q, P]``."""
         self.hvp_calls += 1
         return batch_hvp(self.loss, self.space, self.theta, batch, vectors)
+
+    def example_grads(self, batch: Any) -> Tensor:
+        """Per-example loss gradients ``∇L(z_i, θ̂)`` of a batch of training examples, ``[B, P]``."""
+        return per_sample_grads(self.loss, self.space, self.theta, batch)
 
     def full_hvp(self, vectors: Tensor) -> Tensor:
         """``H V`` for the whole training set: ``Σ_chunks (b/n) H_chunk V``, in dataset order."""

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .damping import AutoDamping, Spectrum, estimate_spectrum, resolve_damping
 from .data import Collate, ExampleSource
 from .errors import InfluenceConfigError, InfluenceRuntimeError
 from .objective import LossFn, Objective
@@ -56,15 +57,6 @@ def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InfluenceConfigError(f"{name}={value!r} must be a positive integer.")
-
-
-def check_damping(damping: Any) -> float:
-    """Validate a damping ``λ`` (a finite number ≥ 0, Hessian units)."""
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (0 <= float(damping) < float("inf")):
-        raise InfluenceConfigError(
-            f"damping={damping!r} must be a finite number ≥ 0 (it is added to the Hessian as λI)."
-        )
-    return float(damping)
 
 
 def preflight(
@@ -126,7 +118,7 @@ def compute_influence(
     loss_fn: Optional[LossFn] = None,
     params: Optional[Union[str, Sequence[str]]] = None,
     solver: Union[str, SolverSettings] = "lissa",
-    damping: Union[float, str] = DEFAULT_DAMPING,
+    damping: Union[float, str, AutoDamping] = DEFAULT_DAMPING,
     self_influence: bool = False,
     collate_fn: Optional[Collate] = None,
     query_collate_fn: Optional[Collate] = None,
@@ -152,9 +144,12 @@ def compute_influence(
         params: names or prefixes of the parameters to attribute to (default: all trainable).
         solver: ``"lissa"``, ``"cg"``, ``"exact"`` or a settings object (``LissaSettings(...)``…).
         damping: ``λ ≥ 0`` added to the Hessian of the mean training loss (the L2 coefficient, plus any
-            regularisation the solver needs). ``"auto"`` (solvers that support it, e.g. LiSSA): the solver
-            chooses the smallest damping that makes the recursion contract; the λ used is recorded in
-            ``results.settings["damping"]``.
+            regularisation the solver needs), in Hessian units. ``"auto"`` or
+            :class:`~lightning_influence.damping.AutoDamping` (any solver): estimate the extreme Hessian
+            eigenvalues by Lanczos (60 full-data HVPs) and use the smallest damping that makes ``H + λI``
+            positive definite, with a safety factor (``AutoDamping(base=wd)`` starts from an L2
+            coefficient ``wd``); the λ used is ``results.settings["damping"]``, the estimates
+            ``lambda_min_estimate`` / ``lambda_max_estimate``.
         self_influence: also compute ``I_up,loss(z_i, z_i)`` for every training example.
         collate_fn / query_collate_fn: how examples become batches (default ``default_collate``).
         chunk_size: training examples per per-sample-gradient chunk and per full-data HVP chunk.
@@ -171,12 +166,7 @@ def compute_influence(
     _check_positive_int("chunk_size", chunk_size)
     _check_positive_int("query_batch_size", query_batch_size, allow_none=True)
     settings = resolve_solver(solver)
-    auto_damping = isinstance(damping, str) and damping == "auto"
-    if auto_damping and not getattr(settings, "supports_auto_damping", False):
-        raise InfluenceConfigError(
-            f'damping="auto" is not supported by solver={settings.name!r}; give a number, or use solver="lissa".'
-        )
-    damping = "auto" if auto_damping else check_damping(damping)
+    damping_spec = resolve_damping(damping)
     if train_dataset is None:
         raise InfluenceConfigError("train_dataset is None; pass the map-style Dataset the model was trained on.")
     if not any(True for _ in model.parameters()):
@@ -217,7 +207,13 @@ def compute_influence(
         # 2. s_test = (H + λI)⁻¹ ∇L(z_q), batched over queries
         t0 = time.perf_counter()
         operator = HessianOperator(objective.loss, objective.space, objective.theta, train, chunk_size)
-        inverse = settings.build(operator, damping)
+        spectrum: Optional[Spectrum] = None
+        if isinstance(damping_spec, AutoDamping):
+            spectrum = estimate_spectrum(operator, damping_spec.iters, damping_spec.seed)
+            lam = damping_spec.choose(spectrum.lambda_min, spectrum.lambda_max)
+        else:
+            lam = damping_spec
+        inverse = settings.build(operator, lam, spectrum=spectrum)
         timings["solver_setup"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         qb = query_batch_size or q
@@ -268,7 +264,10 @@ def compute_influence(
     run_settings: Dict[str, Any] = {
         **settings.to_dict(),
         "damping": float(inverse.damping),
-        "damping_mode": "auto" if auto_damping else "fixed",
+        "damping_mode": "auto" if spectrum is not None else "fixed",
+        **({"damping_base": damping_spec.base, "lambda_min_estimate": spectrum.lambda_min,
+            "lambda_max_estimate": spectrum.lambda_max, "spectrum_hvps": spectrum.hvps}
+           if isinstance(damping_spec, AutoDamping) and spectrum is not None else {}),
         "dtype": str(dtype).replace("torch.", ""),
         "params": list(objective.param_names),
         "num_params": objective.num_params,

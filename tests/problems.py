@@ -101,7 +101,12 @@ def trained_mlp(weight_decay: float = 1e-2, n_train: int = 1347, seed: int = 0) 
 
 
 def trained_cnn(weight_decay: float = 1e-3, n_train: int = 1347, seed: int = 0, dtype: torch.dtype = torch.float64) -> Problem:
+    """The ReLU CNN: 60 epochs of Adam, then 300 full-batch L-BFGS iterations (≈ 45 s on 2 cores).
+    Adam alone stops at gradient norm 0.19 with Hessian eigenvalues down to −0.148 (a saddle region:
+    ``H + 0.1·I`` indefinite); after the polish the gradient norm is 0.003 and ``λ_min(H) ≈ −0.003``
+    (Lanczos), so damping 0.1 gives a positive definite ``H + λI``."""
     torch.manual_seed(seed)
     train, val = digits(dtype, n_train, image=True)
     model = fit_adam(small_cnn().to(dtype), train, weight_decay)
+    model = fit_lbfgs(model, train, weight_decay, max_iter=300)
     return Problem(model, train, val, 0.1)

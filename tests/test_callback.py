@@ -11,7 +11,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_influence import ExactSettings, InfluenceCallback, InfluenceResults, LissaSettings, compute_influence
+from lightning_influence import (
+    AutoDamping,
+    ExactSettings,
+    InfluenceCallback,
+    InfluenceResults,
+    LissaSettings,
+    compute_influence,
+)
 from lightning_influence.callback import optimizer_damping
 from lightning_influence.pipeline import DEFAULT_DAMPING
 
@@ -48,7 +55,9 @@ def test_callback_matches_functional_core_and_leaves_model_untouched(tmp_path, d
     res = cb.results
     assert cb.error is None and isinstance(res, InfluenceResults)
     assert res.scores.shape == (5, len(train)) and res.self_influence.shape == (len(train),)
-    assert res.damping == pytest.approx(1e-3) and "SGD" in res.settings["damping_source"]
+    # default damping="auto": SGD's L2 1e-3, raised because two epochs leave H + 1e-3·I indefinite
+    assert "SGD" in res.settings["damping_source"] and res.settings["damping_base"] == pytest.approx(1e-3)
+    assert res.damping > 1e-3 and res.diagnostics["solve"][0]["min_eigenvalue"] > 0
     assert "net.0.bias" not in res.settings["params"] and res.settings["num_params"] == 64 * 16 + 16 * 10 + 10
     # queries default to the highest-loss validation examples
     evaluated = copy.deepcopy(model).eval()
@@ -62,7 +71,7 @@ def test_callback_matches_functional_core_and_leaves_model_untouched(tmp_path, d
     assert {n: p.requires_grad for n, p in model.named_parameters()} == snap.flags
     # the functional core on the same weights gives the same numbers
     ref = compute_influence(model, train, val, query_indices=res.query_indices.tolist(), solver=ExactSettings(),
-                            damping=1e-3, self_influence=True)
+                            damping=res.damping, self_influence=True)
     torch.testing.assert_close(res.scores, ref.scores)
     torch.testing.assert_close(res.self_influence, ref.self_influence)
     # the results file round-trips
@@ -134,6 +143,30 @@ def test_damping_from_optimizer(optimizer, weight_decay, expected, reason):
     opt = model.configure_optimizers()
     lam, why = optimizer_damping([opt], list(model.parameters()))
     assert lam == pytest.approx(expected) and reason in why
+
+
+@pytest.mark.parametrize("optimizer, base", [("sgd", 1e-3), ("adamw", 0.0)])
+def test_auto_damping_from_the_callback(tmp_path, data, optimizer, base):
+    """damping="auto": the optimizer's coupled L2 (none for AdamW) plus what the spectrum needs; a tanh
+    MLP after one epoch is far from a minimum, so H + base·I is indefinite and λ must rise above it."""
+    train, val = data
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10))
+    model = LitClassifier(net, lr=0.2 if optimizer == "sgd" else 0.01, weight_decay=1e-3, optimizer=optimizer)
+    cb = InfluenceCallback(num_queries=3, solver="exact", damping="auto", on_error="raise")
+    quiet_trainer(tmp_path, callbacks=[cb]).fit(model, *loaders(train, val))
+    res = cb.results
+    assert res.settings["damping_mode"] == "auto" and res.settings["damping_base"] == base
+    assert res.settings["damping_source"].startswith("auto:")
+    lam, lam_min = res.settings["damping"], res.settings["lambda_min_estimate"]
+    assert lam_min + base < 0  # the premise: an indefinite Hessian at the optimizer's own damping
+    assert lam == pytest.approx(base + 1.5 * -(lam_min + base))
+    d = res.diagnostics["solve"][0]  # the exact solver's eigenvalues of H + λI
+    assert d["min_eigenvalue"] == pytest.approx(lam + lam_min, rel=1e-3) and d["min_eigenvalue"] > 0
+    ref = compute_influence(model, train, val, query_indices=res.query_indices.tolist(), solver="exact",
+                            damping=AutoDamping(base=base))
+    assert ref.settings["damping"] == lam
+    torch.testing.assert_close(res.scores, ref.scores)
 
 
 def test_failure_is_contained_by_default(tmp_path, data):

@@ -15,6 +15,7 @@ from lightning_influence import (
     InfluenceConfigError,
     InfluenceRuntimeError,
     LissaSettings,
+    NegativeCurvatureError,
     SolverDivergedError,
     compute_influence,
 )
@@ -49,6 +50,7 @@ class Stream(IterableDataset):
         (dict(query_indices=[-1]), r"must be non-negative"),
         (dict(damping=-0.1), r"damping=-0.1 must be a finite number ≥ 0"),
         (dict(damping=float("nan")), r"damping=nan must be a finite number"),
+        (dict(damping="big"), r"damping='big' must be a number ≥ 0, \"auto\" or AutoDamping"),
         (dict(dtype=torch.float16), r"dtype=torch.float16 is not supported; use torch.float32 or torch.float64"),
         (dict(on_error="ignore"), r"on_error='ignore' must be 'warn' or 'raise'"),
         (dict(query_dataloader=[1, 2]), r"query_dataloader must be a torch DataLoader"),
@@ -193,7 +195,8 @@ def test_cg_negative_curvature_names_damping():
             p.mul_(3.0)
 
     ds = TensorDataset(x, y)
-    exact = compute_influence(model, ds, num_queries=1, solver="exact", damping=0.0, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        exact = compute_influence(model, ds, num_queries=1, solver="exact", damping=0.0, dtype=torch.float64)
     assert exact.diagnostics["solve"][0]["min_eigenvalue"] < 0  # the premise: an indefinite Hessian
-    with pytest.raises(SolverDivergedError, match=r"non-positive curvature.*Raise damping"):
+    with pytest.raises(NegativeCurvatureError, match=r"non-positive curvature.*Raise damping.*damping='auto'"):
         compute_influence(model, ds, num_queries=4, solver=CGSettings(), damping=0.0, dtype=torch.float64)

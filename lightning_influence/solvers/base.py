@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional
 
 import torch
 from torch import Tensor
 
 from ..errors import SolverDivergedError
 from ..operator import HessianOperator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..damping import Spectrum
 
 __all__ = ["SolveResult", "InverseHVP", "SolverSettings", "check_finite"]
 
@@ -57,8 +60,9 @@ class SolverSettings(ABC):
     name: ClassVar[str] = ""
 
     @abstractmethod
-    def build(self, operator: HessianOperator, damping: float) -> InverseHVP:
-        """Bind these settings to an operator and a damping ``λ ≥ 0``."""
+    def build(self, operator: HessianOperator, damping: float, spectrum: Optional["Spectrum"] = None) -> InverseHVP:
+        """Bind these settings to an operator and a damping ``λ ≥ 0``. ``spectrum``: extreme-eigenvalue
+        estimates of ``H`` already made (by automatic damping), which a solver may reuse."""
 
     def to_dict(self) -> Dict[str, Any]:
         """Settings as a flat dict (JSON-serialisable), including the solver's name."""

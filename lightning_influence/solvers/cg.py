@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 from torch import Tensor
 
-from ..errors import InfluenceConfigError, SolverDivergedError
+from ..errors import InfluenceConfigError, NegativeCurvatureError
 from ..operator import HessianOperator
 from .base import InverseHVP, SolveResult, SolverSettings, check_finite
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..damping import Spectrum
 
 __all__ = ["CGSettings", "CGSolver"]
 
@@ -34,7 +37,7 @@ class CGSettings(SolverSettings):
         if self.max_iter is not None and self.max_iter < 1:
             raise InfluenceConfigError(f"CGSettings.max_iter={self.max_iter} must be a positive integer.")
 
-    def build(self, operator: HessianOperator, damping: float) -> "CGSolver":
+    def build(self, operator: HessianOperator, damping: float, spectrum: Optional["Spectrum"] = None) -> "CGSolver":
         return CGSolver(operator, damping, self)
 
 
@@ -63,10 +66,10 @@ class CGSolver(InverseHVP):
             ap = self.damped_full_hvp(p)
             pap = (p * ap).sum(1)
             if bool((pap[active] <= 0).any()):
-                raise SolverDivergedError(
+                raise NegativeCurvatureError(
                     f"CG met non-positive curvature pᵀ(H+λI)p ≤ 0 at iteration {it} with damping λ={self.damping:g}: "
                     "the Hessian is not positive definite here. Raise damping (e.g. above the magnitude of "
-                    "the most negative Hessian eigenvalue)."
+                    "the most negative Hessian eigenvalue), or pass damping='auto' to choose it from the spectrum."
                 )
             alpha = torch.where(active, rs / pap.clamp_min(torch.finfo(rhs.dtype).tiny), torch.zeros_like(rs))
             x.addcmul_(alpha[:, None], p)

@@ -3,14 +3,20 @@ only for small parameter counts (memory ``P²``, time ``O(P·n)`` HVP work plus 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
+from ..damping import AutoDamping
 from ..errors import InfluenceConfigError, InfluenceRuntimeError
 from ..operator import HessianOperator
 from .base import InverseHVP, SolveResult, SolverSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..damping import Spectrum
 
 __all__ = ["ExactSettings", "ExactSolver"]
 
@@ -34,7 +40,7 @@ class ExactSettings(SolverSettings):
         if self.block < 1:
             raise InfluenceConfigError(f"ExactSettings.block={self.block} must be positive.")
 
-    def build(self, operator: HessianOperator, damping: float) -> "ExactSolver":
+    def build(self, operator: HessianOperator, damping: float, spectrum: Optional["Spectrum"] = None) -> "ExactSolver":
         return ExactSolver(operator, damping, self)
 
 
@@ -61,6 +67,16 @@ class ExactSolver(InverseHVP):
         a = self.hessian + self.damping * torch.eye(p, dtype=self.hessian.dtype, device=self.hessian.device)
         evals = torch.linalg.eigvalsh(a)
         self.min_eig, self.max_eig = float(evals[0]), float(evals[-1])
+        if self.min_eig <= 0:
+            need = AutoDamping().choose(self.min_eig - self.damping, self.max_eig - self.damping)
+            warnings.warn(
+                f"H + λI is not positive definite (smallest eigenvalue {self.min_eig:.4g} at damping "
+                f"λ={self.damping:g}): the trained weights are not at a minimum, so the influence scores are "
+                f"solutions of an indefinite system and may not mean much. Use damping ≥ {need:.3g} or "
+                "damping='auto'.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self._lu, self._pivots, info = torch.linalg.lu_factor_ex(a)
         if int(info) != 0:
             raise InfluenceRuntimeError(
