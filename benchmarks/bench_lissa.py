@@ -12,7 +12,9 @@ at a time (``query_batch_size=1``: identical numbers, one query per HVP); ``--lo
 that many queries of the loop and extrapolates linearly (marked in the table).
 
 Every configuration runs in a fresh subprocess, which reports its wall time and peak resident memory
-(``ru_maxrss``; torch's CPU allocations are invisible to tracemalloc). Prints markdown tables.
+(``VmHWM``; torch's CPU allocations are invisible to tracemalloc). Prints markdown tables.
+``--profile`` prints only the cost of one minibatch HVP per right-hand side against the number solved
+together (and the tangent chunk), with FLOP counts and the machine's matmul throughput.
 """
 
 from __future__ import annotations
@@ -60,6 +62,20 @@ def _problem(name: str, dtype: torch.dtype, cache: str):
     return p
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB: ``VmHWM`` of ``/proc/self/status`` on Linux.
+    (``ru_maxrss`` is wrong for a spawned worker there: it keeps the high-water mark of the parent's
+    memory image the worker was forked from, which ``exec`` replaced.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(job: Dict[str, Any]) -> Dict[str, Any]:
     from lightning_influence import CGSettings, ExactSettings, LissaSettings, compute_influence
 
@@ -89,7 +105,7 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
     res = compute_influence(p.model, train, val, query_indices=queries, solver=solver, damping=p.damping,
                             dtype=dtype, query_batch_size=qbs)
     wall = time.perf_counter() - t0
-    out = {"wall_s": wall, "timings": res.timings, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    out = {"wall_s": wall, "timings": res.timings, "maxrss_mb": peak_rss_mb(),
            "hvp_calls": res.diagnostics.get("hvp_calls")}
     if kind == "lissa":
         d = res.diagnostics["solve"][0]
@@ -97,6 +113,50 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
                    stderr_median=float(torch.tensor(d["relative_stderr"]).nanmedian()), setup_hvps=d["setup"]["hvps"])
     torch.save(res.scores, job["out"])
     return out
+
+
+def profile_hvp(cache: str, dtype: torch.dtype, batch: int = 64, sizes=(1, 8, 32, 100)) -> List[str]:
+    """Cost of one minibatch HVP on the CNN per right-hand side, batched (vmap over Q tangents) against
+    Q = 1, with its FLOP count (``torch.utils.flop_counter``) and the machine's matmul throughput as the
+    yardstick: where the time goes, and how much batching can gain on this machine."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_influence.data import ExampleSource
+    from lightning_influence.objective import Objective
+    from lightning_influence.operator import HessianOperator
+
+    p = _problem("cnn", dtype, cache)
+    x, y = p.train.tensors
+    train = torch.utils.data.TensorDataset(x.to(dtype), y)
+    obj = Objective(p.model, params=None, loss_fn=None, dtype=dtype)
+    op = HessianOperator(obj.loss, obj.space, obj.theta, ExampleSource(train, None, obj.prepare_batch))
+    mb = next(op.minibatches(batch, 0))
+
+    def timed(fn, reps):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+
+    a = torch.randn(2048, 2048, dtype=dtype)
+    gflops_peak = 2 * 2048**3 / timed(lambda: a @ a, 5) / 1e9
+    rows = [f"matmul 2048×2048 ({dtype}): {gflops_peak:.0f} GFLOP/s on {torch.get_num_threads()} threads", "",
+            "| Q (right-hand sides) | ms per HVP call | ms per query | GFLOP per query | GFLOP/s | speed-up per query vs Q=1 |",
+            "|---|---|---|---|---|---|"]
+    base = None
+    for q, chunk in [(q, None) for q in sizes] + [(max(sizes), c) for c in (32, 16, 8)]:
+        v = torch.randn(q, op.num_params, dtype=dtype)
+        op.tangent_chunk = chunk
+        with FlopCounterMode(display=False) as fc:
+            op.batch_hvp(mb, v)
+        flops = fc.get_total_flops()
+        sec = timed(lambda: op.batch_hvp(mb, v), max(2, 40 // q))
+        base = base or sec
+        label = f"{q}" + (f", vmapped {chunk} at a time" if chunk else "")
+        rows.append(f"| {label} | {sec * 1e3:.1f} | {sec * 1e3 / q:.2f} | {flops / q / 1e9:.3f} | "
+                    f"{flops / sec / 1e9:.0f} | {base / (sec / q):.2f}× |")
+    return rows
 
 
 def spawn(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -121,6 +181,7 @@ def main() -> None:
     ap.add_argument("--loop-queries", type=int, default=0, help="time only this many queries of the loop")
     ap.add_argument("--skip-loop", action="store_true")
     ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="only the per-query HVP cost profile (CNN)")
     ap.add_argument("--dtype", default="float32", help="dtype of the batched-vs-loop comparison")
     ap.add_argument("--depth", type=int, default=0,
                     help="fixed depth for the batched-vs-loop timing (0: the defaults, depth='auto')")
@@ -129,9 +190,12 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     cache = tempfile.mkdtemp(prefix="bench_lissa_")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
+    if args.profile:
+        print("\n".join(profile_hvp(cache, getattr(torch, args.dtype))))
+        return
     for m in args.models:  # train each model once, in this process
         _problem(m, torch.float64, cache)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
 
     if not args.skip_grid:
         rows = ["| model | settings | median r | min r | wall s | solve s | depth | batch | scale | peak RSS MB |",

@@ -10,7 +10,7 @@ matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -142,7 +142,12 @@ def per_sample_grads(loss: PerExampleLoss, space: ParamSpace, theta: Tensor, bat
 
 
 def batch_hvp(
-    loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch: Any, vectors: Tensor
+    loss: PerExampleLoss,
+    space: ParamSpace,
+    theta: Tensor,
+    batch: Any,
+    vectors: Tensor,
+    chunk_size: Optional[int] = None,
 ) -> Tensor:
     """Hessian-vector products of the batch's mean loss, ``H_B v`` for every row ``v`` of ``vectors``.
 
@@ -155,6 +160,8 @@ def batch_hvp(
         theta: parameters ``[P]`` at which the Hessian is taken.
         batch: the examples whose mean loss is differentiated.
         vectors: right-hand sides ``[Q, P]``.
+        chunk_size: vmap this many rows at a time (``None``: all at once). Smaller chunks hold fewer
+            tangent activations and can be faster on a CPU (cache); the numbers are the same.
 
     Returns:
         ``[Q, P]``, row ``q`` equal to ``∇²(1/B Σ_i L(z_i, θ)) v_q``.
@@ -164,7 +171,7 @@ def batch_hvp(
     def hvp_one(v: Tensor) -> Tensor:
         return jvp(g, (theta,), (v,))[1]
 
-    return vmap(hvp_one)(vectors)
+    return vmap(hvp_one, chunk_size=chunk_size)(vectors)
 
 
 def module_loss(

@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +39,8 @@ class HessianOperator:
         self.loss, self.space, self.theta, self.data = loss, space, theta, data
         self.chunk_size = int(chunk_size)
         self.hvp_calls = 0  # number of batched HVP evaluations (one per batch per call)
+        #: right-hand sides vmapped together inside one HVP (``None``: all); see :meth:`tune_tangent_chunk`
+        self.tangent_chunk: Optional[int] = None
 
     @property
     def num_params(self) -> int:
@@ -58,7 +61,37 @@ class HessianOperator:
     def batch_hvp(self, batch: Any, vectors: Tensor) -> Tensor:
         """``H_B V``: the Hessian of the batch's mean loss times each row of ``vectors`` ``[Q, P]``."""
         self.hvp_calls += 1
-        return batch_hvp(self.loss, self.space, self.theta, batch, vectors)
+        chunk = self.tangent_chunk if self.tangent_chunk and self.tangent_chunk < vectors.shape[0] else None
+        return batch_hvp(self.loss, self.space, self.theta, batch, vectors, chunk)
+
+    def tune_tangent_chunk(self, batch: Any, vectors: Tensor, candidates: Sequence[int] = (64, 32, 16, 8)) -> Dict[str, Any]:
+        """Time one HVP of ``vectors`` on ``batch`` with all rows vmapped together and in each candidate
+        chunk size smaller than ``Q``, and keep the fastest as :attr:`tangent_chunk` (two calls each, the
+        second timed). The results do not depend on the choice; on a CPU, chunks of 16–32 right-hand
+        sides keep the tangent activations in cache (≈ 2× faster than 100 at once on the digits CNN).
+
+        Returns:
+            ``{"tangent_chunk": chosen or None, "seconds": {chunk: s per call}}`` (setup diagnostics).
+        """
+        q = int(vectors.shape[0])
+        options: List[Optional[int]] = [None] + [c for c in candidates if c < q]
+        if len(options) == 1:
+            return {"tangent_chunk": None, "seconds": {}}
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        seconds: Dict[str, float] = {}
+        best: Tuple[float, Optional[int]] = (float("inf"), None)
+        for chunk in options:
+            self.tangent_chunk = chunk
+            for _ in range(2):
+                sync()
+                t0 = time.perf_counter()
+                self.batch_hvp(batch, vectors)
+                sync()
+            dt = time.perf_counter() - t0
+            seconds[str(chunk or q)] = dt
+            best = min(best, (dt, chunk), key=lambda b: b[0])
+        self.tangent_chunk = best[1]
+        return {"tangent_chunk": best[1] or q, "seconds": seconds}
 
     def example_grads(self, batch: Any) -> Tensor:
         """Per-example loss gradients ``∇L(z_i, θ̂)`` of a batch of training examples, ``[B, P]``."""

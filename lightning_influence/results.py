@@ -20,9 +20,9 @@ __all__ = ["InfluenceResults", "Ranked", "SolveChunk", "PER_QUERY_DIAGNOSTICS"]
 
 _FORMAT_VERSION = 1
 
-#: solver diagnostics recorded as one value per query of a chunk (LiSSA): ``relative_stderr`` is
-#: ``‖std(s_test over repeats)/√R‖ / ‖s_test‖`` (dimensionless, NaN with one repeat); ``depth_per_query``
-#: the recursion steps run for the query (the most over repeats)
+#: solver diagnostics recorded as one value per query of a chunk (LiSSA): ``relative_stderr`` is the
+#: relative standard error of the query's training scores over the repeats (dimensionless, NaN with one
+#: repeat); ``depth_per_query`` the recursion steps run for the query (the most over repeats)
 PER_QUERY_DIAGNOSTICS = ("relative_stderr", "depth_per_query")
 
 
@@ -141,8 +141,9 @@ class InfluenceResults:
         belonging to row ``q`` of ``scores``. NaN where a chunk did not record the value (or recorded NaN,
         as LiSSA does for ``relative_stderr`` with one repeat). Empty for the exact and CG solvers.
 
-        * ``relative_stderr``: relative standard error of the query's ``s_test = (H + λI)⁻¹∇L(z_q)``
-          across LiSSA repeats (dimensionless; 0.05 = 5 %).
+        * ``relative_stderr``: relative standard error of the query's scores (its ``s_test = (H + λI)⁻¹
+          ∇L(z_q)`` applied to the training gradients, through LiSSA's score sketch) across LiSSA repeats
+          (dimensionless; 0.05 = 5 %). It measures sampling noise, not the bias of stopping early.
         * ``depth_per_query``: LiSSA recursion steps run for the query (most over repeats).
         """
         chunks = self.solve_chunks()

@@ -69,7 +69,8 @@ def saddle() -> problems.Problem:
     [({"depth": 0}, "depth"), ({"depth": "deep"}, "depth"), ({"batch_size": "big"}, "batch_size"),
      ({"scale": -1.0}, "scale"), ({"scale": "x"}, "scale"), ({"tol": 0}, "tol"), ({"repeats": 0}, "repeats"),
      ({"max_depth": 2.5}, "max_depth"), ({"scale_margin": float("nan")}, "scale_margin"), ({"seed": 1.5}, "seed"),
-     ({"check_curvature": 1}, "check_curvature")],
+     ({"check_curvature": 1}, "check_curvature"), ({"tangent_chunk": 0}, "tangent_chunk"),
+     ({"score_probes": 0}, "score_probes")],
 )
 def test_settings_are_validated_naming_the_field(kw, field):
     with pytest.raises(InfluenceConfigError, match=rf"LissaSettings\.{field}="):
@@ -237,6 +238,16 @@ def test_results_do_not_depend_on_query_chunking_and_seed_reproduces(saddle):
     assert torch.equal(a.scores, run(saddle, s, damping=0.5, queries=list(range(6))).scores)
     c = run(saddle, LissaSettings(repeats=2, max_depth=80, tol=0.1, seed=1), damping=0.5, queries=list(range(6)))
     assert not torch.equal(a.scores, c.scores)
+
+
+def test_tangent_chunking_changes_only_speed(saddle):
+    s = dict(repeats=1, depth=40, batch_size=64)
+    a = run(saddle, LissaSettings(**s, tangent_chunk=None), damping=0.5, queries=list(range(12)))
+    b = run(saddle, LissaSettings(**s, tangent_chunk=5), damping=0.5, queries=list(range(12)))
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-10, atol=1e-12)
+    c = run(saddle, LissaSettings(**s), damping=0.5, queries=list(range(12)))  # "auto": timed, recorded
+    assert c.diagnostics["solve"][0]["setup"]["tangent_chunk"] in (12, 8)
+    torch.testing.assert_close(a.scores, c.scores, rtol=1e-10, atol=1e-12)
 
 
 def test_unconverged_depth_budget_warns(saddle):

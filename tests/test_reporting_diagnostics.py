@@ -208,7 +208,7 @@ def test_html_shows_lissa_diagnostics(catalogs):
     rows = dict(re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td>", lissa))
     assert rows["damping λ"] == "0.01" and rows["scale s"] == "12.5" and rows["minibatch size"] == "64"
     assert rows["steps run"] == "100–400" and rows["repeats"] == "2" and rows["converged"] == "yes"
-    assert rows["relative std. error of s_test"] == "median 18.8 %, max 50 %"
+    assert rows["relative std. error of the scores"] == "median 18.8 %, max 50 %"
     assert rows["λ_max(H)"] == "4" and rows["λ_min(H)"] == "-0.5" and rows["trace(H)"] == "30 ± 1.5"
     assert rows["λ_max(H_B + λI)"] == "10, 12.5, 11" and rows["lambda_extra"] == "0.75"
     assert rows["HVPs in setup"] == "120" and rows["HVPs in the solve"] == "1150"
@@ -220,7 +220,7 @@ def test_html_shows_lissa_diagnostics(catalogs):
     assert [float(s) for *_, s, _ in cells][::2] == [0.125, 0.5, 0.25] and cells[1][2] == "nan"
     assert [int(d) for *_, d in cells] == DEPTH
     first = re.search(r'<article class="query" id="query-4".*?</article>', text, re.S).group(0)
-    assert "s_test rel. std. error 12.5 %" in first and "LiSSA steps 200" in first
+    assert "score rel. std. error 12.5 %" in first and "LiSSA steps 200" in first
     second = re.search(r'<article class="query" id="query-9".*?</article>', text, re.S).group(0)
     assert "rel. std. error" not in second and "LiSSA steps 400" in second
 

@@ -47,7 +47,7 @@ class Entry:
 class QueryView:
     """Row ``row`` of the scores: query ``query_id`` (position in the query dataset), its loss, label and
     prediction when known, and its top helpful / harmful training examples; with LiSSA, the relative
-    standard error of its ``s_test`` across repeats (``None`` when not estimated) and the recursion steps
+    standard error of its scores across repeats (``None`` when not estimated) and the recursion steps
     it ran (``depth``)."""
 
     row: int

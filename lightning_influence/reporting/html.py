@@ -139,7 +139,7 @@ def _query_section(view: QueryView, train: ExampleCatalog, query: ExampleCatalog
         facts.append(f"predicted {html.escape(_fmt(view.prediction))}")
     facts.append(f"loss {_fmt(view.loss)}")
     if view.relative_stderr is not None:
-        facts.append(f"s_test rel. std. error {_pct(view.relative_stderr)}")
+        facts.append(f"score rel. std. error {_pct(view.relative_stderr)}")
     if view.depth is not None:
         facts.append(f"LiSSA steps {view.depth}")
     out = [
@@ -263,12 +263,13 @@ def _lissa_rows(results: InfluenceResults, scalars: Dict[str, Any]) -> List[Tupl
     if "converged" in g:
         rows.append(("converged", "yes" if g["converged"] else "no", "whether every query met the tolerance before max_depth"))
     if "relative_stderr_median" in g:
-        rows.append(("relative std. error of s_test",
+        rows.append(("relative std. error of the scores",
                      f"median {_pct(g['relative_stderr_median'])}, max {_pct(g['relative_stderr_max'])}",
-                     "‖std over repeats / √R‖ / ‖s_test‖, over queries"))
+                     "spread of each query's scores over the repeats / √R, relative; over queries "
+                     "(sampling noise only, not the bias of stopping early)"))
     elif results.per_query_diagnostics().get("relative_stderr") is not None:
-        rows.append(("relative std. error of s_test", "n/a", "needs repeats ≥ 2"))
-    add("λ_max(H)", "lambda_max_full", "top eigenvalue of the full Hessian (power iteration)")
+        rows.append(("relative std. error of the scores", "n/a", "needs repeats ≥ 2"))
+    add("λ_max(H)", "lambda_max_full", "top eigenvalue of the full Hessian (Lanczos or power iteration)")
     add("λ_min(H)", "lambda_min_full", "smallest eigenvalue of the full Hessian (Lanczos)")
     if "trace" in g:
         se = f" ± {_fmt(g['trace_stderr'])}" if "trace_stderr" in g else ""
@@ -292,7 +293,7 @@ def _per_query_table(results: InfluenceResults) -> str:
     if not per_query:
         return ""
     stderr, depth = per_query.get("relative_stderr"), per_query.get("depth_per_query")
-    head = "<tr><th>row</th><th>query</th>" + ("<th>s_test rel. std. error</th>" if stderr is not None else "")
+    head = "<tr><th>row</th><th>query</th>" + ("<th>score rel. std. error</th>" if stderr is not None else "")
     head += "<th>steps run</th>" if depth is not None else ""
     body = []
     ids = results.query_indices.tolist()

@@ -80,7 +80,7 @@ def _reduce(key: str, vs: List[Any]) -> Scalar:
 def diagnostic_scalars(results: InfluenceResults) -> Dict[str, Scalar]:
     """Solver diagnostics reduced to one number each, keyed ``influence/diagnostics/<name>``.
 
-    Over the query chunks: booleans (``converged``, ``damping_auto``) all-of; ``min_eigenvalue``,
+    Over the query chunks: booleans (``converged``) all-of; ``min_eigenvalue``,
     ``lambda_min_full`` the minimum; other numbers the maximum (``iterations``, ``scale``, ``damping``,
     ``batch_size``, ``max_eigenvalue``, …); flat histories (CG's ``residual_history``) the largest final
     value as ``<name>_final``, and per-repeat histories (LiSSA's ``norm_history``, ``segment_change``)
@@ -89,7 +89,8 @@ def diagnostic_scalars(results: InfluenceResults) -> Dict[str, Scalar]:
     * ``hvp_calls``: Hessian-vector products of the whole run (setup, solve and self-influence);
       ``solve_hvp_calls`` those of the query solves (summed over chunks).
     * ``relative_stderr_median`` / ``relative_stderr_max``: over the queries, ignoring NaN, of LiSSA's
-      relative standard error of ``s_test`` across repeats (dimensionless); absent with one repeat.
+      relative standard error of each query's scores across repeats (dimensionless); absent with one
+      repeat.
     * ``depth_max`` / ``depth_min``: LiSSA recursion steps, over the queries (over repeats in files
       without per-query depths).
     * LiSSA setup estimates under their own names: ``lambda_max_full``, ``lambda_min_full``, ``trace``,

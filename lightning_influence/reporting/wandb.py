@@ -50,7 +50,7 @@ EXAMPLE_COLUMNS = [
 ]
 SUSPECT_COLUMNS = ["rank", "train_id", "self_influence", "label", "preview"]
 #: appended to the queries table when the solver recorded them (LiSSA): the relative standard error of
-#: the query's s_test across repeats (dimensionless, empty with one repeat) and the recursion steps run
+#: the query's scores across repeats (dimensionless, empty with one repeat) and the recursion steps run
 QUERY_DIAGNOSTIC_COLUMNS = ["relative_stderr", "lissa_depth"]
 #: LiSSA's norm history, one row per checkpoint step of each (chunk, repeat); logged as a line chart whose
 #: table W&B stores under ``NORM_HISTORY_KEY + "_table"``

@@ -18,7 +18,8 @@ eigenvalue of ``A_B`` lies in ``(0, 2s)``; the expected error shrinks by ``1 −
   unseen minibatches whose top eigenvalue is up to twice the largest one sampled (the Rayleigh quotient
   never overestimates).
 * ``batch_size="auto"``: minibatch noise is small once ``B ≳ tr(H)/λ_max(H)`` (Klochkov & Liu, 2024);
-  ``tr(H)`` is estimated with Hutchinson probes and ``λ_max(H)`` by power iteration on the full Hessian;
+  ``tr(H)`` is estimated with Hutchinson probes and ``λ_max(H)`` by Lanczos (the curvature check) or by
+  power iteration on the full Hessian;
   ``B = batch_factor · tr/λ_max`` rounded up to a multiple of 32, within ``[64, 512]`` and ``≤ n``.
 * Iterate averaging (``average=True``): the estimate is the mean of ``x_t`` over the last half of the
   iterations (Polyak–Ruppert tail averaging), which removes most of the minibatch noise that a single
@@ -103,6 +104,9 @@ class LissaSettings(SolverSettings):
         score_probes: random ±1 combinations of all training gradients that sketch the score vector
             for the convergence test and the standard error (``score_probes × P`` numbers in memory,
             one pass of per-example gradients to build).
+        tangent_chunk: right-hand sides vmapped together in one HVP: ``"auto"`` (time all-at-once and
+            chunks of 64/32/16/8 on the first solve with more than 8 queries, keep the fastest), an
+            integer, or ``None`` (all at once). Only speed and memory depend on it.
         check_curvature: before solving at a fixed damping, estimate ``λ_min(H)`` by Lanczos
             (``3·power_iters`` full-data HVPs) and raise :class:`NegativeCurvatureError` naming the damping
             needed when ``H + λI`` is not positive definite. Skipped when automatic damping already
@@ -126,6 +130,7 @@ class LissaSettings(SolverSettings):
     average: bool = True
     check_curvature: bool = True
     score_probes: int = 64
+    tangent_chunk: Union[int, str, None] = "auto"
 
     def __post_init__(self) -> None:
         def bad(arg: str, what: str) -> InfluenceConfigError:
@@ -150,6 +155,8 @@ class LissaSettings(SolverSettings):
         for arg in ("tol", "scale_margin", "batch_factor"):
             if not pos_num(getattr(self, arg)):
                 raise bad(arg, "a positive number")
+        if not (self.tangent_chunk is None or self.tangent_chunk == "auto" or pos_int(self.tangent_chunk)):
+            raise bad("tangent_chunk", 'a positive integer, "auto" or None')
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "an integer")
         for arg in ("average", "check_curvature"):
@@ -161,13 +168,16 @@ class LissaSettings(SolverSettings):
 
 
 class LissaSolver(InverseHVP):
-    """Runs the recursion for a batch of right-hand sides. Setup (spectral estimates, automatic batch
-    size, scale and damping) happens once here, so every query chunk is solved with the same settings.
+    """Runs the recursion for a batch of right-hand sides. Setup (curvature check, spectral estimates,
+    automatic batch size and scale, the score sketch) happens once here, so every query chunk is solved
+    with the same settings.
 
     Args:
         operator: the Hessian of the mean training loss.
-        damping: ``λ ≥ 0`` (Hessian units) or ``"auto"``.
+        damping: ``λ ≥ 0`` (Hessian units).
         settings: :class:`LissaSettings`.
+        spectrum: Lanczos estimates of ``H``'s extreme eigenvalues already made (by automatic damping);
+            they replace the curvature check's own.
     """
 
     def __init__(
@@ -217,7 +227,8 @@ class LissaSolver(InverseHVP):
         else:
             self.scale = float(st.scale)
         self.setup["hvps"] = operator.hvp_calls - hvp0
-        self.probe = self._score_sketch(base + 4)
+        self.sketch = self._score_sketch(base + 4)
+        self._tuned = False
 
     def _score_sketch(self, seed: int) -> Tensor:
         """``S = EᵀG / √n`` ``[K, P]``: ``K = score_probes`` random ±1 combinations of all ``n`` training
@@ -234,9 +245,9 @@ class LissaSolver(InverseHVP):
             raise InfluenceRuntimeError("a training example has a NaN/inf gradient at the trained weights; check the data.")
         return sketch / math.sqrt(n)
 
-    def _probe_norm(self, x: Tensor) -> Tensor:
+    def _score_norm(self, x: Tensor) -> Tensor:
         """``‖S x_q‖ ≈ ‖G x_q‖/√n`` per row ``x_q``: the size of what ``x_q`` does to the training scores."""
-        return (x @ self.probe.T).norm(dim=1)
+        return (x @ self.sketch.T).norm(dim=1)
 
     def _minibatch_lambda_max(self, seed: int) -> List[float]:
         """``λ_max(H_B + λI)`` by power iteration on ``power_batches`` minibatches of the chosen size."""
@@ -254,8 +265,17 @@ class LissaSolver(InverseHVP):
     def solve(self, rhs: Tensor) -> SolveResult:
         """``(H + λI)⁻¹ rhs`` for every row of ``rhs`` ``[Q, P]``; see the module docstring."""
         st = self.settings
-        hvp0 = self.operator.hvp_calls
         q = rhs.shape[0]
+        if st.tangent_chunk == "auto":
+            if not self._tuned and q > 8:  # once, on the first (largest) chunk of queries
+                tune0 = self.operator.hvp_calls
+                batch = next(self.operator.minibatches(self.batch_size, _repeat_seed(st.seed, 40_000)))
+                self.setup["tangent_chunk"] = self.operator.tune_tangent_chunk(batch, rhs)["tangent_chunk"]
+                self.setup["hvps"] += self.operator.hvp_calls - tune0
+                self._tuned = True
+        else:
+            self.operator.tangent_chunk = st.tangent_chunk
+        hvp0 = self.operator.hvp_calls
         estimates: List[Tensor] = []
         per_repeat: List[Dict[str, Any]] = []
         for r in range(st.repeats):
@@ -265,10 +285,10 @@ class LissaSolver(InverseHVP):
         stack = torch.stack(estimates)  # [R, Q, P]
         mean = stack.mean(0)
         if st.repeats > 1:
-            # measured on the probe scores, like convergence: the spread along near-flat directions (a slow
+            # measured on the score sketch, like convergence: the spread along near-flat directions (a slow
             # random walk, large in the Euclidean norm) barely moves the scores and must not dominate
             sd = stack.std(0, unbiased=True) / math.sqrt(st.repeats)
-            rel_se = (self._probe_norm(sd) / self._probe_norm(mean).clamp_min(torch.finfo(mean.dtype).tiny)).tolist()
+            rel_se = (self._score_norm(sd) / self._score_norm(mean).clamp_min(torch.finfo(mean.dtype).tiny)).tolist()
         else:
             rel_se = [float("nan")] * q
         depth_per_query = [max(info["depth_per_query"][i] for info in per_repeat) for i in range(q)]
@@ -363,9 +383,9 @@ class LissaSolver(InverseHVP):
                 n_avg = t - seg_start
                 est = acc / n_avg if (st.average or not auto) else x.clone()
                 if auto and prev is not None:
-                    # relative change of the query's scores on the probe training examples
+                    # relative change of the query's training scores (through the sketch)
                     rel = torch.zeros(q, dtype=rhs.dtype, device=rhs.device)
-                    rel[idx] = self._probe_norm((est - prev)[idx]) / self._probe_norm(est[idx]).clamp_min(tiny)
+                    rel[idx] = self._score_norm((est - prev)[idx]) / self._score_norm(est[idx]).clamp_min(tiny)
                     changes.append(float(rel[active].max()))
                     done = active & (rel < st.tol)
                 else:
