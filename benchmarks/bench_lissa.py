@@ -235,17 +235,30 @@ def main() -> None:
         batched = spawn({**base, "out": os.path.join(cache, "cnn_batched.pt")})
         loop = spawn({**base, "query_batch_size": 1, "loop_queries": args.loop_queries,
                       "out": os.path.join(cache, "cnn_loop.pt")})
+        ref = None
+        if not args.depth:  # accuracy of both against CG to 1e-6 in float64, same queries
+            ref_out = os.path.join(cache, "cnn_loop_ref.pt")
+            ref = spawn({**base, "dtype": "float64", "solver": "cg", "out": ref_out})
+            ref = None if "error" in ref else (torch.load(ref_out), ref)
         how = f"fixed depth={args.depth}, repeats=1 (timing only)" if args.depth else "default settings"
         print(f"\n## CNN, {len(q)} queries × 1347 training digits, {args.dtype}, {how}\n")
-        print("| run | solve s | total s | peak RSS MB | HVP calls |\n|---|---|---|---|---|")
+        if ref is not None:
+            print(f"reference: CG to 1e-6, float64, {ref[1]['timings']['solve']:.1f} s solve, "
+                  f"{ref[1]['maxrss_mb']:.0f} MB peak\n")
+        print("| run | median r | min r | solve s | total s | peak RSS MB | HVP calls |\n|---|---|---|---|---|---|---|")
         for label, res in (("default LiSSA, all queries batched", batched), ("same recursion, one query at a time", loop)):
             if "error" in res:
-                print(f"| {label} | failed: {res['error']} | | | |")
+                print(f"| {label} | failed: {res['error']} | | | | | |")
                 continue
+            acc = "| |"
+            if ref is not None:
+                mine = torch.load(os.path.join(cache, "cnn_batched.pt" if res is batched else "cnn_loop.pt"))
+                r = pearson(mine.double(), ref[0][: mine.shape[0]])
+                acc = f"{float(r.median()):.4f} | {float(r.min()):.4f} |"
             nq = args.loop_queries if (res is loop and args.loop_queries) else len(q)
             f = len(q) / nq
             note = f" (measured {nq} queries, ×{f:g})" if f != 1 else ""
-            print(f"| {label}{note} | {res['timings']['solve'] * f:.1f} | "
+            print(f"| {label}{note} | {acc} {res['timings']['solve'] * f:.1f} | "
                   f"{res['timings']['solve'] * f + res['wall_s'] - res['timings']['solve']:.1f} | "
                   f"{res['maxrss_mb']:.0f} | {res['hvp_calls']} |")
         if "error" not in batched and "error" not in loop:

@@ -6,18 +6,20 @@ negative eigenvalues, and then LiSSA's Neumann series diverges, CG meets non-pos
 dense solve returns numbers without meaning. This module estimates the extreme eigenvalues of the
 Hessian with Lanczos and either checks a given damping or chooses one:
 
-    λ = base + safety · max(0, −λ̂_min(H + base·I)),   raised to at least ``floor · λ̂_max(H)``,
+    λ = max(base, −λ̂_min + margin),   margin = max((safety − 1)·max(0, −λ̂_min), floor·|λ̂_max|),
 
-``base`` being the damping the user's loss already implies (its coupled L2 weight decay). ``λ`` is in
+so the smallest eigenvalue estimate of ``H + λI`` is at least ``margin`` (a fraction of the negative
+curvature, and at least ``floor`` of the largest eigenvalue: a bound on the condition number), and never
+below ``base``, the damping the user's loss already implies (its coupled L2 weight decay). ``λ`` is in
 the units of ``H``, the Hessian of the *mean* training loss. Lanczos Ritz values never overshoot the
-extreme eigenvalues (``λ̂_min ≥ λ_min``), hence the safety factor. Knows nothing about Lightning.
+extreme eigenvalues (``λ̂_min ≥ λ_min``), hence the margin. Knows nothing about Lightning.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Union
+from typing import Any, Union
 
 from .errors import InfluenceConfigError, NegativeCurvatureError
 from .operator import HessianOperator
@@ -32,8 +34,9 @@ class AutoDamping:
 
     Args:
         base: damping the training loss already implies (e.g. its coupled L2 weight decay), Hessian units.
-        safety: multiplier on ``−λ̂_min(H + base·I)`` when that is positive.
-        floor: the result is at least ``floor · λ̂_max(H)`` (a relative minimum for a flat Hessian).
+        safety: ``> 1``; with negative curvature, ``λ ≥ safety · |λ̂_min|`` (unless ``base`` is larger).
+        floor: ``> 0``; the smallest eigenvalue of ``H + λI`` is kept at least ``floor · |λ̂_max(H)|``
+            (unless ``base`` gives more), which bounds its condition number by about ``1/floor``.
         iters: Lanczos steps (full-data Hessian-vector products) for the estimate.
         seed: start vector of Lanczos.
     """
@@ -45,31 +48,34 @@ class AutoDamping:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("base", "floor"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= float(v) < math.inf:
-                raise InfluenceConfigError(f"AutoDamping.{name}={v!r} must be a finite number ≥ 0.")
-        if isinstance(self.safety, bool) or not isinstance(self.safety, (int, float)) or not self.safety >= 1:
-            raise InfluenceConfigError(f"AutoDamping.safety={self.safety!r} must be a number ≥ 1.")
+        def number(v: Any) -> bool:
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+
+        if not (number(self.base) and self.base >= 0):
+            raise InfluenceConfigError(f"AutoDamping.base={self.base!r} must be a finite number ≥ 0.")
+        if not (number(self.floor) and self.floor > 0):
+            raise InfluenceConfigError(f"AutoDamping.floor={self.floor!r} must be a finite number > 0 (e.g. 1e-3).")
+        if not (number(self.safety) and self.safety > 1):
+            raise InfluenceConfigError(f"AutoDamping.safety={self.safety!r} must be a finite number > 1 (e.g. 1.5).")
         if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 2:
             raise InfluenceConfigError(f"AutoDamping.iters={self.iters!r} must be an integer ≥ 2.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InfluenceConfigError(f"AutoDamping.seed={self.seed!r} must be an integer.")
 
     def choose(self, lambda_min: float, lambda_max: float) -> float:
         """The damping for Hessian eigenvalue estimates ``lambda_min ≤ lambda_max`` (of ``H``, undamped)."""
-        lam = self.base + self.safety * max(0.0, -(lambda_min + self.base))
-        return float(max(lam, self.floor * abs(lambda_max)))
+        margin = max((self.safety - 1.0) * max(0.0, -lambda_min), self.floor * abs(lambda_max))
+        return float(max(self.base, -lambda_min + margin))
 
 
 @dataclass(frozen=True)
 class Spectrum:
-    """Lanczos estimates of the extreme eigenvalues of ``H`` (undamped) and the products they cost."""
+    """Lanczos estimates of the extreme eigenvalues of ``H`` (undamped) and their cost in full-data
+    Hessian-vector products (``passes``, each a sweep over the whole training set)."""
 
     lambda_min: float
     lambda_max: float
-    hvps: int
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {"lambda_min": self.lambda_min, "lambda_max": self.lambda_max, "spectrum_hvps": self.hvps}
+    passes: int
 
 
 def estimate_spectrum(operator: HessianOperator, iters: int = 60, seed: int = 0) -> Spectrum:
@@ -80,15 +86,15 @@ def estimate_spectrum(operator: HessianOperator, iters: int = 60, seed: int = 0)
     return Spectrum(lo.value, hi.value, lo.matvecs)
 
 
-def check_curvature(spectrum: Spectrum, damping: float, solver: str, safety: float = 1.5, floor: float = 1e-3) -> None:
+def check_curvature(spectrum: Spectrum, damping: float, solver: str) -> None:
     """Raise :class:`NegativeCurvatureError` when ``H + λI`` has a non-positive eigenvalue estimate,
-    naming the damping that would fix it."""
+    naming the damping that would fix it (what ``AutoDamping(base=damping)`` would choose)."""
     if spectrum.lambda_min + damping > 0:
         return
-    need = AutoDamping(base=float(damping), safety=safety, floor=floor).choose(spectrum.lambda_min, spectrum.lambda_max)
+    need = AutoDamping(base=float(damping)).choose(spectrum.lambda_min, spectrum.lambda_max)
     raise NegativeCurvatureError(
         f"H + λI is not positive definite: the smallest Hessian eigenvalue is estimated at "
-        f"{spectrum.lambda_min:.4g} (Lanczos, {spectrum.hvps} HVPs), so with damping λ={damping:g} the curvature "
+        f"{spectrum.lambda_min:.4g} (Lanczos, {spectrum.passes} full-data HVPs), so with damping λ={damping:g} the curvature "
         f"is {spectrum.lambda_min + damping:.3g} along some direction and solver={solver!r} cannot give "
         f"meaningful influence (the trained weights are not at a minimum). Fix: damping ≥ {need:.3g}, or "
         "damping='auto' (chooses it), or train closer to convergence."

@@ -147,9 +147,10 @@ def compute_influence(
             regularisation the solver needs), in Hessian units. ``"auto"`` or
             :class:`~lightning_influence.damping.AutoDamping` (any solver): estimate the extreme Hessian
             eigenvalues by Lanczos (60 full-data HVPs) and use the smallest damping that makes ``H + λI``
-            positive definite, with a safety factor (``AutoDamping(base=wd)`` starts from an L2
-            coefficient ``wd``); the λ used is ``results.settings["damping"]``, the estimates
-            ``lambda_min_estimate`` / ``lambda_max_estimate``.
+            positive definite with a margin (see :class:`~lightning_influence.damping.AutoDamping`;
+            ``AutoDamping(base=wd)`` never goes below an L2 coefficient ``wd``); the λ used is
+            ``results.settings["damping"]``, the estimates ``lambda_min_estimate`` /
+            ``lambda_max_estimate``.
         self_influence: also compute ``I_up,loss(z_i, z_i)`` for every training example.
         collate_fn / query_collate_fn: how examples become batches (default ``default_collate``).
         chunk_size: training examples per per-sample-gradient chunk and per full-data HVP chunk.
@@ -266,7 +267,7 @@ def compute_influence(
         "damping": float(inverse.damping),
         "damping_mode": "auto" if spectrum is not None else "fixed",
         **({"damping_base": damping_spec.base, "lambda_min_estimate": spectrum.lambda_min,
-            "lambda_max_estimate": spectrum.lambda_max, "spectrum_hvps": spectrum.hvps}
+            "lambda_max_estimate": spectrum.lambda_max, "spectrum_passes": spectrum.passes}
            if isinstance(damping_spec, AutoDamping) and spectrum is not None else {}),
         "dtype": str(dtype).replace("torch.", ""),
         "params": list(objective.param_names),

@@ -1,10 +1,13 @@
 """Cheap spectral estimates of a symmetric operator from matrix-vector products alone.
 
-Used by the LiSSA solver to choose its scale, batch size and (optionally) damping without tuning:
+Used by the LiSSA solver to choose its scale and batch size without tuning, and by
+:mod:`lightning_influence.damping` to check or choose the damping:
 
 * :func:`power_iteration`: the eigenvalue of largest magnitude of ``A − shift·I`` (plus ``shift``), i.e.
-  ``λ_max(A)`` with ``shift=0`` for a positive semi-definite ``A``, or ``λ_min(A)`` with ``shift`` at or
-  above ``λ_max(A)``.
+  ``λ_max(A)`` with ``shift=0`` for a positive semi-definite ``A`` (LiSSA's scale, on minibatches).
+* :func:`lanczos_extremes`: both extreme eigenvalues from one Krylov space; converges much faster than
+  shifted power iteration at an end of the spectrum near zero (the smallest, possibly negative,
+  eigenvalue of a trained network's Hessian).
 * :func:`hutchinson_trace`: ``tr(A) ≈ mean_k z_kᵀ A z_k`` over Rademacher probes ``z_k``.
 
 Every function takes ``matvec(V [K, P]) -> A V [K, P]`` acting on the *rows* of ``V`` (the batched

@@ -64,9 +64,10 @@ def report(tmp_path_factory):
         self_influence=-torch.rand(N, generator=g),
         query_targets=val.tensors[1][[3, 17, 40]],
         query_predictions=torch.tensor([1, 2, 3]),
-        settings={"solver": "lissa", "depth": 100, "scale": 10.0, "damping": 0.01, "num_train_total": N},
+        settings={"solver": "lissa", "depth": 100, "scale": 10.0, "damping": 0.01, "damping_mode": "fixed",
+                  "num_train_total": N},
         diagnostics={"solve": [{
-            "scale": 10.0, "damping": 0.01, "damping_auto": False, "batch_size": 64, "depth_mode": "fixed",
+            "scale": 10.0, "damping": 0.01, "batch_size": 64, "depth_mode": "fixed",
             "depth": [100, 100], "depth_per_query": [100] * Q, "converged": True, "relative_stderr": [0.02, 0.04, 0.03],
             "norm_history": [[1.0, 2.0, 2.4], [1.0, 2.1, 2.3]], "checkpoint_steps": [[25, 50, 100], [25, 50, 100]],
             "segment_change": [[], []], "setup": {"hvps": 40, "lambda_max_minibatch": [8.0, 9.0]}, "hvp_calls": 200,

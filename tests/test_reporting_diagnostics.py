@@ -33,11 +33,12 @@ LISSA_KEYS = ("relative_stderr", "depth_max", "depth_min", "lambda_", "trace", "
 def _lissa_chunk(stderr: List[float], depth_q: List[int], depth: List[int], hist: List[List[float]],
                  steps: List[List[int]], changes: List[List[float]], hvps: int) -> Dict[str, Any]:
     return {
-        "scale": 12.5, "damping": 0.01, "damping_auto": True, "batch_size": 64, "depth_mode": "auto",
+        "scale": 12.5, "damping": 0.01, "batch_size": 64, "depth_mode": "auto",
         "depth": depth, "depth_per_query": depth_q, "converged": True, "relative_stderr": stderr,
         "norm_history": hist, "checkpoint_steps": steps, "segment_change": changes,
         "setup": {"hvps": 120, "lambda_max_full": 4.0, "lambda_min_full": -0.5, "trace": 30.0, "trace_stderr": 1.5,
-                  "lambda_max_minibatch": [10.0, 12.5, 11.0], "lambda_extra": 0.75},
+                  "lambda_max_minibatch": [10.0, 12.5, 11.0], "lambda_extra": 0.75, "curvature_check_passes": 60,
+                  "tangent_chunk": 32},
         "hvp_calls": hvps,
     }
 
@@ -47,7 +48,8 @@ def _results(diagnostics: Dict[str, Any], solver: str = "lissa") -> InfluenceRes
     return InfluenceResults(
         scores=torch.randn(Q, N, generator=g), query_indices=torch.tensor(QUERY_IDS), train_indices=torch.arange(N),
         query_losses=torch.rand(Q, generator=g),
-        settings={"solver": solver, "damping": 0.01, "query_batch_size": QB, "num_train_total": N},
+        settings={"solver": solver, "damping": 0.01, "damping_mode": "auto", "query_batch_size": QB,
+                  "num_train_total": N},
         diagnostics=diagnostics, timings={"total": 1.0},
     )
 
@@ -66,7 +68,7 @@ def lissa_results() -> InfluenceResults:
 
 #: what diagnostic_scalars must give for lissa_results(), exactly
 EXPECTED_LISSA = {
-    "scale": 12.5, "damping": 0.01, "damping_auto": True, "batch_size": 64, "converged": True,
+    "scale": 12.5, "damping": 0.01, "batch_size": 64, "converged": True,
     "relative_stderr_median": 0.1875,  # median of 0.0625, 0.125, 0.25, 0.5 (the NaN ignored)
     "relative_stderr_max": 0.5,
     "depth_max": 400, "depth_min": 100,
@@ -74,6 +76,7 @@ EXPECTED_LISSA = {
     "segment_change_final": 0.02,
     "lambda_max_full": 4.0, "lambda_min_full": -0.5, "trace": 30.0, "trace_stderr": 1.5,
     "lambda_max_minibatch_max": 12.5, "lambda_extra": 0.75, "setup_hvps": 120,
+    "curvature_check_passes": 60, "tangent_chunk": 32,
     "solve_hvp_calls": 1150, "hvp_calls": 1300,
 }
 
@@ -212,6 +215,8 @@ def test_html_shows_lissa_diagnostics(catalogs):
     assert rows["λ_max(H)"] == "4" and rows["λ_min(H)"] == "-0.5" and rows["trace(H)"] == "30 ± 1.5"
     assert rows["λ_max(H_B + λI)"] == "10, 12.5, 11" and rows["lambda_extra"] == "0.75"
     assert rows["HVPs in setup"] == "120" and rows["HVPs in the solve"] == "1150"
+    assert rows["curvature check"] == "60" and rows["right-hand sides per HVP"] == "32"
+    assert "chosen automatically; the solver targets (H + λI)⁻¹v" in lissa  # settings' damping_mode
 
     table = re.search(r'<table class="grid" id="per-query-diagnostics">.*?</table>', text, re.S).group(0)
     cells = re.findall(r'<tr data-row="(\d)" data-query-id="(\d+)" data-relative-stderr="([^"]*)" data-depth="(\d*)">', table)

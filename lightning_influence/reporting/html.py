@@ -247,8 +247,7 @@ def _lissa_rows(results: InfluenceResults, scalars: Dict[str, Any]) -> List[Tupl
             rows.append((label, _fmt(g[key]), meaning))
 
     if "damping" in g:
-        auto = g["damping_auto"] if "damping_auto" in g else {"auto": True, "fixed": False}.get(
-            str(results.settings.get("damping_mode")))
+        auto = {"auto": True, "fixed": False}.get(str(results.settings.get("damping_mode")))
         mode = "" if auto is None else ("chosen automatically; " if auto else "given; ")
         rows.append(("damping λ", _fmt(g["damping"]), f"{mode}the solver targets (H + λI)⁻¹v (Hessian units)"))
     add("scale s", "scale", "each step divides the residual by s; contracts while every λ(H_B + λI) < 2s")
@@ -279,7 +278,15 @@ def _lissa_rows(results: InfluenceResults, scalars: Dict[str, Any]) -> List[Tupl
     if isinstance(lam_b, (list, tuple)) and lam_b:
         rows.append(("λ_max(H_B + λI)", ", ".join(_fmt(float(v)) for v in lam_b),
                      "top eigenvalue per sampled minibatch (sets the automatic scale)"))
-    known = {"hvps", "lambda_max_full", "lambda_min_full", "trace", "trace_stderr", "lambda_max_minibatch"}
+    described = {
+        "curvature_check_passes": ("curvature check", "full-data HVPs of the Lanczos estimate of λ_min(H)"),
+        "tangent_chunk": ("right-hand sides per HVP", "queries vmapped together (timed; only speed depends on it)"),
+        "score_sketch_seconds": ("score sketch, s", "building the sketch of the training scores (convergence test)"),
+    }
+    for key, (label, meaning) in described.items():
+        if isinstance(setup.get(key), (int, float)):
+            rows.append((label, _fmt(setup[key]), meaning))
+    known = {"hvps", "lambda_max_full", "lambda_min_full", "trace", "trace_stderr", "lambda_max_minibatch", *described}
     for key, v in setup.items():
         if key not in known and isinstance(v, (int, float)) and not isinstance(v, bool):
             rows.append((str(key), _fmt(v), "recorded at setup"))
