@@ -195,6 +195,24 @@ def test_bad_fixed_scale_raises_within_a_few_steps(logreg):
     assert "Norm history" in str(err.value)
 
 
+def test_nan_in_the_recursion_stops_at_that_step(saddle, monkeypatch):
+    # an HVP that turns NaN at its 57th call (e.g. an overflow inside the model): the solve stops at step
+    # 57 with the step, the query, the norm history and the likely cause, and no scores come back
+    calls, real = [0], HessianOperator.batch_hvp
+
+    def flaky(self, batch, vectors):
+        calls[0] += 1
+        out = real(self, batch, vectors)
+        return out * float("nan") if calls[0] == 57 else out
+
+    monkeypatch.setattr(HessianOperator, "batch_hvp", flaky)
+    s = LissaSettings(scale=10.0, batch_size=64, depth=100, repeats=1, check_curvature=False)
+    with pytest.raises(SolverDivergedError, match=r"diverged at step 57: the estimate for query 0 became NaN/inf"
+                                                  r".*Norm history \(step: max ‖h‖/‖v‖\): .*, 57: nan\. Fix: "
+                                                  r".*a Hessian-vector product returned NaN/inf.*float64"):
+        run(saddle, s, damping=0.5, queries=[0, 1])
+
+
 def test_negative_curvature_raises_naming_the_damping_and_auto_damping_converges(saddle):
     ev = torch.linalg.eigvalsh(dense_hessian(saddle))
     assert ev[0] < -0.1  # the problem really has negative curvature

@@ -342,9 +342,14 @@ class LissaSolver(InverseHVP):
             fixes.append(f"H + λI has negative curvature: the smallest Hessian eigenvalue is estimated at "
                          f"{lam_min:.3g} with damping λ={self.damping:g}; use damping ≥ {need:.3g} "
                          "(or damping='auto')")
-        if not fixes:
+        if not fixes and math.isfinite(ratio):
             fixes.append(f"raise damping above {self.damping:g} or scale above {self.scale:g} (smallest Hessian "
                          f"eigenvalue estimate {lam_min:.3g}, top minibatch eigenvalue estimate {lam_b:.3g})")
+        elif not fixes:  # scale and curvature are fine: the product itself was not finite
+            fixes.append(f"the spectrum estimates show a contracting recursion (smallest Hessian eigenvalue "
+                         f"{lam_min:.3g} with damping λ={self.damping:g}, top minibatch eigenvalue {lam_b:.3g} "
+                         f"within 2·scale={2 * self.scale:g}), so a Hessian-vector product returned NaN/inf: look "
+                         "for overflow in the model or NaN in the training data (try dtype=torch.float64)")
         return SolverDivergedError(
             f"LiSSA diverged at step {t}: {why} (‖h_t‖/‖v‖ = {ratio:.3g}). Norm history (step: max ‖h‖/‖v‖): "
             f"{history}. Fix: " + "; ".join(fixes) + "."
