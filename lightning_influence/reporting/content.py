@@ -24,9 +24,9 @@ SIGN_CONVENTION = (
     "in the query loss when removing example i: -score / n."
 )
 NORM_HISTORY = (
-    "LiSSA norm history: the largest ‖h_t‖/‖v‖ over a chunk's still-running queries at checkpoint steps t, for each repeat. "
-    "It levels off when the recursion converges; a contracting recursion stays below min(t + 1, s/λ), and "
-    "geometric growth means divergence (scale too small or negative curvature)."
+    "LiSSA norm history: the largest ‖h_t‖/‖v‖ over a chunk's still-running queries at checkpoint steps t, "
+    "for each repeat. It levels off when the recursion converges; a contracting recursion stays below "
+    "min(t + 1, s/λ), and geometric growth means divergence (scale too small or negative curvature)."
 )
 
 
@@ -64,9 +64,9 @@ class QueryView:
 @dataclass(frozen=True)
 class NormSeries:
     """LiSSA's norm history for one repeat of one query chunk (rows ``start:stop`` of the scores):
-    ``ratios[j]`` is the largest ``‖h_t‖/‖v‖`` over the chunk's queries still running at step ``steps[j]`` (dimensionless);
-    ``segment_change`` the largest relative change of the queries' (sketched) training scores at the end of each depth-check segment;
-    ``depth`` the steps run (``None`` when not recorded)."""
+    ``ratios[j]`` is the largest ``‖h_t‖/‖v‖`` over the chunk's queries still running at step ``steps[j]``
+    (dimensionless); ``segment_change`` the largest relative change of the queries' (sketched) training
+    scores at the end of each depth-check segment; ``depth`` the steps run (``None`` when not recorded)."""
 
     chunk: int
     start: int

@@ -239,7 +239,6 @@ class LissaSolver(InverseHVP):
             t0 = time.perf_counter()
             self.sketch = self._score_sketch(base + 4)
             self.setup["score_sketch_seconds"] = time.perf_counter() - t0
-        self._tuned = False
 
     def _score_sketch(self, seed: int) -> Tensor:
         """``S = EᵀG / √n`` ``[K, P]``: ``K = score_probes`` random ±1 combinations of all ``n`` training
@@ -279,12 +278,11 @@ class LissaSolver(InverseHVP):
         st = self.settings
         q = rhs.shape[0]
         if st.tangent_chunk == "auto":
-            if not self._tuned and q > 8:  # once, on the first (largest) chunk of queries
+            if "tangent_chunk" not in self.setup and q > 8:  # once, on the first (largest) chunk of queries
                 tune0 = self.operator.hvp_calls
                 batch = next(self.operator.minibatches(self.batch_size, _repeat_seed(st.seed, 40_000)))
-                self.setup["tangent_chunk"] = self.operator.tune_tangent_chunk(batch, rhs)["tangent_chunk"]
+                self.setup["tangent_chunk"] = self.operator.tune_tangent_chunk(batch, rhs)
                 self.setup["hvps"] += self.operator.hvp_calls - tune0
-                self._tuned = True
         else:
             self.operator.tangent_chunk = st.tangent_chunk
         hvp0 = self.operator.hvp_calls
