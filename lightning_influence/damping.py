@@ -18,14 +18,19 @@ extreme eigenvalues (``λ̂_min ≥ λ_min``), hence the margin. Knows nothing a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
+from .diagnostics import Diagnostic
 from .errors import InfluenceConfigError, NegativeCurvatureError
 from .operator import HessianOperator
 from .spectral import lanczos_extremes
 
-__all__ = ["AutoDamping", "Spectrum", "estimate_spectrum", "check_curvature", "resolve_damping"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .problem import InfluenceProblem
+
+__all__ = ["AutoDamping", "DampingChoice", "Spectrum", "estimate_spectrum", "check_curvature", "hessian_damping",
+           "resolve_damping"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,42 @@ def estimate_spectrum(operator: HessianOperator, iters: int = 60, seed: int = 0)
         operator.full_hvp, operator.num_params, iters=iters, seed=seed, dtype=operator.dtype, device=operator.device
     )
     return Spectrum(lo.value, hi.value, lo.matvecs)
+
+
+@dataclass(frozen=True)
+class DampingChoice:
+    """The damping a solver settled on: ``value`` (λ, Hessian units), the spectrum estimated on the way
+    (if any), the settings record (``damping``, ``damping_mode``, …) and the same as diagnostics."""
+
+    value: float
+    spectrum: Optional[Spectrum] = None
+    record: Dict[str, Any] = field(default_factory=dict)
+    diagnostics: List[Diagnostic] = field(default_factory=list)
+
+
+def hessian_damping(problem: "InfluenceProblem", spec: Union[float, AutoDamping]) -> DampingChoice:
+    """The rule of the Hessian-vector-product solvers (LiSSA, CG, exact): a fixed ``λ`` as given, or for
+    :class:`AutoDamping` Lanczos on the full-data Hessian (``spec.iters`` passes) and
+    :meth:`AutoDamping.choose`. The spectrum is returned for reuse (curvature checks, batch sizes)."""
+    if not isinstance(spec, AutoDamping):
+        lam = float(spec)
+        return DampingChoice(lam, None, {"damping": lam, "damping_mode": "fixed"}, [
+            Diagnostic("damping", lam, "damping λ", "added to the Hessian of the mean training loss (fixed)")])
+    spectrum = estimate_spectrum(problem.operator, spec.iters, spec.seed)
+    lam = spec.choose(spectrum.lambda_min, spectrum.lambda_max)
+    record = {"damping": lam, "damping_mode": "auto", "damping_base": spec.base,
+              "lambda_min_estimate": spectrum.lambda_min, "lambda_max_estimate": spectrum.lambda_max,
+              "spectrum_passes": spectrum.passes}
+    return DampingChoice(lam, spectrum, record, [
+        Diagnostic("damping", lam, "damping λ", "chosen from the spectrum: max(base, −λ_min(H) + margin)"),
+        Diagnostic("damping_base", spec.base, "damping base", "the L2 coefficient λ never goes below"),
+        Diagnostic("lambda_min_estimate", spectrum.lambda_min, "λ_min(H) estimate (undamped)",
+                   "smallest eigenvalue of the Hessian H without damping (Lanczos; never overshoots)", reduce="min"),
+        Diagnostic("lambda_max_estimate", spectrum.lambda_max, "λ_max(H) estimate (undamped)",
+                   "largest eigenvalue of the Hessian H without damping (Lanczos)", reduce="max"),
+        Diagnostic("spectrum_passes", spectrum.passes, "Lanczos passes", "full-data Hessian-vector products spent "
+                   "on the spectrum estimate"),
+    ])
 
 
 def check_curvature(spectrum: Spectrum, damping: float, solver: str) -> None:

@@ -126,18 +126,21 @@ def mean_loss(loss: PerExampleLoss, space: ParamSpace, batch: Any) -> Callable[[
     return f
 
 
-def per_sample_grads(loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch: Any) -> Tensor:
+def per_sample_grads(
+    loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch: Any, randomness: str = "error"
+) -> Tensor:
     """Gradients of each example's loss, ``∇_θ L(z_i, θ)``, as a matrix ``[B, P]``.
 
     Computed with ``vmap(grad)``: one call, no Python loop over examples. The model sees each example
-    as a batch of one, so batch-dependent layers must be in eval mode.
+    as a batch of one, so batch-dependent layers must be in eval mode. ``randomness`` is ``vmap``'s
+    (``"different"`` for a loss that samples labels, e.g. the Fisher's).
     """
     params = space.unflatten(theta)
 
     def one(p: Mapping[str, Tensor], example: Any) -> Tensor:
         return loss(p, _unsqueeze(example)).sum()
 
-    grads = vmap(grad(one), in_dims=(None, batch_in_dims(batch)))(params, batch)
+    grads = vmap(grad(one), in_dims=(None, batch_in_dims(batch)), randomness=randomness)(params, batch)
     return space.flatten_batched(grads)
 
 
@@ -177,13 +180,15 @@ def batch_hvp(
 def module_loss(
     module: torch.nn.Module,
     frozen: Mapping[str, Tensor],
+    **kwargs: Any,
 ) -> PerExampleLoss:
-    """Turn a module whose ``forward(batch)`` returns per-example losses into a :data:`PerExampleLoss`.
+    """Turn a module whose ``forward(batch, **kwargs)`` returns per-example losses into a
+    :data:`PerExampleLoss`.
 
     ``frozen`` holds every parameter and buffer not being attributed (constants of the loss).
     """
 
     def loss(params: Mapping[str, Tensor], batch: Any) -> Tensor:
-        return functional_call(module, {**frozen, **params}, (batch,), strict=False)
+        return functional_call(module, {**frozen, **params}, (batch,), kwargs or None, strict=False)
 
     return loss

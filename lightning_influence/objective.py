@@ -7,6 +7,15 @@ Two contracts, the user picks by what they define:
 * a module method ``influence_loss(self, batch) -> Tensor[B]``, used whenever the module defines it,
   so any batch format works.
 
+Curvature methods built on the Fisher (EK-FAC, K-FAC) need gradients with labels *sampled from the
+model's predictive distribution* (the true Fisher, which equals the Gauss–Newton matrix for cross-entropy),
+not the training labels. With the default cross-entropy this needs nothing from the user: labels are drawn
+from ``softmax(outputs)``. A custom ``influence_loss(self, batch, sample=False)`` that accepts a ``sample``
+flag is called with ``sample=True`` there and should then use a label drawn from its own predictive
+distribution (e.g. ``torch.distributions.Categorical(logits=out).sample()``, or ``out + noise`` for a
+Gaussian regression loss). Any other loss falls back to the empirical Fisher (training labels), which is
+recorded as ``fisher="empirical"``.
+
 The objective binds a module to a dict of parameter values through ``torch.func.functional_call``;
 the module's own tensors are never modified.
 """
@@ -14,6 +23,7 @@ the module's own tensors are never modified.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,6 +45,15 @@ def default_loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
+def _accepts_sample(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes a ``sample`` keyword (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return False
+    return any(p.name == "sample" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 class _LossModule(nn.Module):
     """Wraps the user's module so that ``forward(batch)`` returns per-example losses."""
 
@@ -43,9 +62,10 @@ class _LossModule(nn.Module):
         self.inner = inner
         self._loss_fn = loss_fn
 
-    def forward(self, batch: Any) -> Tensor:
+    def forward(self, batch: Any, sample: bool = False) -> Tensor:
         if self._loss_fn is None:
-            return getattr(self.inner, HOOK_NAME)(batch)
+            hook = getattr(self.inner, HOOK_NAME)
+            return hook(batch, sample=True) if sample else hook(batch)
         inputs, targets = batch[0], batch[1]
         return self._loss_fn(self.inner(inputs), targets)
 
@@ -124,6 +144,17 @@ class Objective:
         self.theta: Tensor = self.space.flatten(prefixed)
         self.param_names: Tuple[str, ...] = tuple(selected)
         self.loss: PerExampleLoss = module_loss(wrapper, frozen)
+        #: how Fisher-based curvature draws its labels: ``"sampled"`` (from the model's predictive
+        #: distribution) or ``"empirical"`` (the training labels; custom losses without a ``sample`` flag)
+        self.fisher = "empirical"
+        #: per-example loss whose gradients are the Fisher's (labels sampled where the loss allows it)
+        self.fisher_loss: PerExampleLoss = self.loss
+        if self.uses_hook and _accepts_sample(getattr(module, HOOK_NAME)):
+            self.fisher = "sampled"
+            self.fisher_loss = module_loss(wrapper, frozen, sample=True)
+        elif self.loss_fn is default_loss_fn:
+            self.fisher = "sampled"
+        self.wrapper = wrapper
 
     @property
     def num_params(self) -> int:
@@ -158,6 +189,19 @@ class Objective:
         params = {n[len("inner.") :]: t for n, t in self.space.unflatten(self.theta).items()}
         with torch.no_grad():
             return functional_call(self.module, {**self._inner_frozen, **params}, (batch[0],), strict=False)
+
+    def fisher_batch(self, batch: Any, generator: torch.Generator) -> Any:
+        """``batch`` with its targets replaced by labels drawn from the model's predictive distribution
+        (``softmax(outputs)``) when the loss is the default cross-entropy; otherwise ``batch`` unchanged
+        (a ``sample``-aware ``influence_loss`` samples inside :attr:`fisher_loss`). ``generator`` (a CPU
+        generator) makes the draw reproducible."""
+        if self.uses_hook or self.loss_fn is not default_loss_fn:
+            return batch
+        logits = self.outputs(batch)
+        assert logits is not None
+        probs = torch.softmax(logits.detach().double().cpu().reshape(logits.shape[0], -1), dim=1)
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(batch[1].device)
+        return (batch[0], labels.view(batch[1].shape).to(batch[1].dtype), *batch[2:])
 
     def check_per_example(self, batch: Any) -> None:
         """Raise a clear error unless the loss of ``batch`` is a finite vector with one entry per example."""

@@ -1,9 +1,18 @@
 """The one interface every inverse-HVP method implements.
 
 A solver's *settings* are a frozen dataclass, validated on construction and serialisable into a logger's
-config. ``settings.build(operator, damping)`` returns an :class:`InverseHVP` that solves
-``(H + λI) X = V`` for a batch of right-hand sides ``V [Q, P]``. Solvers see only tensors and the
-:class:`~lightning_influence.operator.HessianOperator`; never a Trainer, a device choice or a logger.
+config. ``settings.fit(problem, damping)`` looks at the :class:`~lightning_influence.problem.InfluenceProblem`
+as much as it needs (HVP sweeps, per-layer statistics, spectral estimates), resolves the damping by its
+own rule, and returns an :class:`InverseHVP` that solves ``(H + λI) X = V`` for a batch of right-hand
+sides ``V [Q, P]``. Solvers see only tensors and the problem; never a Trainer, a device choice or a logger.
+
+Two families:
+
+* iterative (LiSSA, CG): each :meth:`InverseHVP.solve` runs Hessian-vector products;
+* :class:`FactoredInverse` (EK-FAC, K-FAC, Arnoldi): the inverse is held in closed form, applies to any
+  ``[Q, P]`` block at the cost of a few small matrix products, and gives ``gᵀ (Ĥ + λI)⁻¹ g`` for a batch
+  of training gradients in the same pass as the scores (:meth:`InverseHVP.quadratic`). A factored
+  inverse also serves as a preconditioner (:meth:`FactoredInverse.apply_inverse_sqrt`).
 """
 
 from __future__ import annotations
@@ -11,46 +20,85 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Union
 
 import torch
 from torch import Tensor
 
+from ..diagnostics import Diagnostic
 from ..errors import SolverDivergedError
-from ..operator import HessianOperator
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..damping import Spectrum
+    from ..damping import AutoDamping
+    from ..problem import InfluenceProblem
 
-__all__ = ["SolveResult", "InverseHVP", "SolverSettings", "check_finite"]
+__all__ = ["SolveResult", "InverseHVP", "FactoredInverse", "SolverSettings", "DampingSpec", "check_finite"]
+
+#: what ``fit`` receives: a fixed ``λ ≥ 0`` or an automatic rule (each solver applies its own)
+DampingSpec = Union[float, "AutoDamping"]
 
 
 @dataclass
 class SolveResult:
-    """``solution`` ``[Q, P]`` ≈ ``(H + λI)⁻¹ V``, with diagnostics as plain data (floats, ints, lists)."""
+    """``solution`` ``[Q, P]`` ≈ ``(H + λI)⁻¹ V``, with typed diagnostics for this chunk of queries."""
 
     solution: Tensor
-    diagnostics: Dict[str, Any] = field(default_factory=dict)
+    diagnostics: List[Diagnostic] = field(default_factory=list)
 
 
 class InverseHVP(ABC):
-    """A solver bound to one Hessian operator and damping."""
+    """``(H + λI)⁻¹`` fitted to one problem.
 
-    def __init__(self, operator: HessianOperator, damping: float) -> None:
-        self.operator = operator
+    Attributes:
+        damping: the ``λ`` used (Hessian units).
+        setup: diagnostics of the fit (how ``λ`` was chosen, spectral estimates, costs), as data.
+        hvp_calls: batched Hessian-vector products spent so far (fit and solves).
+    """
+
+    def __init__(self, problem: "InfluenceProblem", damping: float) -> None:
+        self.problem = problem
         self.damping = float(damping)
+        self.setup: List[Diagnostic] = []
+
+    @property
+    def hvp_calls(self) -> int:
+        op = self.problem.__dict__.get("operator")  # only if built
+        return int(op.hvp_calls) if op is not None else 0
 
     @abstractmethod
     def solve(self, rhs: Tensor) -> SolveResult:
         """Return ``(H + λI)⁻¹ rhs`` for every row of ``rhs`` ``[Q, P]``."""
 
-    def damped_hvp(self, batch: Any, vectors: Tensor) -> Tensor:
-        """``(H_B + λI) V`` on a minibatch."""
-        return self.operator.batch_hvp(batch, vectors) + self.damping * vectors
+    def quadratic(self, grads: Tensor) -> tuple[Tensor, List[Diagnostic]]:
+        """``g_iᵀ (H + λI)⁻¹ g_i`` for every row ``g_i`` of ``grads`` ``[B, P]`` (self-influence is its
+        negative), with the diagnostics of the solve. Iterative solvers solve the rows as one batch of
+        right-hand sides; factored inverses override this with a closed form."""
+        res = self.solve(grads)
+        return (res.solution * grads).sum(dim=1), res.diagnostics
 
     def damped_full_hvp(self, vectors: Tensor) -> Tensor:
         """``(H + λI) V`` on the whole training set."""
-        return self.operator.full_hvp(vectors) + self.damping * vectors
+        return self.problem.operator.full_hvp(vectors) + self.damping * vectors
+
+
+class FactoredInverse(InverseHVP):
+    """An approximate inverse ``(Ĥ + λI)⁻¹`` held in closed form (Kronecker factors, a low-rank
+    eigendecomposition), symmetric positive definite."""
+
+    @abstractmethod
+    def apply(self, vectors: Tensor) -> Tensor:
+        """``(Ĥ + λI)⁻¹ V`` for every row of ``vectors`` ``[Q, P]``."""
+
+    @abstractmethod
+    def apply_inverse_sqrt(self, vectors: Tensor) -> Tensor:
+        """``(Ĥ + λI)^{-1/2} V`` (the symmetric square root) for every row of ``vectors`` ``[Q, P]``."""
+
+    def solve(self, rhs: Tensor) -> SolveResult:
+        return SolveResult(self.apply(rhs), [])
+
+    def quadratic(self, grads: Tensor) -> tuple[Tensor, List[Diagnostic]]:
+        """``‖(Ĥ + λI)^{-1/2} g_i‖²`` per row: no solve, one application."""
+        return self.apply_inverse_sqrt(grads).square().sum(dim=1), []
 
 
 @dataclass(frozen=True)
@@ -60,13 +108,17 @@ class SolverSettings(ABC):
     name: ClassVar[str] = ""
 
     @abstractmethod
-    def build(self, operator: HessianOperator, damping: float, spectrum: Optional["Spectrum"] = None) -> InverseHVP:
-        """Bind these settings to an operator and a damping ``λ ≥ 0``. ``spectrum``: extreme-eigenvalue
-        estimates of ``H`` already made (by automatic damping), which a solver may reuse."""
+    def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> InverseHVP:
+        """Fit ``(H + λI)⁻¹`` to ``problem``. ``damping``: a fixed ``λ ≥ 0`` (Hessian units), or an
+        :class:`~lightning_influence.damping.AutoDamping` that the solver resolves by its own rule."""
 
     def to_dict(self) -> Dict[str, Any]:
         """Settings as a flat dict (JSON-serialisable), including the solver's name."""
-        return {"solver": self.name, **dataclasses.asdict(self)}
+        out: Dict[str, Any] = {"solver": self.name}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, SolverSettings) else v
+        return out
 
 
 def check_finite(x: Tensor, what: str, step: int, history: Any = None, fix: str = "") -> None:
