@@ -38,17 +38,17 @@ class Diagnostic:
             curves (``"series"``).
         label: what a reader sees, with the quantity's symbol (``"scale s"``, ``"λ_min(H) estimate"``).
         meaning: one sentence: what it measures and in which units, or how to read it.
-        kind: ``"scalar"``, ``"per_query"`` or ``"series"``.
         reduce: for scalars, how chunks combine (``"max"``, ``"min"``, ``"sum"``, ``"first"``,
             ``"last"``, ``"all"``, ``"any"``).
+        kind: ``"scalar"``, ``"per_query"`` or ``"series"``.
     """
 
     name: str
     value: Any
     label: str
     meaning: str = ""
-    kind: str = "scalar"
     reduce: str = "first"
+    kind: str = "scalar"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -61,7 +61,7 @@ class Diagnostic:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Diagnostic":
-        return cls(**{k: d[k] for k in ("name", "value", "label", "meaning", "kind", "reduce") if k in d})
+        return cls(**{k: d[k] for k in ("name", "value", "label", "meaning", "reduce", "kind") if k in d})
 
     @property
     def is_number(self) -> bool:
@@ -117,5 +117,5 @@ def combine_scalars(chunks: Sequence[Sequence[Diagnostic]]) -> List[Diagnostic]:
         ds = seen[name]
         first = ds[0]
         out.append(Diagnostic(name, _reduce(first.reduce, [d.value for d in ds]), first.label, first.meaning,
-                              "scalar", first.reduce))
+                              first.reduce, "scalar"))
     return out

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -64,11 +64,15 @@ class HessianOperator:
         chunk = self.tangent_chunk if self.tangent_chunk and self.tangent_chunk < vectors.shape[0] else None
         return batch_hvp(self.loss, self.space, self.theta, batch, vectors, chunk)
 
-    def tune_tangent_chunk(self, batch: Any, vectors: Tensor, candidates: Sequence[int] = (64, 32, 16, 8)) -> int:
-        """Time one HVP of ``vectors`` on ``batch`` with all rows vmapped together and in each candidate
-        chunk size smaller than ``Q``, and keep the fastest as :attr:`tangent_chunk` (two calls each, the
-        second timed). The results do not depend on the choice; on a CPU, chunks of 16–32 right-hand
-        sides keep the tangent activations in cache (≈ 2× faster than 100 at once on the digits CNN).
+    def tune_tangent_chunk(
+        self, batch: Any, vectors: Tensor, candidates: Sequence[int] = (64, 32, 16, 8), allow_all: bool = True
+    ) -> int:
+        """Time one HVP of ``vectors`` on ``batch`` in each candidate chunk size up to ``Q`` (and with all
+        rows vmapped together when ``allow_all``), and keep the fastest as :attr:`tangent_chunk` (two calls
+        each, the second timed). The results do not depend on the choice; on a CPU, chunks of 16–32
+        right-hand sides keep the tangent activations in cache (≈ 2× faster than 100 at once on the digits
+        CNN). Callers with many right-hand sides time a slice of them with ``allow_all=False``, so that
+        tuning never holds the tangents of every query at once.
 
         Returns:
             the right-hand sides per vmap chosen (``Q`` when all at once).
@@ -76,7 +80,8 @@ class HessianOperator:
         q = int(vectors.shape[0])
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         best: Tuple[float, Optional[int]] = (float("inf"), None)
-        for chunk in [None] + [c for c in candidates if c < q]:
+        options: List[Optional[int]] = ([None] if allow_all else []) + [c for c in candidates if c < q or not allow_all]
+        for chunk in options or [None]:
             self.tangent_chunk = chunk
             for _ in range(2):
                 sync()

@@ -15,14 +15,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .damping import AutoDamping, Spectrum, estimate_spectrum, resolve_damping
+from .damping import AutoDamping, resolve_damping
 from .data import Collate, ExampleSource
+from .diagnostics import Diagnostic, combine_scalars
 from .errors import InfluenceConfigError, InfluenceRuntimeError
 from .objective import LossFn, Objective
-from .operator import HessianOperator
+from .problem import InfluenceProblem
 from .results import InfluenceResults
 from .scoring import checked_grads, influence_scores, self_influence as _self_influence
-from .solvers import SolverSettings, resolve_solver
+from .solvers import FactoredInverse, SolverSettings, resolve_solver
 
 __all__ = ["compute_influence", "ProgressFn", "DEFAULT_DAMPING"]
 
@@ -32,6 +33,15 @@ ProgressFn = Callable[[str, int, int], None]
 
 #: Damping used when the model was trained without a coupled L2 penalty (Hessian units).
 DEFAULT_DAMPING = 1e-3
+#: memory for one chunk of per-example gradients ``[B, P]``: the chunk shrinks as the model grows
+GRAD_CHUNK_BYTES = 256 * 2**20
+
+
+def grad_chunk_size(chunk_size: int, num_params: int, dtype: torch.dtype) -> int:
+    """Examples per per-example-gradient chunk: ``chunk_size``, or fewer so that ``[B, P]`` stays within
+    :data:`GRAD_CHUNK_BYTES` (at least 1)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return int(max(1, min(chunk_size, GRAD_CHUNK_BYTES // max(1, num_params * itemsize))))
 
 
 @contextlib.contextmanager
@@ -205,29 +215,24 @@ def compute_influence(
         g_query = torch.cat(grads)
         timings["query_gradients"] = time.perf_counter() - t0
 
-        # 2. s_test = (H + λI)⁻¹ ∇L(z_q), batched over queries
+        # 2. s_test = (H + λI)⁻¹ ∇L(z_q), batched over queries; the solver resolves the damping by its rule
         t0 = time.perf_counter()
-        operator = HessianOperator(objective.loss, objective.space, objective.theta, train, chunk_size)
-        spectrum: Optional[Spectrum] = None
-        if isinstance(damping_spec, AutoDamping):
-            spectrum = estimate_spectrum(operator, damping_spec.iters, damping_spec.seed)
-            lam = damping_spec.choose(spectrum.lambda_min, spectrum.lambda_max)
-        else:
-            lam = damping_spec
-        inverse = settings.build(operator, lam, spectrum=spectrum)
+        problem = InfluenceProblem(objective, train, chunk_size, grad_chunk_size(chunk_size, objective.num_params, dtype))
+        inverse = settings.fit(problem, damping_spec)
         timings["solver_setup"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         qb = query_batch_size or q
-        s_parts, solve_diags = [], []
+        s_parts, solve_chunks = [], []
         for s in range(0, q, qb):
             res = inverse.solve(g_query[s : s + qb])
             s_parts.append(res.solution)
-            solve_diags.append(res.diagnostics)
+            solve_chunks.append({"start": s, "stop": s + res.solution.shape[0],
+                                 "items": [d.to_dict() for d in res.diagnostics]})
             report("solve", min(s + qb, q), q)
         s_test = torch.cat(s_parts)
         timings["solve"] = time.perf_counter() - t0
 
-        # 3. scores, streamed over the training set
+        # 3. scores, streamed over the training set; self-influence in the same pass for a factored inverse
         t0 = time.perf_counter()
         done = [0]
 
@@ -235,14 +240,20 @@ def compute_influence(
             done[0] += b
             report("scoring", done[0], n)
 
-        scores = influence_scores(
-            objective.loss, objective.space, objective.theta, train, s_test, chunk_size, scoring_progress
-        )
+        factored = isinstance(inverse, FactoredInverse)
+        self_diags: List[List[Diagnostic]] = []
+
+        def quadratic(g: Tensor) -> Tensor:
+            values, diags = inverse.quadratic(g)
+            self_diags.append(diags)
+            return values
+
+        scores, self_inf = influence_scores(problem, s_test, scoring_progress,
+                                            quadratic if self_influence and factored else None)
         timings["scoring"] = time.perf_counter() - t0
 
-        # 4. optional self-influence
-        self_inf: Optional[Tensor] = None
-        if self_influence:
+        # 4. self-influence of an iterative solver: its training gradients solved as batches of right-hand sides
+        if self_influence and not factored:
             t0 = time.perf_counter()
             done[0] = 0
 
@@ -250,44 +261,44 @@ def compute_influence(
                 done[0] += b
                 report("self_influence", done[0], n)
 
-            self_inf = _self_influence(
-                objective.loss,
-                objective.space,
-                objective.theta,
-                train,
-                lambda g: inverse.solve(g).solution,
-                query_batch_size or chunk_size,
-                self_progress,
-            ).cpu()
+            self_inf = _self_influence(problem, quadratic, query_batch_size or chunk_size, self_progress)
             timings["self_influence"] = time.perf_counter() - t0
 
     timings["total"] = time.perf_counter() - t_start
     run_settings: Dict[str, Any] = {
         **settings.to_dict(),
-        "damping": float(inverse.damping),
-        "damping_mode": "auto" if spectrum is not None else "fixed",
-        **({"damping_base": damping_spec.base, "lambda_min_estimate": spectrum.lambda_min,
-            "lambda_max_estimate": spectrum.lambda_max, "spectrum_passes": spectrum.passes}
-           if isinstance(damping_spec, AutoDamping) and spectrum is not None else {}),
+        **getattr(inverse, "damping_record", {"damping": inverse.damping}),
         "dtype": str(dtype).replace("torch.", ""),
         "params": list(objective.param_names),
         "num_params": objective.num_params,
         "num_train_total": n,
         "num_queries": q,
         "chunk_size": chunk_size,
+        "grad_chunk_size": problem.grad_chunk_size,
         "query_batch_size": qb,
         "loss": "influence_loss" if objective.uses_hook else getattr(objective.loss_fn, "__name__", "loss_fn"),
+        "fisher": objective.fisher,
         "device": str(objective.device),
     }
+    diagnostics: Dict[str, Any] = {
+        "solver": settings.name,
+        "setup": [d.to_dict() for d in inverse.setup],
+        "solve": solve_chunks,
+        "totals": [Diagnostic("hvp_calls", inverse.hvp_calls, "HVPs in all",
+                              "batched Hessian-vector products over the whole run (setup, solves, self-influence)",
+                              "sum").to_dict()],
+    }
+    if self_diags and any(self_diags):
+        diagnostics["self_influence"] = [d.to_dict() for d in combine_scalars(self_diags)]
     return InfluenceResults(
         scores=scores.cpu(),
         query_indices=torch.as_tensor(list(query_indices), dtype=torch.long),
         train_indices=train.indices.clone(),
         query_losses=torch.cat(losses).cpu(),
-        self_influence=self_inf,
+        self_influence=None if self_inf is None else self_inf.cpu(),
         query_targets=torch.cat(targets).cpu() if len(targets) == len(losses) and targets else None,
         query_predictions=torch.cat(preds).cpu() if len(preds) == len(losses) and preds else None,
         settings=run_settings,
-        diagnostics={"solve": solve_diags, "hvp_calls": operator.hvp_calls},
+        diagnostics=diagnostics,
         timings=timings,
     )

@@ -3,18 +3,21 @@ chunk, so memory holds one chunk of per-sample gradients ``[B, P]`` plus the ``[
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .data import ExampleSource
 from .errors import InfluenceRuntimeError
 from .functional import ParamSpace, PerExampleLoss, batch_size_of, per_sample_grads
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .problem import InfluenceProblem
+
 __all__ = ["checked_grads", "influence_scores", "self_influence", "top_k"]
 
-Solve = Callable[[Tensor], Tensor]
+#: ``quadratic(G [B, P]) -> [B]``: ``gᵢᵀ (H + λI)⁻¹ gᵢ`` per row
+Quadratic = Callable[[Tensor], Tensor]
 Progress = Optional[Callable[[int], None]]
 
 
@@ -33,53 +36,48 @@ def checked_grads(loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch:
 
 
 def influence_scores(
-    loss: PerExampleLoss,
-    space: ParamSpace,
-    theta: Tensor,
-    train: ExampleSource,
+    problem: "InfluenceProblem",
     s_test: Tensor,
-    chunk_size: int,
     progress: Progress = None,
-) -> Tensor:
-    """``I_up,loss(z_i, z_q) = −s_qᵀ ∇L(z_i, θ̂)`` for every query ``q`` and training example ``i``.
+    quadratic: Optional[Quadratic] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """``I_up,loss(z_i, z_q) = −s_qᵀ ∇L(z_i, θ̂)`` for every query ``q`` and training example ``i``, in one
+    streamed pass of per-example gradients (``problem.grad_chunk_size`` at a time).
 
     Args:
         s_test: ``[Q, P]``, row ``q`` = ``(H + λI)⁻¹ ∇L(z_q, θ̂)``.
+        quadratic: optional ``quadratic(G [B, P]) -> gᵢᵀ(H + λI)⁻¹gᵢ [B]``; when given, self-influence
+            ``I_up,loss(z_i, z_i) = −gᵢᵀ(H + λI)⁻¹gᵢ`` is computed from the same gradients.
 
     Returns:
-        ``[Q, N]`` scores on ``s_test``'s device, in ``train``'s order. Positive = harmful (upweighting
-        ``z_i`` raises the query loss), negative = helpful.
+        ``([Q, N] scores, [N] self-influence or None)`` on ``s_test``'s device, in the training set's
+        order. Positive scores = harmful (upweighting ``z_i`` raises the query loss), negative = helpful.
     """
-    n = len(train)
+    n = problem.num_examples
     scores = torch.empty(s_test.shape[0], n, dtype=s_test.dtype, device=s_test.device)
-    for start, batch in train.chunks(chunk_size):
-        g = checked_grads(loss, space, theta, batch, "training", start)
+    self_inf = torch.empty(n, dtype=s_test.dtype, device=s_test.device) if quadratic is not None else None
+    for start, batch, g in problem.grad_chunks():
         scores[:, start : start + g.shape[0]] = -(s_test @ g.T)
+        if quadratic is not None:
+            self_inf[start : start + g.shape[0]] = -quadratic(g)
         del g
         if progress:
             progress(batch_size_of(batch))
-    return scores
+    return scores, self_inf
 
 
-def self_influence(
-    loss: PerExampleLoss,
-    space: ParamSpace,
-    theta: Tensor,
-    train: ExampleSource,
-    solve: Solve,
-    chunk_size: int,
-    progress: Progress = None,
-) -> Tensor:
-    """``I_up,loss(z_i, z_i) = −∇L(z_i)ᵀ (H + λI)⁻¹ ∇L(z_i)`` for every training example ``[N]``.
+def self_influence(problem: "InfluenceProblem", quadratic: Quadratic, chunk_size: int, progress: Progress = None) -> Tensor:
+    """``I_up,loss(z_i, z_i) = −∇L(z_i)ᵀ (H + λI)⁻¹ ∇L(z_i)`` for every training example ``[N]``, the
+    gradients of ``chunk_size`` examples handed to ``quadratic`` at a time (an iterative solver solves
+    them as one batch of right-hand sides).
 
-    Each chunk's gradients are solved as one batch of right-hand sides. For positive definite ``H + λI``
-    the values are ≤ 0; the most negative ones (largest magnitude) are the examples the model depends on
-    most to fit themselves: likely mislabelled or atypical.
+    For positive definite ``H + λI`` the values are ≤ 0; the most negative ones (largest magnitude) are the
+    examples the model depends on most to fit themselves: likely mislabelled or atypical.
     """
-    out = torch.empty(len(train), dtype=theta.dtype, device=theta.device)
-    for start, batch in train.chunks(chunk_size):
-        g = checked_grads(loss, space, theta, batch, "training", start)
-        out[start : start + g.shape[0]] = -(solve(g) * g).sum(dim=1)
+    out = torch.empty(problem.num_examples, dtype=problem.dtype, device=problem.device)
+    for start, batch in problem.train.chunks(chunk_size):
+        g = problem.example_grads(batch, start)
+        out[start : start + g.shape[0]] = -quadratic(g)
         if progress:
             progress(batch_size_of(batch))
     return out

@@ -110,3 +110,20 @@ def trained_cnn(weight_decay: float = 1e-3, n_train: int = 1347, seed: int = 0, 
     model = fit_adam(small_cnn().to(dtype), train, weight_decay)
     model = fit_lbfgs(model, train, weight_decay, max_iter=300)
     return Problem(model, train, val, 0.1)
+
+
+def diag(res, name: str, chunk: int = 0):
+    """The value of diagnostic ``name`` of results ``res``: from solve chunk ``chunk`` if it recorded one,
+    else from the solver's setup, else from the run's totals (``KeyError`` when absent)."""
+    groups = [c["items"] for c in res.diagnostics["solve"][chunk : chunk + 1]]
+    groups += [res.diagnostics.get("setup", []), res.diagnostics.get("totals", [])]
+    for items in groups:
+        for d in items:
+            if d["name"] == name:
+                return d["value"]
+    raise KeyError(name)
+
+
+def diag_names(res, group: str = "setup"):
+    """Names of the diagnostics in ``res.diagnostics[group]`` (``"setup"``, ``"totals"``)."""
+    return [d["name"] for d in res.diagnostics.get(group, [])]

@@ -23,7 +23,7 @@ from lightning_influence.callback import optimizer_damping
 from lightning_influence.pipeline import DEFAULT_DAMPING
 
 from .lit_models import DictDataset, LitClassifier, LitDictClassifier, loaders, quiet_trainer
-from .problems import digits
+from .problems import diag, digits
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -57,7 +57,7 @@ def test_callback_matches_functional_core_and_leaves_model_untouched(tmp_path, d
     assert res.scores.shape == (5, len(train)) and res.self_influence.shape == (len(train),)
     # default damping="auto": SGD's L2 1e-3, raised because two epochs leave H + 1e-3·I indefinite
     assert "SGD" in res.settings["damping_source"] and res.settings["damping_base"] == pytest.approx(1e-3)
-    assert res.damping > 1e-3 and res.diagnostics["solve"][0]["min_eigenvalue"] > 0
+    assert res.damping > 1e-3 and diag(res, "min_eigenvalue") > 0
     assert "net.0.bias" not in res.settings["params"] and res.settings["num_params"] == 64 * 16 + 16 * 10 + 10
     # queries default to the highest-loss validation examples
     evaluated = copy.deepcopy(model).eval()
@@ -161,8 +161,8 @@ def test_auto_damping_from_the_callback(tmp_path, data, optimizer, base):
     lam, lam_min = res.settings["damping"], res.settings["lambda_min_estimate"]
     assert lam_min + base < 0  # the premise: an indefinite Hessian at the optimizer's own damping
     assert lam == pytest.approx(max(base, 1.5 * -lam_min))  # −λ_min + 0.5·|λ_min| (the margin)
-    d = res.diagnostics["solve"][0]  # the exact solver's eigenvalues of H + λI
-    assert d["min_eigenvalue"] == pytest.approx(lam + lam_min, rel=1e-3) and d["min_eigenvalue"] > 0
+    min_eig = diag(res, "min_eigenvalue")  # the exact solver's eigenvalues of H + λI
+    assert min_eig == pytest.approx(lam + lam_min, rel=1e-3) and min_eig > 0
     ref = compute_influence(model, train, val, query_indices=res.query_indices.tolist(), solver="exact",
                             damping=AutoDamping(base=base))
     assert ref.settings["damping"] == lam

@@ -21,7 +21,7 @@ from lightning_influence import (
 )
 
 from .lit_models import LitClassifier, loaders, quiet_trainer
-from .problems import digits
+from .problems import diag, digits
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -67,8 +67,11 @@ def test_bad_arguments_fail_in_init(kwargs, match):
     [
         (lambda: LissaSettings(depth=0), r"LissaSettings.depth=0 must be a positive integer"),
         (lambda: LissaSettings(scale=-1.0), r"LissaSettings.scale=-1.0 must be a positive number"),
-        (lambda: CGSettings(tol=0), r"CGSettings.tol=0 must be positive"),
-        (lambda: ExactSettings(max_params=0), r"ExactSettings.max_params=0 must be positive"),
+        (lambda: CGSettings(tol=0), r"CGSettings.tol=0 must be a positive number"),
+        (lambda: CGSettings(max_iter=2.5), r"CGSettings.max_iter=2.5 must be a positive integer"),
+        (lambda: ExactSettings(max_params=0), r"ExactSettings.max_params=0 must be a positive integer"),
+        (lambda: ExactSettings(block=1.5), r"ExactSettings.block=1.5 must be a positive integer"),
+        (lambda: LissaSettings(preconditioner="cg"), r"LissaSettings.preconditioner='cg' must be None or a factored"),
     ],
 )
 def test_bad_solver_settings(settings, match):
@@ -197,6 +200,6 @@ def test_cg_negative_curvature_names_damping():
     ds = TensorDataset(x, y)
     with pytest.warns(RuntimeWarning, match="not positive definite"):
         exact = compute_influence(model, ds, num_queries=1, solver="exact", damping=0.0, dtype=torch.float64)
-    assert exact.diagnostics["solve"][0]["min_eigenvalue"] < 0  # the premise: an indefinite Hessian
+    assert diag(exact, "min_eigenvalue") < 0  # the premise: an indefinite Hessian
     with pytest.raises(NegativeCurvatureError, match=r"non-positive curvature.*Raise damping.*damping='auto'"):
         compute_influence(model, ds, num_queries=4, solver=CGSettings(), damping=0.0, dtype=torch.float64)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lightning_influence import CGSettings, ExactSettings, LissaSettings, compute_influence
 
-from .problems import Problem, trained_logreg
+from .problems import Problem, diag, trained_logreg
 
 
 def closed_form_scores(p: Problem, query_indices) -> torch.Tensor:
@@ -67,8 +67,7 @@ def test_exact_matches_closed_form_hessian(logreg, exact_logreg):
 def test_cg_matches_exact(logreg, exact_logreg):
     res = run(logreg, CGSettings(tol=1e-10))
     assert rel_err(res.scores, exact_logreg.scores) < 1e-5
-    diag = res.diagnostics["solve"][0]
-    assert diag["converged"] and diag["max_relative_residual"] <= 1e-10
+    assert diag(res, "converged") and diag(res, "max_relative_residual") <= 1e-10
 
 
 def test_lissa_matches_exact_logreg(logreg, exact_logreg):

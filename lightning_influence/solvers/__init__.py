@@ -1,16 +1,16 @@
-"""Inverse-HVP solvers behind one interface: ``settings.build(operator, damping).solve(V)``."""
+"""Inverse-HVP solvers behind one interface: ``settings.fit(problem, damping).solve(V)``."""
 
 from __future__ import annotations
 
 from typing import Dict, Type, Union
 
 from ..errors import InfluenceConfigError
-from .base import InverseHVP, SolverSettings, SolveResult
+from .base import FactoredInverse, InverseHVP, SolverSettings, SolveResult
 from .cg import CGSettings
 from .exact import ExactSettings
 from .lissa import LissaSettings
 
-__all__ = ["SOLVERS", "CGSettings", "ExactSettings", "InverseHVP", "LissaSettings", "SolveResult",
+__all__ = ["SOLVERS", "CGSettings", "ExactSettings", "FactoredInverse", "InverseHVP", "LissaSettings", "SolveResult",
            "SolverSettings", "resolve_solver"]
 
 SOLVERS: Dict[str, Type[SolverSettings]] = {

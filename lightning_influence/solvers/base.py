@@ -106,6 +106,8 @@ class SolverSettings(ABC):
     """Base of every solver's settings. Subclasses are frozen dataclasses with ``name`` set."""
 
     name: ClassVar[str] = ""
+    #: whether :meth:`fit` returns a :class:`FactoredInverse` (usable as a preconditioner)
+    factored: ClassVar[bool] = False
 
     @abstractmethod
     def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> InverseHVP:

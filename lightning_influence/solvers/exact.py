@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ..damping import AutoDamping
+from ..damping import AutoDamping, hessian_damping
+from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, InfluenceRuntimeError
-from ..operator import HessianOperator
-from .base import InverseHVP, SolveResult, SolverSettings
+from .base import DampingSpec, InverseHVP, SolveResult, SolverSettings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..damping import Spectrum
+    from ..problem import InfluenceProblem
 
 __all__ = ["ExactSettings", "ExactSolver"]
 
@@ -35,30 +35,32 @@ class ExactSettings(SolverSettings):
     block: int = 512
 
     def __post_init__(self) -> None:
-        if self.max_params < 1:
-            raise InfluenceConfigError(f"ExactSettings.max_params={self.max_params} must be positive.")
-        if self.block < 1:
-            raise InfluenceConfigError(f"ExactSettings.block={self.block} must be positive.")
+        for arg in ("max_params", "block"):
+            v = getattr(self, arg)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InfluenceConfigError(f"ExactSettings.{arg}={v!r} must be a positive integer.")
 
-    def build(self, operator: HessianOperator, damping: float, spectrum: Optional["Spectrum"] = None) -> "ExactSolver":
-        return ExactSolver(operator, damping, self)
+    def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> "ExactSolver":
+        return ExactSolver(problem, damping, self)
 
 
 class ExactSolver(InverseHVP):
     """Factorises ``H + λI`` once (LU, which also handles indefinite matrices); each ``solve`` is a
     pair of triangular solves."""
 
-    def __init__(self, operator: HessianOperator, damping: float, settings: ExactSettings) -> None:
-        super().__init__(operator, damping)
-        p = operator.num_params
-        if p > settings.max_params:
+    def __init__(self, problem: "InfluenceProblem", damping: DampingSpec, settings: ExactSettings) -> None:
+        p = problem.num_params
+        if p > settings.max_params:  # before any pass over the data (automatic damping's included)
             raise InfluenceConfigError(
-                f"solver='exact' would form a {p}×{p} Hessian ({p * p * operator.theta.element_size() / 2**30:.1f} GiB); "
+                f"solver='exact' would form a {p}×{p} Hessian ({p * p * problem.theta.element_size() / 2**30:.1f} GiB); "
                 f"that is above ExactSettings.max_params={settings.max_params}. Use solver='lissa' or 'cg', "
                 "attribute to fewer parameters (params=[...]), or raise max_params."
             )
+        choice = hessian_damping(problem, damping)
+        super().__init__(problem, choice.value)
+        self.damping_record = dict(choice.record)
         self.settings = settings
-        self.hessian = operator.dense(settings.block)
+        self.hessian = problem.operator.dense(settings.block)
         if not bool(torch.isfinite(self.hessian).all()):
             raise InfluenceRuntimeError(
                 "the Hessian has NaN/inf entries: some training example has a non-finite gradient or curvature "
@@ -77,6 +79,13 @@ class ExactSolver(InverseHVP):
                 RuntimeWarning,
                 stacklevel=3,
             )
+        self.setup = list(choice.diagnostics) + [
+            Diagnostic("min_eigenvalue", self.min_eig, "λ_min(H + λI) (damped)",
+                       "smallest eigenvalue of the damped Hessian the scores invert (dense eigendecomposition)", "min"),
+            Diagnostic("max_eigenvalue", self.max_eig, "λ_max(H + λI) (damped)",
+                       "largest eigenvalue of the damped Hessian", "max"),
+            Diagnostic("num_params", p, "parameters", "size of the explicit Hessian's side"),
+        ]
         self._lu, self._pivots, info = torch.linalg.lu_factor_ex(a)
         if int(info) != 0:
             raise InfluenceRuntimeError(
@@ -86,7 +95,4 @@ class ExactSolver(InverseHVP):
 
     def solve(self, rhs: Tensor) -> SolveResult:
         x = torch.linalg.lu_solve(self._lu, self._pivots, rhs.T).T
-        return SolveResult(
-            x.contiguous(),
-            {"min_eigenvalue": self.min_eig, "max_eigenvalue": self.max_eig, "num_params": self.operator.num_params},
-        )
+        return SolveResult(x.contiguous(), [])
