@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from .scoring import top_k
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["InfluenceResults", "Ranked", "SolveChunk"]
+__all__ = ["InfluenceResults", "Ranked", "SolveChunk", "diagnostics_layout"]
 
 #: 2: ``diagnostics`` holds typed diagnostics (``solver``, ``setup``, ``solve`` chunks, ``self_influence``,
 #: ``totals``; see :class:`InfluenceResults`)
@@ -40,6 +40,25 @@ class SolveChunk(NamedTuple):
     start: int
     stop: int
     items: List[Diagnostic]
+
+
+def diagnostics_layout(
+    solver: str,
+    setup: Sequence[Diagnostic] = (),
+    chunks: Sequence[Tuple[int, int, Sequence[Diagnostic]]] = (),
+    self_influence: Sequence[Diagnostic] = (),
+    totals: Sequence[Diagnostic] = (),
+) -> Dict[str, Any]:
+    """``InfluenceResults.diagnostics`` as plain data: the solver's name, ``inverse.setup``, one
+    ``(start, stop, solve_result.diagnostics)`` per query chunk (rows ``start:stop`` of the scores), the
+    self-influence solves' scalars (already combined) and whole-run totals."""
+    return {
+        "solver": str(solver),
+        "setup": [d.to_dict() for d in setup],
+        "solve": [{"start": int(a), "stop": int(b), "items": [d.to_dict() for d in items]} for a, b, items in chunks],
+        "self_influence": [d.to_dict() for d in self_influence],
+        "totals": [d.to_dict() for d in totals],
+    }
 
 
 def _is_int(v: Any) -> bool:

@@ -25,7 +25,7 @@ from lightning_influence.reporting.content import SUSPECTS, query_views, series_
 from lightning_influence.reporting.html import render_html
 from lightning_influence.reporting.previews import ExampleCatalog
 from lightning_influence.reporting.scalars import config_values, diagnostic_scalars, summary_scalars, summary_values
-from lightning_influence.results import InfluenceResults
+from lightning_influence.results import InfluenceResults, diagnostics_layout
 
 from .problems import digits
 
@@ -405,6 +405,20 @@ def test_save_load_round_trip_and_old_format_refused(tmp_path):
     torch.save({"scores": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(InfluenceConfigError, match=r"other\.pt is not an InfluenceResults file"):
         InfluenceResults.load(tmp_path / "other.pt")
+
+
+def test_diagnostics_layout_builds_what_results_read():
+    """What a pipeline stores: plain dicts that survive weights_only saving and read back typed."""
+    setup = [Diagnostic("scale", 2.0, "scale s")]
+    c0 = [Diagnostic("depth", [3, 4], "steps", kind="per_query"), Diagnostic("hvp_calls", 7, "HVPs", reduce="sum")]
+    c1 = [Diagnostic("depth", [5], "steps", kind="per_query"), Diagnostic("hvp_calls", 2, "HVPs", reduce="sum")]
+    layout = diagnostics_layout("lissa", setup, [(0, 2, c0), (2, 3, c1)],
+                                totals=[Diagnostic("hvp_calls", 11, "HVPs", reduce="sum")])
+    assert layout["solve"][1] == {"start": 2, "stop": 3, "items": [d.to_dict() for d in c1]}
+    res = InfluenceResults(torch.zeros(3, 2), torch.arange(3), torch.arange(2), torch.zeros(3), diagnostics=layout)
+    assert res.per_query_diagnostics()["depth"].tolist() == [3.0, 4.0, 5.0]
+    assert [(d.name, d.value) for d in res.summary_diagnostics()] == [("scale", 2.0), ("hvp_calls", 9),
+                                                                      ("total_hvp_calls", 11)]
 
 
 # ---------------------------------------------------------------------------------------------- W&B

@@ -286,17 +286,14 @@ def log_to_wandb(
 
 
 def _diagnostic_meanings(results: InfluenceResults, series: Dict[str, List[SeriesLine]]) -> Dict[str, str]:
-    """``{name: "label: meaning"}`` for every diagnostic the run shows (summary scalars, per-query
-    columns, series charts)."""
-    names = [d.name for d in results.summary_diagnostics()] + list(results.per_query_diagnostics()) + list(series)
-    out: Dict[str, str] = {}
-    for d in results.summary_diagnostics():
-        out[d.name] = f"{d.label}: {d.meaning}" if d.meaning else d.label
-    for name in names:
+    """``{name: "label: meaning"}`` for every diagnostic the run shows: the summary scalars (under their
+    logged names), the per-query columns and the series charts."""
+    shown = list(results.summary_diagnostics())
+    for name in [*results.per_query_diagnostics(), *series]:
         d = results.diagnostic(name)
-        if name not in out and d is not None:
-            out[name] = f"{d.label}: {d.meaning}" if d.meaning else d.label
-    return out
+        if d is not None:
+            shown.append(d)
+    return {d.name: f"{d.label}: {d.meaning}" if d.meaning else d.label for d in shown}
 
 
 def _logged_key(key: str, value: Any) -> str:
