@@ -5,25 +5,25 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .diagnostics import Diagnostic, combine_scalars, from_dicts
 from .errors import InfluenceConfigError
 from .scoring import top_k
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["InfluenceResults", "Ranked", "SolveChunk", "PER_QUERY_DIAGNOSTICS"]
+__all__ = ["InfluenceResults", "Ranked", "SolveChunk", "diagnostics_layout"]
 
-_FORMAT_VERSION = 1
-
-#: solver diagnostics recorded as one value per query of a chunk (LiSSA): ``relative_stderr`` is the
-#: relative standard error of the query's training scores over the repeats (dimensionless, NaN with one
-#: repeat); ``depth_per_query`` the recursion steps run for the query (the most over repeats)
-PER_QUERY_DIAGNOSTICS = ("relative_stderr", "depth_per_query")
+#: 2: ``diagnostics`` holds typed diagnostics (``solver``, ``setup``, ``solve`` chunks, ``self_influence``,
+#: ``totals``; see :class:`InfluenceResults`)
+_FORMAT_VERSION = 2
+_GROUP_LABELS = {"setup": "setup", "solve": "query solves", "self_influence": "self-influence solves",
+                 "total": "whole run"}
 
 
 class Ranked(NamedTuple):
@@ -39,11 +39,35 @@ class SolveChunk(NamedTuple):
 
     start: int
     stop: int
-    diagnostics: Dict[str, Any]
+    items: List[Diagnostic]
+
+
+def diagnostics_layout(
+    solver: str,
+    setup: Sequence[Diagnostic] = (),
+    chunks: Sequence[Tuple[int, int, Sequence[Diagnostic]]] = (),
+    self_influence: Sequence[Diagnostic] = (),
+    totals: Sequence[Diagnostic] = (),
+) -> Dict[str, Any]:
+    """``InfluenceResults.diagnostics`` as plain data: the solver's name, ``inverse.setup``, one
+    ``(start, stop, solve_result.diagnostics)`` per query chunk (rows ``start:stop`` of the scores), the
+    self-influence solves' scalars (already combined) and whole-run totals."""
+    return {
+        "solver": str(solver),
+        "setup": [d.to_dict() for d in setup],
+        "solve": [{"start": int(a), "stop": int(b), "items": [d.to_dict() for d in items]} for a, b, items in chunks],
+        "self_influence": [d.to_dict() for d in self_influence],
+        "totals": [d.to_dict() for d in totals],
+    }
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _number(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    """A per-query value as a float: numbers as they are, booleans 0/1, anything else NaN."""
+    return float(v) if isinstance(v, (int, float)) else math.nan
 
 
 @dataclass
@@ -66,7 +90,14 @@ class InfluenceResults:
             negative = the model relies most on the example to fit itself), or ``None``.
         query_targets / query_predictions: ``[Q]`` labels and predicted classes when known.
         settings: how the scores were computed (solver settings, damping λ, dtype, parameters, n).
-        diagnostics: solver diagnostics as data (iterations, residuals, norm histories, …).
+        diagnostics: the solver's typed diagnostics (:class:`~lightning_influence.diagnostics.Diagnostic`
+            stored as plain dicts): ``{"solver": name, "setup": [...], "solve": [{"start", "stop",
+            "items": [...]}, ...], "self_influence": [...], "totals": [...]}``. ``setup`` is what
+            ``fit`` recorded; each ``solve`` entry one chunk of queries, rows ``start:stop`` of
+            ``scores``; ``self_influence`` the self-influence solves' scalars, already combined;
+            ``totals`` whole-run counts. Read them through :meth:`setup_diagnostics`,
+            :meth:`solve_chunks`, :meth:`per_query_diagnostics`, :meth:`summary_diagnostics` and
+            :meth:`diagnostic`.
         timings: seconds per phase, and ``total``.
     """
 
@@ -109,55 +140,121 @@ class InfluenceResults:
         return float(self.timings.get("total", sum(self.timings.values())))
 
     # ------------------------------------------------------------------ diagnostics
-    def solve_chunks(self) -> List[SolveChunk]:
-        """The solver's diagnostics per query chunk, in order, with the rows of ``scores`` each chunk
-        covers (``[]`` when none were recorded, e.g. results from older files).
+    @property
+    def solver(self) -> Optional[str]:
+        """The solver that produced the scores (``diagnostics["solver"]``, else ``settings["solver"]``)."""
+        name = (self.diagnostics or {}).get("solver", self.settings.get("solver"))
+        return None if name is None else str(name)
 
-        Chunk ``k`` covers the queries ``k·query_batch_size`` up to the next chunk; a chunk that recorded
-        per-query lists (:data:`PER_QUERY_DIAGNOSTICS`) covers as many rows as they have entries. Entries
-        of ``diagnostics["solve"]`` that are not dicts count as chunks without diagnostics.
+    def _group(self, key: str) -> List[Diagnostic]:
+        raw = (self.diagnostics or {}).get(key) or []
+        if not isinstance(raw, (list, tuple)):
+            raise InfluenceConfigError(f"diagnostics[{key!r}] must be a list of diagnostics, got {type(raw).__name__}.")
+        return from_dicts(raw)
+
+    def setup_diagnostics(self) -> List[Diagnostic]:
+        """What the solver recorded when it was fitted (``diagnostics["setup"]``): damping choice, spectral
+        estimates, preconditioner, Hessian-vector products spent, …"""
+        return self._group("setup")
+
+    def self_influence_diagnostics(self) -> List[Diagnostic]:
+        """Scalars of the self-influence solves, already combined over their chunks
+        (``diagnostics["self_influence"]``; empty when self-influence was not computed)."""
+        return self._group("self_influence")
+
+    def total_diagnostics(self) -> List[Diagnostic]:
+        """Totals over the whole run (``diagnostics["totals"]``, e.g. ``hvp_calls``)."""
+        return self._group("totals")
+
+    def solve_chunks(self) -> List[SolveChunk]:
+        """The query solves in order (``diagnostics["solve"]``): each covers rows ``start:stop`` of
+        ``scores`` and holds the diagnostics the solver returned for them. ``[]`` when none were recorded.
+
+        Raises:
+            InfluenceConfigError: a chunk is not ``{"start": int, "stop": int, "items": [...]}`` with
+                ``0 <= start <= stop <= num_queries``.
         """
         raw = (self.diagnostics or {}).get("solve") or []
-        if isinstance(raw, dict):
-            raw = [raw]
         if not isinstance(raw, (list, tuple)):
-            return []
-        q = self.num_queries
-        qb = self.settings.get("query_batch_size")
-        if not isinstance(qb, int) or isinstance(qb, bool) or qb < 1:
-            qb = -(-q // len(raw)) if raw else q
-        out, start = [], 0
-        for chunk in raw:
-            d = chunk if isinstance(chunk, dict) else {}
-            sizes = [len(d[k]) for k in PER_QUERY_DIAGNOSTICS if isinstance(d.get(k), (list, tuple))]
-            stop = min(start + (sizes[0] if sizes else qb), q)
-            out.append(SolveChunk(start, stop, d))
-            start = stop
+            raise InfluenceConfigError(f"diagnostics['solve'] must be a list of chunks, got {type(raw).__name__}.")
+        out = []
+        for k, chunk in enumerate(raw):
+            start = chunk.get("start") if isinstance(chunk, Mapping) else None
+            stop = chunk.get("stop") if isinstance(chunk, Mapping) else None
+            if not (_is_int(start) and _is_int(stop) and 0 <= start <= stop <= self.num_queries):
+                raise InfluenceConfigError(
+                    f"diagnostics['solve'][{k}] must be {{'start': int, 'stop': int, 'items': [...]}} with "
+                    f"0 <= start <= stop <= {self.num_queries} (the number of queries); got {chunk!r:.200}."
+                )
+            out.append(SolveChunk(int(start), int(stop), from_dicts(chunk.get("items"))))
         return out
 
     def per_query_diagnostics(self) -> Dict[str, Tensor]:
-        """Per-query solver diagnostics concatenated over the query chunks: ``{name: [Q] float64 tensor}``
-        for each name of :data:`PER_QUERY_DIAGNOSTICS` that at least one chunk recorded, entry ``q``
-        belonging to row ``q`` of ``scores``. NaN where a chunk did not record the value (or recorded NaN,
-        as LiSSA does for ``relative_stderr`` with one repeat). Empty for the exact and CG solvers.
+        """Every ``kind == "per_query"`` diagnostic of the query solves, concatenated over the chunks:
+        ``{name: [Q] float64 tensor}`` in the order the names first appear, entry ``q`` belonging to row
+        ``q`` of ``scores``. NaN where a chunk did not record the name, or recorded a non-number or NaN
+        (booleans become 0/1). Labels and meanings: :meth:`diagnostic`.
 
-        * ``relative_stderr``: relative standard error of the query's scores (its ``s_test = (H + λI)⁻¹
-          ∇L(z_q)`` applied to the training gradients, through LiSSA's score sketch) across LiSSA repeats
-          (dimensionless; 0.05 = 5 %). It measures sampling noise, not the bias of stopping early.
-        * ``depth_per_query``: LiSSA recursion steps run for the query (most over repeats).
+        Raises:
+            InfluenceConfigError: a chunk's list does not have one value per query of the chunk.
         """
-        chunks = self.solve_chunks()
         out: Dict[str, Tensor] = {}
-        for key in PER_QUERY_DIAGNOSTICS:
-            if not any(isinstance(c.diagnostics.get(key), (list, tuple)) for c in chunks):
-                continue
-            values = torch.full((self.num_queries,), math.nan, dtype=torch.float64)
-            for c in chunks:
-                v = c.diagnostics.get(key)
-                if isinstance(v, (list, tuple)):
-                    n = min(len(v), c.stop - c.start)
-                    values[c.start : c.start + n] = torch.tensor([_number(x) for x in v[:n]], dtype=torch.float64)
-            out[key] = values
+        for k, chunk in enumerate(self.solve_chunks()):
+            for d in chunk.items:
+                if d.kind != "per_query":
+                    continue
+                values = d.value if isinstance(d.value, (list, tuple)) else None
+                if values is None or len(values) != chunk.stop - chunk.start:
+                    got = f"{len(values)} values" if values is not None else repr(d.value)[:80]
+                    raise InfluenceConfigError(
+                        f"per-query diagnostic {d.name!r} of solve chunk {k} (queries {chunk.start}:{chunk.stop}) "
+                        f"must hold {chunk.stop - chunk.start} values, got {got}."
+                    )
+                if d.name not in out:
+                    out[d.name] = torch.full((self.num_queries,), math.nan, dtype=torch.float64)
+                out[d.name][chunk.start : chunk.stop] = torch.tensor([_number(v) for v in values], dtype=torch.float64)
+        return out
+
+    def _groups(self) -> List[Tuple[str, List[Diagnostic]]]:
+        chunks = [d for c in self.solve_chunks() for d in c.items]
+        return [("setup", self.setup_diagnostics()), ("solve", chunks),
+                ("self_influence", self.self_influence_diagnostics()), ("total", self.total_diagnostics())]
+
+    def diagnostic(self, name: str) -> Optional[Diagnostic]:
+        """The first diagnostic called ``name`` (setup, then the query chunks in order, self-influence,
+        totals), for its ``label``, ``meaning``, ``kind`` and ``reduce``; its ``value`` is that one
+        occurrence's (use :meth:`summary_diagnostics` for combined values). ``None`` when absent."""
+        for _, items in self._groups():
+            for d in items:
+                if d.name == name:
+                    return d
+        return None
+
+    def summary_diagnostics(self) -> List[Diagnostic]:
+        """One scalar per diagnostic: the setup's, the query chunks' combined by each one's ``reduce``
+        (:func:`~lightning_influence.diagnostics.combine_scalars`), the self-influence solves', then the
+        totals, in that order. Per-query lists and series are left out.
+
+        A name recorded in several of these groups keeps its plain name where it appears first (the more
+        specific group: ``hvp_calls`` of the query solves before the run's total); each later occurrence
+        is kept under ``<group>_<name>`` (``self_influence_converged``, ``total_hvp_calls``) with the
+        group named in its label, so no value is lost and every name is unique.
+        """
+        setup, _, self_inf, totals = (g for _, g in self._groups())
+        combined = combine_scalars([c.items for c in self.solve_chunks()])
+        out: List[Diagnostic] = []
+        seen = set()
+        for group, items in (("setup", setup), ("solve", combined), ("self_influence", self_inf), ("total", totals)):
+            for d in items:
+                if d.kind != "scalar":
+                    continue
+                if d.name in seen:
+                    d = Diagnostic(f"{group}_{d.name}", d.value, f"{d.label} ({_GROUP_LABELS[group]})", d.meaning,
+                                   d.kind, d.reduce)
+                    if d.name in seen:
+                        continue
+                seen.add(d.name)
+                out.append(d)
         return out
 
     # ------------------------------------------------------------------ rankings
@@ -203,11 +300,21 @@ class InfluenceResults:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> "InfluenceResults":
-        """Read results written by :meth:`save` (safe ``weights_only`` loading)."""
+        """Read results written by :meth:`save` (safe ``weights_only`` loading).
+
+        Raises:
+            InfluenceConfigError: the file is not an InfluenceResults file of the current format
+                (:data:`_FORMAT_VERSION`); files of other formats are not converted.
+        """
         state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-        version = state.pop("format_version", None)
+        version = state.pop("format_version", None) if isinstance(state, dict) else None
+        if version is None:
+            raise InfluenceConfigError(f"{os.fspath(path)} is not an InfluenceResults file (no format_version).")
         if version != _FORMAT_VERSION:
-            raise InfluenceConfigError(f"{path} is not an InfluenceResults file of format {_FORMAT_VERSION} (found {version}).")
+            raise InfluenceConfigError(
+                f"{os.fspath(path)} is an InfluenceResults file of format {version}; this version of "
+                f"lightning-influence reads format {_FORMAT_VERSION} only. Recompute the results."
+            )
         return cls(**state)
 
     def to_dataframe(self) -> "pd.DataFrame":

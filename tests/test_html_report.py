@@ -12,6 +12,7 @@ import subprocess
 import pytest
 import torch
 
+from lightning_influence.diagnostics import Diagnostic
 from lightning_influence.reporting.content import query_views, suspects
 from lightning_influence.reporting.html import render_html, write_html
 from lightning_influence.reporting.previews import ExampleCatalog
@@ -34,7 +35,7 @@ window.addEventListener('load', () => {
     resources: performance.getEntriesByType('resource').map(e => e.name),
     sections: Array.from(document.querySelectorAll('section')).map(s => s.id),
     histograms: document.querySelectorAll('svg.histogram').length,
-    normHistories: Array.from(document.querySelectorAll('svg.norm-history polyline'))
+    seriesLines: Array.from(document.querySelectorAll('svg.series-chart polyline'))
       .map(p => p.getBoundingClientRect().width),
   });
   document.body.appendChild(out);
@@ -66,12 +67,21 @@ def report(tmp_path_factory):
         query_predictions=torch.tensor([1, 2, 3]),
         settings={"solver": "lissa", "depth": 100, "scale": 10.0, "damping": 0.01, "damping_mode": "fixed",
                   "num_train_total": N},
-        diagnostics={"solve": [{
-            "scale": 10.0, "damping": 0.01, "batch_size": 64, "depth_mode": "fixed",
-            "depth": [100, 100], "depth_per_query": [100] * Q, "converged": True, "relative_stderr": [0.02, 0.04, 0.03],
-            "norm_history": [[1.0, 2.0, 2.4], [1.0, 2.1, 2.3]], "checkpoint_steps": [[25, 50, 100], [25, 50, 100]],
-            "segment_change": [[], []], "setup": {"hvps": 40, "lambda_max_minibatch": [8.0, 9.0]}, "hvp_calls": 200,
-        }], "hvp_calls": 240},
+        diagnostics={
+            "solver": "lissa",
+            "setup": [Diagnostic("damping", 0.01, "damping λ").to_dict(),
+                      Diagnostic("scale", 10.0, "scale s", "each step divides the residual by s").to_dict()],
+            "solve": [{"start": 0, "stop": Q, "items": [
+                Diagnostic("converged", True, "converged", reduce="all").to_dict(),
+                Diagnostic("relative_stderr", [0.02, 0.04, 0.03], "relative std. error of the scores",
+                           kind="per_query").to_dict(),
+                Diagnostic("norm_history", [{"label": f"repeat {r}", "x": [25, 50, 100], "y": y}
+                                            for r, y in enumerate(([1.0, 2.0, 2.4], [1.0, 2.1, 2.3]))],
+                           "‖h_t‖/‖v‖ (max over the chunk's queries)", "levels off when converged",
+                           kind="series").to_dict(),
+            ]}],
+            "totals": [Diagnostic("hvp_calls", 240, "Hessian-vector products", reduce="sum").to_dict()],
+        },
         timings={"query_gradients": 0.1, "solve": 1.0, "scoring": 0.5, "total": 1.6},
     )
     train_cat, val_cat = ExampleCatalog(train), ExampleCatalog(val)
@@ -95,7 +105,8 @@ def test_sections_and_sign_convention(report):
     assert [int(i) for i in harmful_ids] == res.top_harmful(0, K).indices.tolist()
     assert 'id="score-histogram"' in text and 'id="self-influence-histogram"' in text
     assert 'id="settings-table"' in text and ">lissa<" in text
-    assert 'id="lissa-table"' in text and 'id="per-query-diagnostics"' in text and 'id="norm-history"' in text
+    assert 'id="diagnostics-table"' in text and 'id="per-query-diagnostics"' in text
+    assert 'id="series-norm_history"' in text
     assert report["rendered"] < N  # previews only for the examples shown
 
 
@@ -126,7 +137,7 @@ def test_renders_in_headless_chromium(report, tmp_path):
     assert check["resources"] == []  # nothing fetched from files or the network
     assert check["sections"] == ["queries", "histograms", "self-influence", "settings"]
     assert check["histograms"] == 2
-    assert len(check["normHistories"]) == 2 and all(w > 100 for w in check["normHistories"])  # drawn, not empty
+    assert len(check["seriesLines"]) == 2 and all(w > 100 for w in check["seriesLines"])  # drawn, not empty
 
     shot = tmp_path / "report.png"  # kept as a test artifact
     subprocess.run(flags + [f"--screenshot={shot}", os.fspath(report["path"].as_uri())],

@@ -128,23 +128,36 @@ def test_dict_examples_and_render_example(tmp_path, data):
 
 
 def test_summary_values_and_config(data):
+    from lightning_influence.diagnostics import Diagnostic
     from lightning_influence.results import InfluenceResults
 
+    def chunk(start, stop, final):
+        curve = {"label": "repeat 0", "x": [10, 20], "y": [1.0, final]}
+        return {"start": start, "stop": stop, "items": [
+            Diagnostic("steps_max", 100, "most steps", reduce="max").to_dict(),
+            Diagnostic("norm_history", [curve], "‖h_t‖/‖v‖", kind="series").to_dict()]}
+
     res = InfluenceResults(
-        scores=torch.tensor([[1.0, -2.0]]), query_indices=torch.tensor([0]), train_indices=torch.tensor([0, 1]),
-        query_losses=torch.tensor([0.5]),
+        scores=torch.tensor([[1.0, -2.0], [0.5, 0.25]]), query_indices=torch.tensor([0, 1]),
+        train_indices=torch.tensor([0, 1]), query_losses=torch.tensor([0.5, 0.25]),
         settings={"solver": "lissa", "depth": 100, "scale": 10.0, "damping": 0.01, "params": ["a", "b"]},
-        diagnostics={"solve": [{"depth": 100, "scale": 10.0, "norm_history": [1.0, 2.0, 2.5]},
-                               {"depth": 100, "scale": 10.0, "norm_history": [1.0, 3.0]}], "hvp_calls": 200},
+        diagnostics={"solver": "lissa",
+                     "setup": [Diagnostic("scale", 10.0, "scale s").to_dict(),
+                               Diagnostic("preconditioner", "none", "preconditioner").to_dict()],
+                     "solve": [chunk(0, 1, 2.5), chunk(1, 2, 3.0)],
+                     "totals": [Diagnostic("hvp_calls", 200, "Hessian-vector products", reduce="sum").to_dict()]},
         timings={"solve": 1.0, "total": 2.0},
     )
     d = diagnostic_scalars(res)
-    assert d["influence/diagnostics/norm_history_final"] == 3.0 and d["influence/diagnostics/hvp_calls"] == 200
+    assert d == {"influence/diagnostics/scale": 10.0, "influence/diagnostics/steps_max": 100,
+                 "influence/diagnostics/hvp_calls": 200}  # series are charts, not scalars
     s = summary_values(res)
     assert s["influence/solver"] == "lissa" and s["influence/depth"] == 100 and s["influence/scale"] == 10.0
+    assert s["influence/diagnostics/preconditioner"] == "none"
     assert s["influence/wall_seconds"] == 2.0 and s["influence/seconds_solve"] == 1.0
     assert all(k.startswith("influence/") for k in s)
-    assert config_values(res)["influence/params"] == ["a", "b"]
+    c = config_values(res)
+    assert c["influence/params"] == ["a", "b"] and c["influence/setup/preconditioner"] == "none"
 
 
 def test_other_ranks_report_nothing(tmp_path):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import zlib
+import io
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lightning_influence.reporting.previews import (
     ExampleCatalog,
@@ -19,34 +20,21 @@ from lightning_influence.reporting.previews import (
 )
 
 
-def _decode_png(png: bytes) -> np.ndarray:
-    """Decoder for the unfiltered 8-bit PNGs :func:`encode_png` writes."""
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    w, h = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    channels = {0: 1, 2: 3}[png[25]]
-    pos, idat = 8, b""
-    while pos < len(png):
-        n = int.from_bytes(png[pos : pos + 4], "big")
-        if png[pos + 4 : pos + 8] == b"IDAT":
-            idat += png[pos + 8 : pos + 8 + n]
-        pos += 12 + n
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * channels)
-    assert (raw[:, 0] == 0).all()
-    return raw[:, 1:].reshape(h, w, channels).squeeze(-1) if channels == 1 else raw[:, 1:].reshape(h, w, 3)
-
-
 @pytest.mark.parametrize("shape", [(5, 7), (7, 5, 3)])
 def test_png_round_trip(shape):
     pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    np.testing.assert_array_equal(_decode_png(encode_png(pixels)), pixels)
+    png = encode_png(pixels)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.mode == ("L" if len(shape) == 2 else "RGB")
+        np.testing.assert_array_equal(np.asarray(image), pixels)
 
 
-def test_png_readable_by_pillow():
-    pil = pytest.importorskip("PIL.Image")
-    import io
-
-    pixels = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
-    np.testing.assert_array_equal(np.asarray(pil.open(io.BytesIO(encode_png(pixels)))), pixels)
+def test_encode_png_rejects_other_pixels():
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(np.zeros((4, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="H×W×3"):
+        encode_png(np.zeros((4, 4, 4), dtype=np.uint8))
 
 
 def test_to_uint8_rules():
@@ -138,18 +126,9 @@ def test_html_rendering_of_previews():
 
 def test_wandb_image_preview():
     wandb = pytest.importorskip("wandb")
-    pytest.importorskip("PIL")
     img = make_preview(torch.rand(1, 8, 8)).to_wandb(caption="c")
     assert isinstance(img, wandb.Image) and (img._width, img._height) == (64, 64)
     # a user's wandb.Image still shows in the HTML report
     user = make_preview(wandb.Image(np.zeros((5, 6), dtype=np.uint8)))
     assert user.kind == "custom" and user.png() is not None
     assert "data:image/png;base64," in user.to_html("u")
-
-
-def test_without_pillow_wandb_previews_fall_back_to_text(monkeypatch):
-    from lightning_influence.reporting import previews
-
-    monkeypatch.setattr(previews, "pillow_available", lambda: False)
-    text = make_preview(torch.rand(1, 8, 8)).to_wandb()
-    assert text.startswith("image 8×8") and "pillow" in text

@@ -20,7 +20,6 @@ from .problems import digits
 from .wandb_reader import ImageCell, OfflineRun
 
 wandb = pytest.importorskip("wandb")
-pytest.importorskip("PIL", reason="wandb.Image needs Pillow")
 
 TOP_K = 3
 NUM_QUERIES = 4

@@ -1,32 +1,34 @@
-"""What every report shows, as plain data: per query its top helpful and harmful training examples, and
-the self-influence suspects. The W&B and HTML reporters only lay these out."""
+"""What every report shows, as plain data: per query its top helpful and harmful training examples and its
+per-query solver diagnostics, the self-influence suspects, and the curves of the solver's series
+diagnostics. The W&B and HTML reporters only lay these out; they read diagnostics by their declared
+kind, label and meaning, never by name."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from ..diagnostics import Diagnostic
+from ..errors import InfluenceConfigError
 from ..results import InfluenceResults
 
 __all__ = [
-    "HELPFUL", "HARMFUL", "SIGN_CONVENTION", "SUSPECTS", "NORM_HISTORY",
-    "Entry", "QueryView", "NormSeries", "query_views", "suspects", "norm_series",
+    "HELPFUL", "HARMFUL", "SIGN_CONVENTION", "SUSPECTS",
+    "Entry", "QueryView", "SeriesLine", "query_views", "suspects", "series_lines", "diagnostic_label",
 ]
 
 #: how each kind of example is described wherever scores are shown
 HELPFUL = "helpful (removing it would raise the query loss)"
 HARMFUL = "harmful (removing it would lower the query loss)"
-SUSPECTS = "highest self-influence (likely mislabelled or atypical: the model bends most to fit them)"
+SUSPECTS = (
+    "most negative self-influence I_up,loss(z, z): the examples the model bends most to fit "
+    "(often mislabelled or atypical)"
+)
 SIGN_CONVENTION = (
     "Scores are Koh & Liang's I_up,loss(z_train, z_query): negative = helpful (removing the training example "
     "would raise the query loss), positive = harmful (removing it would lower the query loss). Predicted change "
     "in the query loss when removing example i: -score / n."
-)
-NORM_HISTORY = (
-    "LiSSA norm history: the largest ‖h_t‖/‖v‖ over a chunk's still-running queries at checkpoint steps t, "
-    "for each repeat. It levels off when the recursion converges; a contracting recursion stays below "
-    "min(t + 1, s/λ), and geometric growth means divergence (scale too small or negative curvature)."
 )
 
 
@@ -46,9 +48,12 @@ class Entry:
 @dataclass(frozen=True)
 class QueryView:
     """Row ``row`` of the scores: query ``query_id`` (position in the query dataset), its loss, label and
-    prediction when known, and its top helpful / harmful training examples; with LiSSA, the relative
-    standard error of its scores across repeats (``None`` when not estimated) and the recursion steps
-    it ran (``depth``)."""
+    prediction when known, and its top helpful / harmful training examples.
+
+    ``diagnostics`` holds the solver's per-query diagnostics for this query, ``{name: value}`` for every
+    per-query diagnostic of the run (:meth:`InfluenceResults.per_query_diagnostics`), in the same order
+    for every query; the value is ``None`` where it was not recorded or is NaN. ``diagnostic_labels``
+    gives each name's label (what a reader sees)."""
 
     row: int
     query_id: int
@@ -57,34 +62,45 @@ class QueryView:
     prediction: Optional[Any]
     helpful: List[Entry]
     harmful: List[Entry]
-    relative_stderr: Optional[float] = None
-    depth: Optional[int] = None
+    diagnostics: Dict[str, Optional[float]] = field(default_factory=dict)
+    diagnostic_labels: Dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class NormSeries:
-    """LiSSA's norm history for one repeat of one query chunk (rows ``start:stop`` of the scores):
-    ``ratios[j]`` is the largest ``‖h_t‖/‖v‖`` over the chunk's queries still running at step ``steps[j]``
-    (dimensionless); ``segment_change`` the largest relative change of the queries' (sketched) training
-    scores at the end of each depth-check segment; ``depth`` the steps run (``None`` when not recorded)."""
+class SeriesLine:
+    """One curve of a ``kind == "series"`` diagnostic: diagnostic ``name``, its ``label`` and ``meaning``
+    (the chart's title and caption), the query chunk it belongs to (``chunk`` index and rows
+    ``start:stop`` of the scores; ``None`` for a series recorded at setup or outside the query solves),
+    the curve's own label (``curve``, e.g. ``"repeat 0"``) and its points ``x``, ``y`` (NaN where a
+    point is not a number)."""
 
-    chunk: int
-    start: int
-    stop: int
-    repeat: int
-    steps: List[int]
-    ratios: List[float]
-    segment_change: List[float]
-    depth: Optional[int]
+    name: str
+    label: str
+    meaning: str
+    chunk: Optional[int]
+    start: Optional[int]
+    stop: Optional[int]
+    curve: str
+    x: List[float]
+    y: List[float]
 
     @property
-    def label(self) -> str:
-        """``"chunk 0 (queries 0–7), repeat 1"`` (rows of the scores, end inclusive)."""
-        return f"chunk {self.chunk} (queries {self.start}–{max(self.stop - 1, self.start)}), repeat {self.repeat}"
+    def line_label(self) -> str:
+        """``"chunk 0 (queries 0–7), repeat 1"`` (rows of the scores, end inclusive); ``"setup, …"`` for
+        a series outside the query chunks."""
+        where = "setup" if self.chunk is None else (
+            f"chunk {self.chunk} (queries {self.start}–{max((self.stop or 0) - 1, self.start or 0)})")
+        return f"{where}, {self.curve}" if self.curve else where
 
 
 def _n(results: InfluenceResults) -> float:
     return float(results.settings.get("num_train_total", results.num_train))
+
+
+def diagnostic_label(results: InfluenceResults, name: str) -> str:
+    """The label of diagnostic ``name`` (its name when it has none)."""
+    d = results.diagnostic(name)
+    return d.label if d is not None and d.label else name
 
 
 def query_views(results: InfluenceResults, k: int) -> List[QueryView]:
@@ -92,7 +108,7 @@ def query_views(results: InfluenceResults, k: int) -> List[QueryView]:
     k = max(0, min(int(k), results.num_train))
     n = _n(results)
     per_query = results.per_query_diagnostics()
-    stderr, depth = per_query.get("relative_stderr"), per_query.get("depth_per_query")
+    labels = {name: diagnostic_label(results, name) for name in per_query}
     views = []
     for q in range(results.num_queries):
         kinds = {}
@@ -110,51 +126,55 @@ def query_views(results: InfluenceResults, k: int) -> List[QueryView]:
                 prediction=None if results.query_predictions is None else results.query_predictions[q].item(),
                 helpful=kinds["helpful"],
                 harmful=kinds["harmful"],
-                relative_stderr=_finite(None if stderr is None else float(stderr[q])),
-                depth=None if depth is None or math.isnan(float(depth[q])) else int(depth[q]),
+                diagnostics={name: _finite(float(v[q])) for name, v in per_query.items()},
+                diagnostic_labels=labels,
             )
         )
     return views
 
 
-def _finite(v: Optional[float]) -> Optional[float]:
-    return v if v is not None and math.isfinite(v) else None
+def _finite(v: float) -> Optional[float]:
+    return v if not math.isnan(v) else None
 
 
-def _numbers(v: Any) -> Optional[List[float]]:
-    """``v`` as a list of floats when it is a list of numbers, else ``None``."""
-    if not isinstance(v, (list, tuple)) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-        return None
-    return [float(x) for x in v]
+def _floats(v: Any) -> List[float]:
+    """A list of numbers as floats (a non-number becomes NaN)."""
+    if not isinstance(v, (list, tuple)):
+        return []
+    return [float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan for x in v]
 
 
-def _per_repeat(v: Any) -> List[Any]:
-    """A per-repeat list of lists, or a single (older, flat) list as one repeat."""
-    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (list, tuple)) for x in v):
-        return list(v)
-    return [v] if isinstance(v, (list, tuple)) else []
+def _curves(d: Diagnostic) -> List[Tuple[str, List[float], List[float]]]:
+    if not isinstance(d.value, (list, tuple)):
+        raise InfluenceConfigError(f"series diagnostic {d.name!r} must be a list of curves, got {d.value!r:.80}.")
+    out = []
+    for i, c in enumerate(d.value):
+        if not isinstance(c, Mapping) or len(_floats(c.get("x"))) != len(_floats(c.get("y"))):
+            raise InfluenceConfigError(
+                f"curve {i} of series diagnostic {d.name!r} must be {{'label': str, 'x': [...], 'y': [...]}} with "
+                f"as many x as y values; got {c!r:.200}."
+            )
+        out.append((str(c.get("label", "")), _floats(c.get("x")), _floats(c.get("y"))))
+    return out
 
 
-def norm_series(results: InfluenceResults) -> List[NormSeries]:
-    """LiSSA's norm histories, one :class:`NormSeries` per (chunk, repeat) in solve order; empty for other
-    solvers and for chunks without a ``norm_history``. Checkpoint steps missing from older files are
-    numbered ``1, 2, …``."""
-    out: List[NormSeries] = []
+def series_lines(results: InfluenceResults) -> Dict[str, List[SeriesLine]]:
+    """Every curve of every ``kind == "series"`` diagnostic, by diagnostic name (in the order the names
+    first appear: setup, then the query chunks, self-influence, totals), each name's curves in chunk
+    order. Curves without points are left out, and so are names left without curves."""
+    found: List[Tuple[Optional[int], Optional[int], Optional[int], Diagnostic]] = []
+    found += [(None, None, None, d) for d in results.setup_diagnostics()]
     for c, chunk in enumerate(results.solve_chunks()):
-        d = chunk.diagnostics
-        hists = _per_repeat(d.get("norm_history"))
-        steps, changes = _per_repeat(d.get("checkpoint_steps")), _per_repeat(d.get("segment_change"))
-        depths = d.get("depth") if isinstance(d.get("depth"), (list, tuple)) else [d.get("depth")] * len(hists)
-        for r, hist in enumerate(hists):
-            ratios = _numbers(hist)
-            if not ratios:
-                continue
-            st = _numbers(steps[r]) if r < len(steps) else None
-            xs = [int(x) for x in st] if st is not None and len(st) == len(ratios) else list(range(1, len(ratios) + 1))
-            ch = (_numbers(changes[r]) if r < len(changes) else None) or []
-            dep = depths[r] if r < len(depths) else None
-            out.append(NormSeries(c, chunk.start, chunk.stop, r, xs, ratios, ch,
-                                  int(dep) if isinstance(dep, (int, float)) and not isinstance(dep, bool) else None))
+        found += [(c, chunk.start, chunk.stop, d) for d in chunk.items]
+    found += [(None, None, None, d) for d in results.self_influence_diagnostics() + results.total_diagnostics()]
+    out: Dict[str, List[SeriesLine]] = {}
+    for c, start, stop, d in found:
+        if d.kind != "series":
+            continue
+        meta = results.diagnostic(d.name) or d  # one label and meaning per chart
+        for curve, x, y in _curves(d):
+            if x:
+                out.setdefault(d.name, []).append(SeriesLine(d.name, meta.label, meta.meaning, c, start, stop, curve, x, y))
     return out
 
 

@@ -7,18 +7,17 @@ import datetime
 import html
 import math
 import os
+import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..results import InfluenceResults
-from .content import (
-    HARMFUL, HELPFUL, NORM_HISTORY, SIGN_CONVENTION, SUSPECTS, Entry, NormSeries, QueryView, norm_series,
-)
+from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryView, SeriesLine, series_lines
 from .previews import ExampleCatalog
-from .scalars import diagnostic_scalars
+from .scalars import format_value
 
-__all__ = ["render_html", "write_html", "histogram_svg", "norm_history_svg"]
+__all__ = ["render_html", "write_html", "histogram_svg", "series_svg"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:16px 24px;color:#1d2330;background:#fff}
@@ -41,6 +40,8 @@ table.kv td:first-child{font-family:ui-monospace,monospace;color:#445}
 .muted{color:#667}
 table.grid{border-collapse:collapse;font-size:13px;margin:6px 0}table.grid th,table.grid td{border:1px solid #e3e6ec;padding:3px 8px;text-align:right}
 table.grid th{background:#f4f6fa}table.kv td.note{font-family:inherit;color:#667}
+table.diag td:first-child{font-family:inherit;color:inherit}
+figure.series{margin:10px 0}figure.series figcaption{max-width:640px;color:#667;font-size:13px}
 details{margin:8px 0}
 svg text{font-family:system-ui,sans-serif}
 """
@@ -138,10 +139,11 @@ def _query_section(view: QueryView, train: ExampleCatalog, query: ExampleCatalog
     if view.prediction is not None:
         facts.append(f"predicted {html.escape(_fmt(view.prediction))}")
     facts.append(f"loss {_fmt(view.loss)}")
-    if view.relative_stderr is not None:
-        facts.append(f"score rel. std. error {_pct(view.relative_stderr)}")
-    if view.depth is not None:
-        facts.append(f"LiSSA steps {view.depth}")
+    for name, value in view.diagnostics.items():
+        if value is not None:
+            label = view.diagnostic_labels.get(name, name)
+            facts.append(f'<span class="diagnostic" data-name="{html.escape(name)}">{html.escape(label)} '
+                         f"{html.escape(format_value(value))}</span>")
     out = [
         f'<article class="query" id="query-{view.query_id}" data-query-id="{view.query_id}">',
         f'<div class="qhead">{query.preview(view.query_id).to_html(f"query #{view.query_id}", size=96)}'
@@ -154,72 +156,89 @@ def _query_section(view: QueryView, train: ExampleCatalog, query: ExampleCatalog
     return "".join(out)
 
 
-def _pct(v: Optional[float]) -> str:
-    """A dimensionless ratio as a percentage (``0.0312`` → ``3.12 %``)."""
-    if v is None or not math.isfinite(v):
-        return "n/a"
-    return f"{100 * v:.3g} %"
-
-
 _PALETTE = ("#3b6fb6", "#d0453b", "#2e9e5b", "#8a5a00", "#7b4bb0", "#0f8b8d", "#c2417a", "#5b6b8c")
 
 
-def norm_history_svg(
-    series: Sequence[NormSeries],
+def _css_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)
+
+
+def series_svg(
+    lines: Sequence[SeriesLine],
+    title: str,
     width: int = 640,
     height: int = 240,
-    css_id: Optional[str] = "norm-history",
-    max_series: int = 24,
+    css_id: Optional[str] = None,
+    max_lines: int = 24,
 ) -> str:
-    """An inline SVG line chart of LiSSA norm histories: step ``t`` across, the largest ``‖h_t‖/‖v‖`` over
-    a chunk's queries up (linear, from 0), one line per (chunk, repeat); the first ``max_series`` lines
-    are drawn, each with a tooltip naming it, and a legend when there are at most eight."""
-    shown = [s for s in series if s.ratios][:max_series]
+    """An inline SVG line chart: ``x`` across, ``y`` up, one line per curve (the first ``max_lines``), each
+    with a tooltip naming it (:attr:`SeriesLine.line_label`) and a legend when there are at most eight.
+    ``y`` is drawn on a log scale when every finite value is positive and they span three decades or more,
+    else linearly from ``min(0, y)``. NaN points are left out; ±inf are drawn at the edge."""
+    shown = [s for s in lines if s.x][:max_lines]
     legend = shown if len(shown) <= 8 else []
     pad_l, pad_r, pad_t, pad_b = 56, 16, 26, 40
     total_h = height + 16 * len(legend)
     iw, ih = width - pad_l - pad_r, height - pad_t - pad_b
     ident = f' id="{css_id}"' if css_id else ""
-    title = "LiSSA norm history (max over the chunk's queries of ‖h_t‖/‖v‖)"
     parts = [
-        f'<svg class="norm-history"{ident} xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" '
+        f'<svg class="series-chart"{ident} xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" '
         f'viewBox="0 0 {width} {total_h}" role="img" aria-label="{html.escape(title)}">',
         f'<text x="{pad_l}" y="16" font-size="13">{html.escape(title)}</text>',
     ]
-    finite = [r for s in shown for r in s.ratios if math.isfinite(r)]
-    if not finite:
-        parts.append(f'<text x="{pad_l}" y="{pad_t + ih / 2}" font-size="12">no norm history recorded</text></svg>')
+    ys = [v for s in shown for v in s.y if math.isfinite(v)]
+    xs = [v for s in shown for v in s.x if math.isfinite(v)]
+    if not ys or not xs:
+        parts.append(f'<text x="{pad_l}" y="{pad_t + ih / 2}" font-size="12">no finite values recorded</text></svg>')
         return "".join(parts)
-    x_hi = max(max(s.steps) for s in shown) or 1
-    y_hi = max(finite) * 1.05 or 1.0
+    log = min(ys) > 0 and max(ys) / min(ys) >= 1e3
+    if log:
+        y_lo, y_hi = math.log10(min(ys)), math.log10(max(ys))
+    else:
+        y_lo, y_hi = min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else max(ys)
+    if y_hi <= y_lo:
+        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    x_lo, x_hi = min(0.0, min(xs)), max(xs)
+    if x_hi <= x_lo:
+        x_hi = x_lo + 1.0
     base = pad_t + ih
 
-    def xy(step: float, ratio: float) -> Tuple[float, float]:
-        r = min(max(ratio, 0.0), y_hi) if math.isfinite(ratio) else y_hi
-        return pad_l + iw * step / x_hi, base - ih * r / y_hi
+    def xy(x: float, y: float) -> Tuple[float, float]:
+        if math.isinf(y):
+            v = y_hi if y > 0 else y_lo
+        else:
+            v = math.log10(y) if log else y
+        v = min(max(v, y_lo), y_hi)
+        return pad_l + iw * (x - x_lo) / (x_hi - x_lo), base - ih * (v - y_lo) / (y_hi - y_lo)
+
+    def tick(v: float) -> str:
+        return f"{10 ** v:.3g}" if log else f"{v:.3g}"
 
     parts.append(f'<line x1="{pad_l}" y1="{base}" x2="{pad_l + iw}" y2="{base}" stroke="#445"/>')
     parts.append(f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{base}" stroke="#445"/>')
-    parts.append(f'<text x="{pad_l - 4}" y="{base}" font-size="11" text-anchor="end">0</text>')
-    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 8}" font-size="11" text-anchor="end">{y_hi:.3g}</text>')
-    parts.append(f'<text x="{pad_l}" y="{base + 16}" font-size="11" text-anchor="start">0</text>')
-    parts.append(f'<text x="{pad_l + iw}" y="{base + 16}" font-size="11" text-anchor="end">{x_hi}</text>')
-    parts.append(f'<text x="{pad_l + iw / 2}" y="{base + 16}" font-size="11" text-anchor="middle">step t</text>')
+    parts.append(f'<text x="{pad_l - 4}" y="{base}" font-size="11" text-anchor="end">{tick(y_lo)}</text>')
+    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 8}" font-size="11" text-anchor="end">{tick(y_hi)}</text>')
+    parts.append(f'<text x="{pad_l}" y="{base + 16}" font-size="11" text-anchor="start">{x_lo:.4g}</text>')
+    parts.append(f'<text x="{pad_l + iw}" y="{base + 16}" font-size="11" text-anchor="end">{x_hi:.4g}</text>')
+    if log:
+        parts.append(f'<text x="{pad_l + iw / 2}" y="{base + 16}" font-size="11" text-anchor="middle">(log scale)</text>')
     for i, s in enumerate(shown):
         colour = _PALETTE[i % len(_PALETTE)]
-        pts = [xy(t, r) for t, r in zip(s.steps, s.ratios)]
-        tip = f"<title>{html.escape(s.label)}: final ‖h‖/‖v‖ {s.ratios[-1]:.4g} at step {s.steps[-1]}</title>"
+        pts = [xy(x, y) for x, y in zip(s.x, s.y) if math.isfinite(x) and not math.isnan(y)]
+        last = f"{s.y[-1]:.4g} at x = {s.x[-1]:.4g}"
+        tip = f"<title>{html.escape(s.line_label)}: last value {html.escape(last)}</title>"
+        data = f'data-chunk="{"" if s.chunk is None else s.chunk}" data-curve="{html.escape(s.curve)}"'
         if len(pts) == 1:
-            parts.append(f'<circle cx="{pts[0][0]:.2f}" cy="{pts[0][1]:.2f}" r="3" fill="{colour}">{tip}</circle>')
-        else:
+            parts.append(f'<circle {data} cx="{pts[0][0]:.2f}" cy="{pts[0][1]:.2f}" r="3" fill="{colour}">{tip}</circle>')
+        elif pts:
             points = " ".join(f"{x:.2f},{y:.2f}" for x, y in pts)
-            parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5">{tip}</polyline>')
+            parts.append(f'<polyline {data} points="{points}" fill="none" stroke="{colour}" stroke-width="1.5">{tip}</polyline>')
     for i, s in enumerate(legend):
         y = height + 16 * i
         parts.append(f'<line x1="{pad_l}" y1="{y - 4}" x2="{pad_l + 18}" y2="{y - 4}" stroke="{_PALETTE[i % len(_PALETTE)]}" stroke-width="2"/>')
-        parts.append(f'<text x="{pad_l + 24}" y="{y}" font-size="11">{html.escape(s.label)}</text>')
-    if len(shown) < len(series):
-        parts.append(f'<text x="{pad_l + iw}" y="16" font-size="11" text-anchor="end">first {len(shown)} of {len(series)} lines</text>')
+        parts.append(f'<text x="{pad_l + 24}" y="{y}" font-size="11">{html.escape(s.line_label)}</text>')
+    if len(shown) < len(lines):
+        parts.append(f'<text x="{pad_l + iw}" y="16" font-size="11" text-anchor="end">first {len(shown)} of {len(lines)} lines</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -233,136 +252,79 @@ def _kv_table(items: Dict[str, Any], css_id: str) -> str:
 
 
 def _has_diagnostics(results: InfluenceResults) -> bool:
-    return bool(diagnostic_scalars(results)) or bool(results.solve_chunks())
+    return bool(results.summary_diagnostics() or results.per_query_diagnostics() or series_lines(results))
 
 
-def _lissa_rows(results: InfluenceResults, scalars: Dict[str, Any]) -> List[Tuple[str, str, str]]:
-    """(quantity, value, meaning) rows describing a LiSSA solve readably."""
-    first = next((c.diagnostics for c in results.solve_chunks() if "scale" in c.diagnostics), {})
-    g = {k.replace("influence/diagnostics/", ""): v for k, v in scalars.items()}
-    rows: List[Tuple[str, str, str]] = []
-
-    def add(label: str, key: str, meaning: str) -> None:
-        if key in g:
-            rows.append((label, _fmt(g[key]), meaning))
-
-    if "damping" in g:
-        auto = {"auto": True, "fixed": False}.get(str(results.settings.get("damping_mode")))
-        mode = "" if auto is None else ("chosen automatically; " if auto else "given; ")
-        rows.append(("damping λ", _fmt(g["damping"]), f"{mode}the solver targets (H + λI)⁻¹v (Hessian units)"))
-    add("scale s", "scale", "each step divides the residual by s; contracts while every λ(H_B + λI) < 2s")
-    add("minibatch size", "batch_size", "training examples per Hessian-vector product")
-    if "depth_max" in g:
-        mode = first.get("depth_mode", "")
-        span = f"{g['depth_min']}–{g['depth_max']}" if g["depth_min"] != g["depth_max"] else str(g["depth_max"])
-        rows.append(("steps run", span, f"depth {mode}".strip() + ", over queries"))
-    depth_list = first.get("depth")
-    if isinstance(depth_list, (list, tuple)):
-        rows.append(("repeats", str(len(depth_list)), "independent recursions averaged per query"))
-    if "converged" in g:
-        rows.append(("converged", "yes" if g["converged"] else "no", "whether every query met the tolerance before max_depth"))
-    if "relative_stderr_median" in g:
-        rows.append(("relative std. error of the scores",
-                     f"median {_pct(g['relative_stderr_median'])}, max {_pct(g['relative_stderr_max'])}",
-                     "spread of each query's scores over the repeats / √R, relative; over queries "
-                     "(sampling noise only, not the bias of stopping early)"))
-    elif results.per_query_diagnostics().get("relative_stderr") is not None:
-        rows.append(("relative std. error of the scores", "n/a", "needs repeats ≥ 2"))
-    add("λ_max(H)", "lambda_max_full", "top eigenvalue of the full Hessian (Lanczos or power iteration)")
-    add("λ_min(H)", "lambda_min_full", "smallest eigenvalue of the full Hessian (Lanczos)")
-    if "trace" in g:
-        se = f" ± {_fmt(g['trace_stderr'])}" if "trace_stderr" in g else ""
-        rows.append(("trace(H)", _fmt(g["trace"]) + se, "Hutchinson estimate ± standard error"))
-    setup = first.get("setup") if isinstance(first.get("setup"), dict) else {}
-    lam_b = setup.get("lambda_max_minibatch")
-    if isinstance(lam_b, (list, tuple)) and lam_b:
-        rows.append(("λ_max(H_B + λI)", ", ".join(_fmt(float(v)) for v in lam_b),
-                     "top eigenvalue per sampled minibatch (sets the automatic scale)"))
-    described = {
-        "curvature_check_passes": ("curvature check", "full-data HVPs of the Lanczos estimate of λ_min(H)"),
-        "tangent_chunk": ("right-hand sides per HVP", "queries vmapped together (timed; only speed depends on it)"),
-        "score_sketch_seconds": ("score sketch, s", "building the sketch of the training scores (convergence test)"),
-    }
-    for key, (label, meaning) in described.items():
-        if isinstance(setup.get(key), (int, float)):
-            rows.append((label, _fmt(setup[key]), meaning))
-    known = {"hvps", "lambda_max_full", "lambda_min_full", "trace", "trace_stderr", "lambda_max_minibatch", *described}
-    for key, v in setup.items():
-        if key not in known and isinstance(v, (int, float)) and not isinstance(v, bool):
-            rows.append((str(key), _fmt(v), "recorded at setup"))
-    add("HVPs in setup", "setup_hvps", "Hessian-vector products spent on the estimates above")
-    add("HVPs in the solve", "solve_hvp_calls", "Hessian-vector products of the query solves")
-    return rows
+def _summary_table(results: InfluenceResults) -> str:
+    """One row per :meth:`InfluenceResults.summary_diagnostics` entry: label, value, meaning."""
+    rows = "".join(
+        f'<tr data-name="{html.escape(d.name)}"><td>{html.escape(d.label or d.name)}</td>'
+        f"<td>{html.escape(format_value(d.value))}</td><td class=\"note\">{html.escape(d.meaning)}</td></tr>"
+        for d in results.summary_diagnostics()
+    )
+    return f'<table class="kv diag" id="diagnostics-table">{rows}</table>' if rows else ""
 
 
 def _per_query_table(results: InfluenceResults) -> str:
     per_query = {k: v for k, v in results.per_query_diagnostics().items() if bool((~v.isnan()).any())}
     if not per_query:
         return ""
-    stderr, depth = per_query.get("relative_stderr"), per_query.get("depth_per_query")
-    head = "<tr><th>row</th><th>query</th>" + ("<th>score rel. std. error</th>" if stderr is not None else "")
-    head += "<th>steps run</th>" if depth is not None else ""
+    heads = []
+    for name in per_query:
+        d = results.diagnostic(name)
+        tip = f' title="{html.escape(d.meaning)}"' if d is not None and d.meaning else ""
+        heads.append(f'<th data-name="{html.escape(name)}"{tip}>{html.escape(d.label if d is not None else name)}</th>')
+    head = "<tr><th>row</th><th>query</th>" + "".join(heads) + "</tr>"
     body = []
     ids = results.query_indices.tolist()
     for q in range(results.num_queries):
-        attrs, cells = f' data-row="{q}" data-query-id="{ids[q]}"', [f"<td>{q}</td><td>#{ids[q]}</td>"]
-        if stderr is not None:
-            v = float(stderr[q])
-            attrs += f' data-relative-stderr="{v!r}"'
-            cells.append(f"<td>{_pct(v)}</td>")
-        if depth is not None:
-            d = float(depth[q])
-            attrs += f' data-depth="{"" if math.isnan(d) else int(d)}"'
-            cells.append(f"<td>{'n/a' if math.isnan(d) else int(d)}</td>")
-        body.append(f"<tr{attrs}>{''.join(cells)}</tr>")
+        cells = [f"<td>{q}</td><td>#{ids[q]}</td>"]
+        for name, values in per_query.items():
+            v = float(values[q])
+            cells.append(f'<td data-name="{html.escape(name)}" data-value="{v!r}">{"n/a" if math.isnan(v) else format_value(v)}</td>')
+        body.append(f'<tr data-row="{q}" data-query-id="{ids[q]}">{"".join(cells)}</tr>')
     opened = " open" if results.num_queries <= 20 else ""
     return (
         f"<details{opened}><summary>Per query ({results.num_queries})</summary>"
-        f'<table class="grid" id="per-query-diagnostics">{head}</tr>{"".join(body)}</table></details>'
+        f'<table class="grid" id="per-query-diagnostics">{head}{"".join(body)}</table></details>'
     )
 
 
-def _norm_history_table(series: Sequence[NormSeries]) -> str:
-    head = ("<tr><th>chunk</th><th>queries</th><th>repeat</th><th>steps run</th><th>checkpoints</th>"
-            "<th>final ‖h‖/‖v‖</th><th>peak ‖h‖/‖v‖</th><th>final segment change</th></tr>")
+def _series_table(name: str, lines: Sequence[SeriesLine]) -> str:
+    head = "<tr><th>chunk</th><th>queries</th><th>curve</th><th>points</th><th>last x</th><th>last y</th><th>max y</th></tr>"
     rows = []
-    for s in series:
-        change = s.segment_change[-1] if s.segment_change else None
+    for s in lines:
+        finite = [v for v in s.y if not math.isnan(v)]
+        queries = "" if s.chunk is None else f"{s.start}–{max((s.stop or 0) - 1, s.start or 0)}"
         rows.append(
-            f'<tr data-chunk="{s.chunk}" data-repeat="{s.repeat}" data-final="{s.ratios[-1]!r}">'
-            f"<td>{s.chunk}</td><td>{s.start}–{max(s.stop - 1, s.start)}</td><td>{s.repeat}</td>"
-            f"<td>{'' if s.depth is None else s.depth}</td><td>{len(s.ratios)}</td><td>{_fmt(s.ratios[-1])}</td>"
-            f"<td>{_fmt(max(s.ratios))}</td><td>{'' if change is None else _fmt(change)}</td></tr>"
+            f'<tr data-chunk="{"" if s.chunk is None else s.chunk}" data-curve="{html.escape(s.curve)}" '
+            f'data-last="{s.y[-1]!r}"><td>{"setup" if s.chunk is None else s.chunk}</td><td>{queries}</td>'
+            f"<td>{html.escape(s.curve)}</td><td>{len(s.y)}</td><td>{_fmt(s.x[-1])}</td><td>{_fmt(s.y[-1])}</td>"
+            f"<td>{_fmt(max(finite)) if finite else 'n/a'}</td></tr>"
         )
     return (
-        "<details><summary>Norm history values</summary>"
-        f'<table class="grid" id="norm-history-table">{head}{"".join(rows)}</table></details>'
+        f"<details><summary>Values of {html.escape(lines[0].label)}</summary>"
+        f'<table class="grid series-table" id="series-table-{_css_name(name)}">{head}{"".join(rows)}</table></details>'
     )
 
 
 def _diagnostics_section(results: InfluenceResults) -> List[str]:
-    scalars = diagnostic_scalars(results)
+    """Solver diagnostics, all from their declarations: one table of the summary scalars (label, value,
+    meaning), the per-query diagnostics with their labels as column heads, and one chart per series
+    diagnostic (title: its label, caption: its meaning)."""
     if not _has_diagnostics(results):
         return []
-    parts = ['<h3 id="solver-diagnostics">Solver diagnostics</h3>']
-    lissa = _lissa_rows(results, scalars) if any("scale" in c.diagnostics for c in results.solve_chunks()) else []
-    if lissa:
-        rows = "".join(
-            f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td class=\"note\">{html.escape(c)}</td></tr>"
-            for a, b, c in lissa
+    solver = f" ({html.escape(results.solver)})" if results.solver else ""
+    parts = [f'<h3 id="solver-diagnostics">Solver diagnostics{solver}</h3>', _summary_table(results),
+             _per_query_table(results)]
+    for name, lines in series_lines(results).items():
+        first = lines[0]
+        caption = f"<figcaption>{html.escape(first.meaning)}</figcaption>" if first.meaning else ""
+        parts.append(
+            f'<figure class="series" data-name="{html.escape(name)}">'
+            f"{series_svg(lines, first.label, css_id=f'series-{_css_name(name)}')}{caption}</figure>"
         )
-        parts.append(f'<table class="kv" id="lissa-table">{rows}</table>')
-    parts.append(_per_query_table(results))
-    series = norm_series(results)
-    if series:
-        parts.append(f'<p class="muted">{html.escape(NORM_HISTORY)}</p>')
-        parts.append(norm_history_svg(series))
-        parts.append(_norm_history_table(series))
-    if scalars:
-        table = _kv_table({k.replace("influence/diagnostics/", ""): v for k, v in scalars.items()}, "diagnostics-table")
-        if lissa:  # already shown readably above; the raw values as logged, folded
-            table = f"<details><summary>All diagnostics as logged (influence/diagnostics/…)</summary>{table}</details>"
-        parts.append(table)
+        parts.append(_series_table(name, lines))
     return [p for p in parts if p]
 
 
@@ -407,7 +369,7 @@ def render_html(
 
     parts.append(f'<section id="self-influence"><h2>Self-influence suspects</h2>')
     if suspects:
-        parts.append(f'<h3 class="suspects">Top {len(suspects)} training examples by {html.escape(SUSPECTS)}</h3>')
+        parts.append(f'<h3 class="suspects">The {len(suspects)} training examples with the {html.escape(SUSPECTS)}</h3>')
         parts.append(f'<div class="examples self_influence">{"".join(_example_figure(e, train) for e in suspects)}</div>')
     else:
         parts.append(

@@ -17,18 +17,15 @@ never for the whole dataset.
 from __future__ import annotations
 
 import base64
-import functools
 import html
-import importlib.util
+import io
 import os
-import struct
-import warnings
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 __all__ = [
     "Preview",
@@ -38,7 +35,6 @@ __all__ = [
     "to_uint8",
     "encode_png",
     "png_data_uri",
-    "pillow_available",
 ]
 
 _LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class")
@@ -68,8 +64,6 @@ class Preview:
         """A ``wandb.Image`` for pixels (small images upscaled for visibility), text as a ``str``, or the
         user's value unchanged."""
         if self.pixels is not None:
-            if not pillow_available():
-                return f"image {'×'.join(map(str, self.pixels.shape))} (pip install pillow to see it in W&B)"
             import wandb
 
             return wandb.Image(_upscale(self.pixels, _WANDB_MIN_SIDE), caption=caption)
@@ -95,18 +89,6 @@ class Preview:
         if self.pixels is not None:
             return encode_png(_downsample(self.pixels, _HTML_MAX_SIDE))
         return _wandb_image_png(self.value) if self.value is not None else None
-
-
-@functools.lru_cache(maxsize=None)
-def pillow_available() -> bool:
-    """``wandb.Image`` needs Pillow; without it W&B previews fall back to text (with one warning)."""
-    if importlib.util.find_spec("PIL") is not None:
-        return True
-    warnings.warn(
-        "Pillow is not installed, so W&B tables show image previews as text; pip install pillow to see them.",
-        stacklevel=2,
-    )
-    return False
 
 
 # ---------------------------------------------------------------------- examples
@@ -267,25 +249,18 @@ def _downsample(pixels: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
-    """A PNG (8-bit greyscale or RGB, no filtering) of ``uint8`` pixels ``H×W`` or ``H×W×3``; needs
-    only :mod:`zlib`."""
+    """A PNG (8-bit greyscale or RGB, written by Pillow) of ``uint8`` pixels ``H×W`` or ``H×W×3``."""
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] != 3):
         raise ValueError(f"encode_png takes uint8 H×W or H×W×3 pixels, got {pixels.dtype} {pixels.shape}.")
-    h, w = pixels.shape[:2]
-    color = 0 if pixels.ndim == 2 else 2
-    rows = np.ascontiguousarray(pixels).reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _png_size(png: bytes) -> Tuple[int, int]:
-    """``(height, width)`` from a PNG's IHDR chunk."""
-    w, h = struct.unpack(">II", png[16:24])
+    """``(height, width)`` of a PNG."""
+    with Image.open(io.BytesIO(png)) as image:
+        w, h = image.size
     return h, w
 
 
@@ -302,11 +277,10 @@ def _wandb_image_png(value: Any) -> Optional[bytes]:
         with open(path, "rb") as fh:
             return fh.read()
     image = getattr(value, "image", None)  # a PIL image when wandb still holds one
-    if image is not None:
-        try:
-            return encode_png(to_uint8(np.asarray(image.convert("RGB"))))
-        except Exception:  # noqa: BLE001 - a preview is best effort; the text fallback follows
-            return None
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
     return None
 
 

@@ -17,10 +17,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
 from ..results import InfluenceResults
-from .content import (
-    HARMFUL, HELPFUL, NORM_HISTORY, SIGN_CONVENTION, SUSPECTS, Entry, NormSeries, QueryView, norm_series,
-)
-from .previews import ExampleCatalog, Preview, pillow_available
+from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryView, SeriesLine, series_lines
+from .previews import ExampleCatalog, Preview
 from .scalars import config_values, summary_scalars, summary_values
 
 __all__ = [
@@ -29,9 +27,8 @@ __all__ = [
     "QUERY_COLUMNS",
     "EXAMPLE_COLUMNS",
     "SUSPECT_COLUMNS",
-    "QUERY_DIAGNOSTIC_COLUMNS",
-    "NORM_HISTORY_COLUMNS",
-    "NORM_HISTORY_KEY",
+    "SERIES_COLUMNS",
+    "SERIES_PREFIX",
     "ARTIFACT_TYPE",
     "MAX_TABLE_ROWS",
 ]
@@ -49,13 +46,14 @@ EXAMPLE_COLUMNS = [
     "train_id", "score", "pred_delta_loss", "label", "preview",
 ]
 SUSPECT_COLUMNS = ["rank", "train_id", "self_influence", "label", "preview"]
-#: appended to the queries table when the solver recorded them (LiSSA): the relative standard error of
-#: the query's scores across repeats (dimensionless, empty with one repeat) and the recursion steps run
-QUERY_DIAGNOSTIC_COLUMNS = ["relative_stderr", "lissa_depth"]
-#: LiSSA's norm history, one row per checkpoint step of each (chunk, repeat); logged as a line chart whose
-#: table W&B stores under ``NORM_HISTORY_KEY + "_table"``
-NORM_HISTORY_COLUMNS = ["series", "chunk", "first_query", "last_query", "repeat", "step", "norm_ratio"]
-NORM_HISTORY_KEY = "influence/lissa_norm_history"
+#: the queries table gets one more column per per-query solver diagnostic with a recorded value, named as
+#: the diagnostic (``relative_stderr``; ``diagnostic_<name>`` where that would clash with these columns)
+
+#: one line chart per series diagnostic, logged under ``SERIES_PREFIX + name`` (its table W&B stores under
+#: that key + ``"_table"``): one row per point of each curve; ``series`` names the line (chunk, queries,
+#: curve), ``chunk``/``first_query``/``last_query`` are empty for a series recorded outside the query solves
+SERIES_COLUMNS = ["series", "chunk", "first_query", "last_query", "curve", "x", "y"]
+SERIES_PREFIX = "influence/series/"
 _MEANING = {"helpful": HELPFUL.split("(", 1)[1].rstrip(")"), "harmful": HARMFUL.split("(", 1)[1].rstrip(")")}
 
 
@@ -106,7 +104,7 @@ def _strip(entries: Sequence[Entry], catalog: ExampleCatalog, kind: str) -> Any:
 
     previews = [catalog.preview(e.train_id) for e in entries]
     ids = ", ".join(f"#{e.train_id}" for e in entries)
-    pixels = _montage(previews) if pillow_available() else None
+    pixels = _montage(previews)
     if pixels is not None:
         scale = max(1, 48 // max(pixels.shape[0], 1))
         pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
@@ -126,7 +124,6 @@ def _tables(
     suspects: Sequence[Entry],
     train: ExampleCatalog,
     query: ExampleCatalog,
-    diagnostic_columns: Sequence[str] = (),
 ) -> Dict[str, Any]:
     import wandb
 
@@ -140,8 +137,8 @@ def _tables(
         views = views[:keep]
     train_values, query_values = _Previews(train, "train"), _Previews(query, "query")
 
-    extra = [c for c in QUERY_DIAGNOSTIC_COLUMNS if c in (diagnostic_columns or ())]
-    qt = wandb.Table(columns=QUERY_COLUMNS + extra)
+    extra = _diagnostic_columns(views)
+    qt = wandb.Table(columns=QUERY_COLUMNS + list(extra.values()))
     for v in views:
         row: List[Any] = [v.query_id, query_values(v.query_id), _query_label(v, query), v.prediction, v.loss]
         for kind, entries in (("helpful", v.helpful), ("harmful", v.harmful)):
@@ -151,7 +148,7 @@ def _tables(
                 [train.label(e.train_id) for e in entries],
                 _strip(entries, train, kind),
             ]
-        row += [{"relative_stderr": v.relative_stderr, "lissa_depth": v.depth}[c] for c in extra]
+        row += [v.diagnostics.get(name) for name in extra]
         qt.add_data(*row)
 
     et = wandb.Table(columns=EXAMPLE_COLUMNS)
@@ -171,32 +168,38 @@ def _tables(
     return tables
 
 
-def _diagnostic_columns(results: InfluenceResults) -> List[str]:
-    """The :data:`QUERY_DIAGNOSTIC_COLUMNS` the solver recorded (not only NaN) values for."""
-    names = {"relative_stderr": "relative_stderr", "depth_per_query": "lissa_depth"}
-    return [names[k] for k, v in results.per_query_diagnostics().items() if k in names and bool((~v.isnan()).any())]
+def _diagnostic_columns(views: Sequence[QueryView]) -> Dict[str, str]:
+    """``{diagnostic name: column name}`` for the per-query diagnostics with a value for some query."""
+    names: Dict[str, str] = {}
+    for v in views:
+        for name, value in v.diagnostics.items():
+            if value is not None and name not in names:
+                names[name] = f"diagnostic_{name}" if name in QUERY_COLUMNS else name
+    order = list(views[0].diagnostics) if views else []
+    return {name: names[name] for name in order if name in names}
 
 
-def _norm_history_chart(series: Sequence[NormSeries]) -> Any:
-    """A W&B line chart of :data:`NORM_HISTORY_COLUMNS` rows (step across, ``norm_ratio`` up, one line per
-    chunk and repeat), at most :data:`MAX_TABLE_ROWS` rows."""
+def _series_chart(name: str, lines: Sequence[SeriesLine]) -> Any:
+    """A W&B line chart of one series diagnostic: :data:`SERIES_COLUMNS` rows (``x`` across, ``y`` up, one
+    line per chunk and curve), titled with the diagnostic's label, at most :data:`MAX_TABLE_ROWS` rows."""
     import wandb
 
-    table = wandb.Table(columns=NORM_HISTORY_COLUMNS)
+    table = wandb.Table(columns=SERIES_COLUMNS)
     rows = 0
-    total = sum(len(s.ratios) for s in series)
+    total = sum(len(s.x) for s in lines)
     if total > MAX_TABLE_ROWS:
         rank_zero_warn(
-            f"The LiSSA norm history has {total} points; W&B keeps {MAX_TABLE_ROWS} table rows, so "
-            f"{NORM_HISTORY_KEY} shows the first {MAX_TABLE_ROWS}. All of it is in the artifact's results.pt."
+            f"The series diagnostic {name!r} has {total} points; W&B keeps {MAX_TABLE_ROWS} table rows, so "
+            f"{SERIES_PREFIX}{name} shows the first {MAX_TABLE_ROWS}. All of it is in the artifact's results.pt."
         )
-    for s in series:
-        for step, ratio in zip(s.steps, s.ratios):
+    for s in lines:
+        last = None if s.stop is None or s.start is None else max(s.stop - 1, s.start)
+        for x, y in zip(s.x, s.y):
             if rows == MAX_TABLE_ROWS:
                 break
-            table.add_data(s.label, s.chunk, s.start, max(s.stop - 1, s.start), s.repeat, step, ratio)
+            table.add_data(s.line_label, s.chunk, s.start, last, s.curve, x, y)
             rows += 1
-    return wandb.plot.line(table, x="step", y="norm_ratio", stroke="series", title="LiSSA ‖h_t‖/‖v‖ (max over queries)")
+    return wandb.plot.line(table, x="x", y="y", stroke="series", title=lines[0].label)
 
 
 def _histogram(values: Any) -> Any:
@@ -227,10 +230,10 @@ def log_to_wandb(
 
     run = logger.experiment
     step = int(trainer.global_step)
-    row: Dict[str, Any] = dict(_tables(views, suspects, train, query, _diagnostic_columns(results)))
-    series = norm_series(results)
-    if series:
-        row[NORM_HISTORY_KEY] = _norm_history_chart(series)
+    row: Dict[str, Any] = dict(_tables(views, suspects, train, query))
+    series = series_lines(results)
+    for name, lines in series.items():
+        row[SERIES_PREFIX + name] = _series_chart(name, lines)
     hist = _histogram(results.scores)
     if hist is not None:
         row["influence/score_histogram"] = hist
@@ -252,8 +255,9 @@ def log_to_wandb(
     summary["influence/harmful"] = HARMFUL
     if suspects:
         summary["influence/self_influence_meaning"] = SUSPECTS
-    if series:
-        summary["influence/lissa_norm_history_meaning"] = NORM_HISTORY
+    meanings = _diagnostic_meanings(results, series)
+    if meanings:
+        summary["influence/diagnostic_meanings"] = meanings
 
     artifact_name = f"influence-{run.id}"
     artifact = wandb.Artifact(
@@ -279,6 +283,17 @@ def log_to_wandb(
         "wandb_artifact": f"{artifact_name}:latest",
         "wandb_keys": sorted(_logged_key(k, v) for k, v in row.items()),
     }
+
+
+def _diagnostic_meanings(results: InfluenceResults, series: Dict[str, List[SeriesLine]]) -> Dict[str, str]:
+    """``{name: "label: meaning"}`` for every diagnostic the run shows: the summary scalars (under their
+    logged names), the per-query columns and the series charts."""
+    shown = list(results.summary_diagnostics())
+    for name in [*results.per_query_diagnostics(), *series]:
+        d = results.diagnostic(name)
+        if d is not None:
+            shown.append(d)
+    return {d.name: f"{d.label}: {d.meaning}" if d.meaning else d.label for d in shown}
 
 
 def _logged_key(key: str, value: Any) -> str:
