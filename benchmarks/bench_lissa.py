@@ -105,12 +105,14 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
     res = compute_influence(p.model, train, val, query_indices=queries, solver=solver, damping=p.damping,
                             dtype=dtype, query_batch_size=qbs)
     wall = time.perf_counter() - t0
-    out = {"wall_s": wall, "timings": res.timings, "maxrss_mb": peak_rss_mb(),
-           "hvp_calls": res.diagnostics.get("hvp_calls")}
+    total = {d.name: d.value for d in res.total_diagnostics()}
+    out = {"wall_s": wall, "timings": res.timings, "maxrss_mb": peak_rss_mb(), "hvp_calls": total.get("hvp_calls")}
     if kind == "lissa":
-        d = res.diagnostics["solve"][0]
-        out.update(scale=d["scale"], batch_size=d["batch_size"], depth=d["depth"],
-                   stderr_median=float(torch.tensor(d["relative_stderr"]).nanmedian()), setup_hvps=d["setup"]["hvps"])
+        setup = {d.name: d.value for d in res.setup_diagnostics()}
+        first = {d.name: d.value for d in res.solve_chunks()[0].items}
+        out.update(scale=setup["scale"], batch_size=setup["batch_size"], depth=first["steps_max"],
+                   stderr_median=float(res.per_query_diagnostics()["relative_stderr"].nanmedian()),
+                   setup_hvps=setup["setup_hvps"])
     torch.save(res.scores, job["out"])
     return out
 

@@ -21,7 +21,7 @@ from .diagnostics import Diagnostic, combine_scalars
 from .errors import InfluenceConfigError, InfluenceRuntimeError
 from .objective import LossFn, Objective
 from .problem import InfluenceProblem
-from .results import InfluenceResults
+from .results import InfluenceResults, diagnostics_layout
 from .scoring import checked_grads, influence_scores, self_influence as _self_influence
 from .solvers import FactoredInverse, SolverSettings, resolve_solver
 
@@ -226,8 +226,7 @@ def compute_influence(
         for s in range(0, q, qb):
             res = inverse.solve(g_query[s : s + qb])
             s_parts.append(res.solution)
-            solve_chunks.append({"start": s, "stop": s + res.solution.shape[0],
-                                 "items": [d.to_dict() for d in res.diagnostics]})
+            solve_chunks.append((s, s + res.solution.shape[0], res.diagnostics))
             report("solve", min(s + qb, q), q)
         s_test = torch.cat(s_parts)
         timings["solve"] = time.perf_counter() - t0
@@ -280,16 +279,14 @@ def compute_influence(
         "fisher": objective.fisher,
         "device": str(objective.device),
     }
-    diagnostics: Dict[str, Any] = {
-        "solver": settings.name,
-        "setup": [d.to_dict() for d in inverse.setup],
-        "solve": solve_chunks,
-        "totals": [Diagnostic("hvp_calls", inverse.hvp_calls, "HVPs in all",
-                              "batched Hessian-vector products over the whole run (setup, solves, self-influence)",
-                              "sum").to_dict()],
-    }
-    if self_diags and any(self_diags):
-        diagnostics["self_influence"] = [d.to_dict() for d in combine_scalars(self_diags)]
+    diagnostics = diagnostics_layout(
+        settings.name,
+        inverse.setup,
+        solve_chunks,
+        combine_scalars(self_diags),
+        [Diagnostic("hvp_calls", inverse.hvp_calls, "HVPs in all",
+                    "batched Hessian-vector products over the whole run (setup, solves, self-influence)", "sum")],
+    )
     return InfluenceResults(
         scores=scores.cpu(),
         query_indices=torch.as_tensor(list(query_indices), dtype=torch.long),

@@ -40,7 +40,7 @@ NORM_MEANING = "Levels off when the recursion converges; geometric growth means 
 
 
 def _d(name: str, value: Any, label: str, meaning: str = "", kind: str = "scalar", reduce: str = "first") -> Dict[str, Any]:
-    return Diagnostic(name, value, label, meaning, kind, reduce).to_dict()
+    return Diagnostic(name, value, label, meaning, reduce=reduce, kind=kind).to_dict()
 
 
 def _curves(xs: List[List[float]], ys: List[List[float]]) -> List[Dict[str, Any]]:

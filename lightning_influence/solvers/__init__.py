@@ -7,16 +7,19 @@ from typing import Dict, Type, Union
 from ..errors import InfluenceConfigError
 from .base import FactoredInverse, InverseHVP, SolverSettings, SolveResult
 from .cg import CGSettings
+from .ekfac import EKFACSettings, KFACSettings
 from .exact import ExactSettings
 from .lissa import LissaSettings
 
-__all__ = ["SOLVERS", "CGSettings", "ExactSettings", "FactoredInverse", "InverseHVP", "LissaSettings", "SolveResult",
+__all__ = ["SOLVERS", "CGSettings", "EKFACSettings", "ExactSettings", "KFACSettings", "FactoredInverse", "InverseHVP", "LissaSettings", "SolveResult",
            "SolverSettings", "resolve_solver"]
 
 SOLVERS: Dict[str, Type[SolverSettings]] = {
     "lissa": LissaSettings,
     "cg": CGSettings,
     "exact": ExactSettings,
+    "ekfac": EKFACSettings,
+    "kfac": KFACSettings,
 }
 
 

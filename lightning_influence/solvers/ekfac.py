@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -64,6 +64,7 @@ class _KroneckerSettings(SolverSettings):
             lower the Monte-Carlo noise of ``S`` and ``Λ``. Ignored (one pass) for an empirical Fisher.
     """
 
+    factored: ClassVar[bool] = True
     damping_fraction: float = 0.1
     seed: int = 0
     chunk_size: Optional[int] = None
