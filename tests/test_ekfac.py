@@ -4,8 +4,6 @@ against an explicit-Hessian solve."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
