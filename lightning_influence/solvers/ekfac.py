@@ -14,7 +14,8 @@ Layers are independent blocks (block-diagonal across layers); parameters outside
 their mean squared Fisher gradient (the corrected eigenvalues in the identity basis). Then
 
     (Ĥ + λI)⁻¹ V:   rotate each layer block ``V [Q, out, in']`` to ``Q_Sᵀ V Q_A``, divide by ``Λ + λ``,
-    rotate back; ``(Ĥ + λI)^{-1/2}`` divides by ``√(Λ + λ)``; ``gᵀ(Ĥ + λI)⁻¹g = Σ (Q_Sᵀ G Q_A)²/(Λ + λ)``.
+    rotate back; ``(Ĥ + λI)^{-1/2}`` divides by ``√(Λ + λ)``;
+    ``gᵀ(Ĥ + λI)⁻¹g = Σ (Q_Sᵀ G Q_A)²/(Λ + λ)``.
 
 The Fisher is the Gauss–Newton matrix for cross-entropy (and other canonical-link losses), a positive
 semi-definite stand-in for the Hessian ``H``; ``λ`` is in the Hessian units of the mean loss like every
@@ -293,8 +294,8 @@ class KroneckerInverse(FactoredInverse):
         return self._map(vectors, 0.5)
 
     def quadratic(self, grads: Tensor) -> Tuple[Tensor, List[Diagnostic]]:
-        """``g_iᵀ (Ĥ + λI)⁻¹ g_i`` per row of ``grads`` ``[B, P]``: ``Σ (Q_Sᵀ G Q_A)² / (Λ + λ)`` per layer plus
-        ``Σ g²/(d + λ)`` on the diagonal; no back rotation."""
+        """``g_iᵀ (Ĥ + λI)⁻¹ g_i`` per row of ``grads`` ``[B, P]``: ``Σ (Q_Sᵀ G Q_A)² / (Λ + λ)`` per layer
+        plus ``Σ g²/(d + λ)`` on the diagonal; no back rotation."""
         total = grads.new_zeros(grads.shape[0])
         for k, layer in enumerate(self.plan.layers):
             qa, qs = self.q_a[k].to(grads.dtype), self.q_s[k].to(grads.dtype)
