@@ -198,6 +198,34 @@ class Lanczos:
         self._buf[m + 1 : m + 2] = w / b
         return True
 
+    def restart(self, seed: int) -> bool:
+        """After the space became invariant with ``m < P``: continue from a new Gaussian vector (from
+        ``seed``) orthogonalised against the basis, with ``β = 0`` at the junction (``T`` becomes block
+        diagonal and the residual relation above still holds). This finds the directions a single
+        Krylov space misses: other copies of eigenvalues of multiplicity > 1, e.g. the exact null
+        directions of a softmax output layer. Returns ``False`` (nothing to add) when ``m = P`` or
+        the new vector lies in the span of the basis."""
+        m = self.steps
+        if not self.exhausted or m >= self.dim:
+            return False
+        gen = torch.Generator().manual_seed(int(seed))
+        qs = self.basis
+        w = torch.randn(1, self.dim, generator=gen, dtype=torch.float64).to(dtype=qs.dtype, device=qs.device)
+        w = w / w.norm()
+        w = w - (w @ qs.T) @ qs
+        w = w - (w @ qs.T) @ qs
+        b = float(w.norm())
+        if not b > 1e-8:
+            return False
+        if m + 1 > self._buf.shape[0]:
+            grown = torch.empty(min(2 * self._buf.shape[0], self.dim + 1), self.dim, dtype=w.dtype, device=w.device)
+            grown[:m] = qs
+            self._buf = grown
+        self._buf[m : m + 1] = w / b
+        self.betas.append(0.0)
+        self.exhausted = False
+        return True
+
     def extend(self, steps: int) -> int:
         """Up to ``steps`` more products (fewer once exhausted); returns the products made."""
         done = 0
