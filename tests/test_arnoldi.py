@@ -188,11 +188,12 @@ def test_auto_rank_meets_its_tolerance(logreg):
 
 def test_max_rank_caps_the_automatic_rank(logreg):
     prob, _, _ = logreg
-    with pytest.warns(RuntimeWarning, match="cap of 30 Lanczos steps"):  # the 15th pair is interior: slow
+    with pytest.warns(RuntimeWarning, match="after 30 Lanczos steps"):  # the 15th pair is interior: slow
         inv = ArnoldiSettings(tol=1e-3, max_rank=15).fit(prob, 0.01)
     assert inv.rank == 15 and not inv.converged
     diag = {d.name: d.value for d in inv.setup}
     assert diag["lanczos_passes"] == 30 and diag["converged"] is False
+    assert diag["rank_capped"] is True
 
 
 # --------------------------------------------------------------------------- bad input
@@ -221,10 +222,33 @@ def test_fixed_damping_with_negative_curvature_names_the_fix(saddle):
     assert need > -float(ev[0])
 
 
-def test_zero_damping_needs_full_rank(logreg):
+def test_zero_damping_needs_full_rank(logreg, saddle):
     prob, _, _ = logreg
-    with pytest.raises(InfluenceConfigError, match="damping=0"):
+    before = prob.operator.hvp_calls
+    with pytest.raises(InfluenceConfigError, match="damping=0 .* needs λ > 0"):
         ArnoldiSettings(rank=5).fit(prob, 0.0)
+    assert prob.operator.hvp_calls == before  # raised before any product
+    # at full rank there is no complement: λ = 0 is fine for a positive definite H (here H + 0.5·I)
+    sp, h, _ = saddle
+    p = sp.num_params
+
+    class Shifted:  # the saddle problem's Hessian plus 0.5·I, as an operator
+        def __getattr__(self, name):
+            return getattr(sp, name)
+
+        @property
+        def operator(self):
+            class Op:
+                hvp_calls = 0
+
+                @staticmethod
+                def full_hvp(v):
+                    return sp.operator.full_hvp(v) + 0.5 * v
+            return Op()
+
+    inv = ArnoldiSettings(rank=p, max_rank=p).fit(Shifted(), 0.0)  # type: ignore[arg-type]
+    v = rhs(p)
+    assert torch.allclose(inv.apply(v), exact_inverse(h, 0.5, v), rtol=1e-8, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- accuracy on digits

@@ -220,6 +220,8 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", damping: DampingSpec)
         first = max(first, int(math.ceil(st.krylov_factor * fixed_rank)))
     if isinstance(damping, AutoDamping):
         first = max(first, damping.iters)
+    if not auto_damping and float(damping) <= 0 and fixed_rank != p:  # fail before any product
+        raise _zero_damping(float(damping), fixed_rank if fixed_rank is not None else st.max_rank, p)
     lz = Lanczos(op.full_hvp, p, dtype=problem.dtype, device=problem.device, seed=st.seed)
     target = min(first, cap)
     prev_k: Optional[int] = None
@@ -249,17 +251,13 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", damping: DampingSpec)
 
     kept = order[:k]
     if lam <= 0 and k < p:
-        raise InfluenceConfigError(
-            f"damping={lam:g} with solver='arnoldi' keeps {k} of {p} directions and inverts the rest as 1/λ, which "
-            "needs λ > 0. Fix: a positive damping (the L2 coefficient the model was trained with, e.g. 1e-3), "
-            "damping='auto', or rank = the number of parameters."
-        )
+        raise _zero_damping(lam, k, p)
     u = s[:, kept].T.to(dtype=problem.dtype, device=problem.device) @ lz.basis  # [k, m] @ [m, P]
     inv = ArnoldiInverse(problem, lam, theta[kept], u)
     inv.converged = converged
     if not converged:
         warnings.warn(
-            f"solver='arnoldi' used its cap of {lz.steps} Lanczos steps (krylov_factor·max_rank) before the "
+            f"solver='arnoldi' stopped after {lz.steps} Lanczos steps (cap {cap} = krylov_factor·max_rank) before the "
             f"{k} kept Ritz pairs converged (ritz_tol={st.ritz_tol:g}) or the automatic rank settled; the "
             "inverse may be inaccurate. Raise max_rank or krylov_factor, loosen ritz_tol, or raise the damping.",
             RuntimeWarning,
@@ -279,6 +277,14 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", damping: DampingSpec)
     inv.setup = _diagnostics(st, inv, mode, lo, hi, lz.steps, mu, mu_next, max_res, converged,
                              time.perf_counter() - t0, damping)
     return inv
+
+
+def _zero_damping(lam: float, k: int, p: int) -> InfluenceConfigError:
+    return InfluenceConfigError(
+        f"damping={lam:g} with solver='arnoldi' keeps at most {k} of {p} directions and inverts the rest as 1/λ, "
+        "which needs λ > 0. Fix: a positive damping (e.g. the L2 coefficient the model was trained with), "
+        "damping='auto', or ArnoldiSettings(rank=P, max_rank=P) with P the number of parameters."
+    )
 
 
 def _select(st: ArnoldiSettings, theta: Tensor, res: Tensor, lam: float,
@@ -326,6 +332,8 @@ def _diagnostics(st: ArnoldiSettings, inv: ArnoldiInverse, mode: str, lo: float,
                    reduce="max"),
         Diagnostic("ritz_residual", max_res, "largest relative Ritz residual",
                    "max over kept pairs of ‖H y − θ y‖/(|θ| + λ); converged below ritz_tol", reduce="max"),
+        Diagnostic("rank_capped", bool(st.rank == "auto" and k >= st.max_rank), "rank capped",
+                   "the automatic rank reached max_rank: more directions exceed tol (see error_bound)", reduce="any"),
         Diagnostic("converged", bool(converged), "converged", "kept Ritz pairs met ritz_tol and the rank settled "
                    "within the step cap", reduce="all"),
         Diagnostic("fit_seconds", seconds, "fit seconds", "wall-clock seconds of the Lanczos fit", reduce="sum"),
