@@ -5,9 +5,12 @@ Used by the LiSSA solver to choose its scale and batch size without tuning, and 
 
 * :func:`power_iteration`: the eigenvalue of largest magnitude of ``A − shift·I`` (plus ``shift``), i.e.
   ``λ_max(A)`` with ``shift=0`` for a positive semi-definite ``A`` (LiSSA's scale, on minibatches).
-* :func:`lanczos_extremes`: both extreme eigenvalues from one Krylov space; converges much faster than
-  shifted power iteration at an end of the spectrum near zero (the smallest, possibly negative,
-  eigenvalue of a trained network's Hessian).
+* :class:`Lanczos`: the Krylov basis and tridiagonal matrix of symmetric Lanczos with full
+  reorthogonalisation, grown step by step; its Ritz pairs with residual estimates (the low-rank
+  Arnoldi solver keeps the top ones).
+* :func:`lanczos_extremes`: both extreme eigenvalues from one Krylov space (a :class:`Lanczos` run);
+  converges much faster than shifted power iteration at an end of the spectrum near zero (the
+  smallest, possibly negative, eigenvalue of a trained network's Hessian).
 * :func:`hutchinson_trace`: ``tr(A) ≈ mean_k z_kᵀ A z_k`` over Rademacher probes ``z_k``.
 
 Every function takes ``matvec(V [K, P]) -> A V [K, P]`` acting on the *rows* of ``V`` (the batched
@@ -19,12 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["MatVec", "SpectralEstimate", "power_iteration", "lanczos_extremes", "hutchinson_trace", "rademacher"]
+__all__ = ["MatVec", "SpectralEstimate", "Lanczos", "power_iteration", "lanczos_extremes", "hutchinson_trace", "rademacher"]
 
 #: ``matvec(V [K, P]) -> A V [K, P]`` for a symmetric ``A``.
 MatVec = Callable[[Tensor], Tensor]
@@ -107,6 +110,147 @@ def power_iteration(
     return SpectralEstimate(value=float(est), matvecs=len(history), history=history)
 
 
+class Lanczos:
+    """Symmetric Lanczos with full reorthogonalisation, grown one product at a time.
+
+    After ``m`` steps from the unit start vector ``q_1`` the orthonormal basis ``Q_m = [q_1 … q_m]``
+    (rows of :attr:`basis`, ``[m, P]``) spans the Krylov space ``K_m(A, q_1)`` and
+
+        A Q_mᵀ = Q_mᵀ T_m + β_m q_{m+1} e_mᵀ,
+
+    with ``T_m`` (:meth:`tridiagonal`) symmetric tridiagonal: diagonal ``α_i = q_iᵀ A q_i``, off-diagonal
+    ``β_i = ‖r_i‖`` (the norm of ``A q_i`` minus its projection on the basis). Each step reorthogonalises
+    the new vector against the whole basis twice (classical Gram–Schmidt, "twice is enough"), so ``Q_m``
+    stays orthonormal to round-off and no spurious copies of converged Ritz values appear.
+
+    Ritz pairs: if ``T_m s = θ s`` (``‖s‖ = 1``) then ``y = Q_mᵀ s`` satisfies
+    ``‖A y − θ y‖ = β_m |s_m|`` (:meth:`ritz`), computable without another product. By Cauchy
+    interlacing the ``j``-th largest Ritz value never exceeds the ``j``-th largest eigenvalue of ``A``
+    (and the ``j``-th smallest is never below the ``j``-th smallest): the extreme Ritz values approach
+    ``λ_max(A)`` from below and ``λ_min(A)`` from above, and never overshoot.
+
+    Memory: the basis, ``m × P`` numbers (in ``dtype``); ``T_m`` is held as two lists of floats.
+
+    Args:
+        matvec: ``A`` on the rows of a ``[K, P]`` matrix (called with ``K = 1``).
+        dim: ``P``.
+        dtype / device: of the basis.
+        seed: the start vector is Gaussian, drawn on the CPU from ``seed`` (device-independent).
+    """
+
+    def __init__(self, matvec: MatVec, dim: int, *, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
+        self.matvec = matvec
+        self.dim = int(dim)
+        gen = torch.Generator().manual_seed(int(seed))
+        q = torch.randn(1, self.dim, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        self._buf = torch.empty(min(16, self.dim + 1), self.dim, dtype=dtype, device=device)
+        self._buf[:1] = q / q.norm()
+        self._rows = 1  # basis vectors held (m + 1 after m steps, unless broken down)
+        self.alphas: List[float] = []
+        #: ``β_1 … β_m``: ``β_m`` (the last) is the residual norm, not part of ``T_m``
+        self.betas: List[float] = []
+        #: the Krylov space is invariant (``β_m ≈ 0``, or ``m = P``): its Ritz pairs are exact
+        self.exhausted = False
+
+    @property
+    def steps(self) -> int:
+        """``m``: products with ``A`` so far (the Krylov dimension)."""
+        return len(self.alphas)
+
+    @property
+    def basis(self) -> Tensor:
+        """``Q_m`` ``[m, P]``, orthonormal rows."""
+        return self._buf[: self.steps]
+
+    @property
+    def residual_norm(self) -> float:
+        """``β_m``: the norm of the part of ``A q_m`` outside the Krylov space (``0`` when exhausted)."""
+        return 0.0 if self.exhausted or not self.betas else self.betas[-1]
+
+    def step(self, breakdown_scale: Optional[Callable[["Lanczos"], float]] = None) -> bool:
+        """One product: extend the basis by one vector. Returns ``False`` (and sets :attr:`exhausted`)
+        once the Krylov space is invariant: ``β_m < 1e-12 · scale`` or ``m = P``. ``scale`` bounds
+        ``‖T_m‖₂``: ``breakdown_scale(self)`` if given (called once ``α_m`` is known), else Gershgorin's
+        bound. Calling it on an exhausted space does nothing."""
+        if self.exhausted:
+            return False
+        m = self.steps
+        q = self._buf[m : m + 1]
+        w = self.matvec(q)
+        self.alphas.append(float((w * q).sum()))
+        qs = self._buf[: m + 1]
+        w = w - (w @ qs.T) @ qs  # full reorthogonalisation (twice is enough)
+        w = w - (w @ qs.T) @ qs
+        b = float(w.norm())
+        if breakdown_scale is None:
+            off = [0.0] + self.betas + [0.0]
+            scale = max(abs(a) + off[i] + off[i + 1] for i, a in enumerate(self.alphas))
+        else:
+            scale = breakdown_scale(self)
+        if not math.isfinite(b) or b < 1e-12 * max(abs(scale), 1e-30) or m + 1 >= self.dim:
+            self.exhausted = True
+            return False
+        self.betas.append(b)
+        if m + 2 > self._buf.shape[0]:
+            grown = torch.empty(min(2 * self._buf.shape[0], self.dim + 1), self.dim, dtype=w.dtype, device=w.device)
+            grown[: m + 1] = self._buf[: m + 1]
+            self._buf = grown
+        self._buf[m + 1 : m + 2] = w / b
+        return True
+
+    def restart(self, seed: int) -> bool:
+        """After the space became invariant with ``m < P``: continue from a new Gaussian vector (from
+        ``seed``) orthogonalised against the basis, with ``β = 0`` at the junction (``T`` becomes block
+        diagonal and the residual relation above still holds). This finds the directions a single
+        Krylov space misses: other copies of eigenvalues of multiplicity > 1, e.g. the exact null
+        directions of a softmax output layer. Returns ``False`` (nothing to add) when ``m = P`` or
+        the new vector lies in the span of the basis."""
+        m = self.steps
+        if not self.exhausted or m >= self.dim:
+            return False
+        gen = torch.Generator().manual_seed(int(seed))
+        qs = self.basis
+        w = torch.randn(1, self.dim, generator=gen, dtype=torch.float64).to(dtype=qs.dtype, device=qs.device)
+        w = w / w.norm()
+        w = w - (w @ qs.T) @ qs
+        w = w - (w @ qs.T) @ qs
+        b = float(w.norm())
+        if not b > 1e-8:
+            return False
+        if m + 1 > self._buf.shape[0]:
+            grown = torch.empty(min(2 * self._buf.shape[0], self.dim + 1), self.dim, dtype=w.dtype, device=w.device)
+            grown[:m] = qs
+            self._buf = grown
+        self._buf[m : m + 1] = w / b
+        self.betas.append(0.0)
+        self.exhausted = False
+        return True
+
+    def extend(self, steps: int) -> int:
+        """Up to ``steps`` more products (fewer once exhausted); returns the products made."""
+        done = 0
+        while done < steps and not self.exhausted:
+            done += 1
+            self.step()
+        return done
+
+    def tridiagonal(self) -> Tensor:
+        """``T_m`` ``[m, m]`` in float64 on the CPU."""
+        m = self.steps
+        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(self.betas[: m - 1], dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        return t
+
+    def ritz(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """Ritz values ``θ`` ``[m]`` (ascending), the eigenvectors ``S`` ``[m, m]`` of ``T_m`` (columns;
+        the Ritz vectors are ``Q_mᵀ S``) and the residual norms ``β_m |S_{m,i}|`` ``[m]``, all float64 on
+        the CPU."""
+        theta, s = torch.linalg.eigh(self.tridiagonal())
+        return theta, s, self.residual_norm * s[-1].abs()
+
+
 def lanczos_extremes(
     matvec: MatVec,
     dim: int,
@@ -116,7 +260,7 @@ def lanczos_extremes(
     iters: int = 40,
     seed: int = 0,
 ) -> Tuple[SpectralEstimate, SpectralEstimate]:
-    """Smallest and largest eigenvalues of ``A`` by ``iters`` steps of Lanczos with full
+    """Smallest and largest eigenvalues of ``A`` by ``iters`` steps of :class:`Lanczos` with full
     reorthogonalisation (``iters`` products, ``iters`` stored vectors). The extreme Ritz values converge
     much faster than power iteration at the end of the spectrum far from the shift (e.g. a small negative
     eigenvalue next to a large positive one); like the Rayleigh quotient they never overshoot.
@@ -124,32 +268,19 @@ def lanczos_extremes(
     Returns:
         ``(λ_min, λ_max)`` estimates; ``history`` holds the Ritz value after each product.
     """
-    gen = torch.Generator().manual_seed(int(seed))
-    q = torch.randn(1, dim, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-    q = q / q.norm()
-    basis = [q]
-    alphas: List[float] = []
-    betas: List[float] = []
+    lz = Lanczos(matvec, dim, dtype=dtype, device=device, seed=seed)
     lo: List[float] = []
     hi: List[float] = []
-    for _ in range(min(iters, dim)):
-        w = matvec(basis[-1])
-        alphas.append(float((w * basis[-1]).sum()))
-        qs = torch.cat(basis)
-        w = w - (w @ qs.T) @ qs  # full reorthogonalisation (twice is enough)
-        w = w - (w @ qs.T) @ qs
-        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            t += torch.diag(off, 1) + torch.diag(off, -1)
-        ev = torch.linalg.eigvalsh(t)
+
+    def extremes(run: Lanczos) -> float:  # record this step's Ritz extremes; they scale the breakdown test
+        ev = torch.linalg.eigvalsh(run.tridiagonal())
         lo.append(float(ev[0]))
         hi.append(float(ev[-1]))
-        b = float(w.norm())
-        if not math.isfinite(b) or b < 1e-12 * max(abs(lo[-1]), abs(hi[-1]), 1e-30):
+        return max(abs(lo[-1]), abs(hi[-1]))
+
+    for _ in range(min(iters, dim)):
+        if not lz.step(extremes):
             break
-        betas.append(b)
-        basis.append(w / b)
     n = len(lo)
     return SpectralEstimate(lo[-1], n, lo), SpectralEstimate(hi[-1], n, hi)
 
