@@ -250,7 +250,7 @@ class InfluenceResults:
                     continue
                 if d.name in seen:
                     d = Diagnostic(f"{group}_{d.name}", d.value, f"{d.label} ({_GROUP_LABELS[group]})", d.meaning,
-                                   d.kind, d.reduce)
+                                   reduce=d.reduce, kind=d.kind)
                     if d.name in seen:
                         continue
                 seen.add(d.name)

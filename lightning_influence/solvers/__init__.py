@@ -6,12 +6,13 @@ from typing import Dict, Type, Union
 
 from ..errors import InfluenceConfigError
 from .base import FactoredInverse, InverseHVP, SolverSettings, SolveResult
+from .arnoldi import ArnoldiSettings
 from .cg import CGSettings
 from .ekfac import EKFACSettings, KFACSettings
 from .exact import ExactSettings
 from .lissa import LissaSettings
 
-__all__ = ["SOLVERS", "CGSettings", "EKFACSettings", "ExactSettings", "KFACSettings", "FactoredInverse", "InverseHVP", "LissaSettings", "SolveResult",
+__all__ = ["SOLVERS", "ArnoldiSettings", "CGSettings", "EKFACSettings", "ExactSettings", "KFACSettings", "FactoredInverse", "InverseHVP", "LissaSettings", "SolveResult",
            "SolverSettings", "resolve_solver"]
 
 SOLVERS: Dict[str, Type[SolverSettings]] = {
@@ -20,6 +21,7 @@ SOLVERS: Dict[str, Type[SolverSettings]] = {
     "exact": ExactSettings,
     "ekfac": EKFACSettings,
     "kfac": KFACSettings,
+    "arnoldi": ArnoldiSettings,
 }
 
 

@@ -63,7 +63,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import ClassVar, TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -98,6 +98,7 @@ class ArnoldiSettings(SolverSettings):
     """
 
     name = "arnoldi"
+    factored: ClassVar[bool] = True
     rank: Union[int, str] = "auto"
     max_rank: int = 200
     tol: float = 0.05
