@@ -143,7 +143,7 @@ class InfluenceCallback(Callback):
         *,
         query_indices: Optional[Sequence[int]] = None,
         query_dataloader: Optional[DataLoader] = None,
-        solver: Union[Literal["lissa", "cg", "exact"], SolverSettings] = "lissa",
+        solver: Union[Literal["lissa", "cg", "exact", "ekfac", "kfac", "arnoldi"], SolverSettings] = "lissa",
         damping: Optional[Union[float, Literal["auto"], AutoDamping]] = "auto",
         params: Optional[Union[str, Sequence[str]]] = None,
         loss_fn: Optional[LossFn] = None,

@@ -42,7 +42,7 @@ class Stream(IterableDataset):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(solver="newton"), r"solver='newton' is not a known solver; use one of \['cg', 'exact', 'lissa'\]"),
+        (dict(solver="newton"), r"solver='newton' is not a known solver; use one of \['arnoldi', 'cg', 'ekfac', 'exact', 'kfac', 'lissa'\]"),
         (dict(num_queries=0), r"num_queries=0 must be a positive integer"),
         (dict(top_k=-1), r"top_k=-1 must be a positive integer"),
         (dict(chunk_size=2.5), r"chunk_size=2.5 must be a positive integer"),
