@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -161,8 +161,14 @@ def profile_hvp(cache: str, dtype: torch.dtype, batch: int = 64, sizes=(1, 8, 32
     return rows
 
 
-def spawn(job: Dict[str, Any]) -> Dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+def spawn(job: Dict[str, Any], script: str = __file__, timeout: Optional[float] = None) -> Dict[str, Any]:
+    """Run ``script --worker JOB`` in a fresh interpreter; its last stdout line is the JSON result.
+    A failure or a timeout comes back as ``{"error": ...}``."""
+    try:
+        proc = subprocess.run([sys.executable, script, "--worker", json.dumps(job)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc={proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])

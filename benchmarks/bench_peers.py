@@ -1,0 +1,322 @@
+"""Peer comparison: other influence-function libraries next to ours, on the same models and queries.
+
+    python benchmarks/bench_peers.py                                   # everything (hours on 2 cores)
+    python benchmarks/bench_peers.py --models logreg mlp cnn --queries 10 cnn=100 --ours none
+    python benchmarks/bench_peers.py --models mlp --queries 10 --methods pydvl-cg kronfluence-ekfac --ours cg
+
+Models: the logistic regression, tanh MLP (λ = 0.01, their weight decay) and ReLU CNN (λ = 0.1) of
+``tests/problems.py``, trained once and cached under ``benchmarks/.cache/``. Queries: the first Q validation
+digits; ``--queries 10 cnn=100`` gives Q = 10 to every model and 100 to the CNN. Scores cover all 1,347
+training digits. Dtype: float64 for logreg and MLP (as trained), float32 for the CNN (``--dtype`` changes it).
+
+Reference: the exact damped solve ``(H + λI)⁻¹`` with the dense Hessian of the mean training loss
+(``torch.func.hessian``) for logreg and MLP, CG to a relative residual of 1e-6 with ``torch.func`` HVPs for
+the CNN, all in float64 and computed here with torch alone (independent of the package and of the
+peers); cached in ``benchmarks/.cache/`` (``--fresh-reference`` recomputes).
+
+Every method runs in a fresh subprocess (``spawn`` of bench_lissa.py) that reports its wall time (the
+peer's fit + scoring, its package already imported) and peak resident memory (``VmHWM``, which includes
+the interpreter, torch and the peer's imports: ``base MB`` is the resident size before the method ran).
+A peer that is missing, crashes or times out becomes a row saying so. All scores are normalised to this
+project's sign (positive = harmful; see peers.py for each peer's convention) and compared per query to
+the reference: Pearson r and Spearman ρ (torchmetrics), median and minimum over queries.
+Prints a markdown table and writes it to ``benchmarks/results_peers.md`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from bench_lissa import _problem, peak_rss_mb, spawn  # noqa: E402
+from peers import EXPLICIT, EXPLICIT_MAX_PARAMS, NOT_INSTALLABLE, PEERS, package_versions  # noqa: E402
+
+MODELS = ("logreg", "mlp", "cnn")
+LABELS = {"logreg": "logreg", "mlp": "tanh MLP", "cnn": "ReLU CNN"}
+DEFAULT_DTYPE = {"logreg": "float64", "mlp": "float64", "cnn": "float32"}
+CACHE = os.path.join(HERE, ".cache")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _data(name: str, dtype: torch.dtype):
+    p = _problem(name, dtype, CACHE)
+    cast = lambda ds: torch.utils.data.TensorDataset(ds.tensors[0].to(dtype), ds.tensors[1])  # noqa: E731
+    model = p.model.eval()
+    for q in model.parameters():
+        q.requires_grad_(True)
+    return model, cast(p.train), cast(p.val), p.damping
+
+
+# --------------------------------------------------------------------------------------------- reference
+def reference_scores(model, train, val, queries, damping: float, kind: str, tol: float = 1e-6,
+                     max_iter: int = 5000, chunk: int = 25) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """``−∇L(z_q)ᵀ (H + λI)⁻¹ ∇L(z_i)`` in float64 with torch alone: dense solve or batched CG."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, hessian, jvp, vmap
+
+    model = model.double()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+
+    def unflat(t):
+        return {n: c.view(s) for n, c, s in zip(names, t.split(sizes), shapes)}
+
+    def loss(t, x, y):
+        return F.cross_entropy(functional_call(model, unflat(t), (x,)), y)
+
+    x, y = train.tensors[0].double(), train.tensors[1]
+    idx = torch.as_tensor(list(queries))
+    xq, yq = val.tensors[0][idx].double(), val.tensors[1][idx]
+    per_example = vmap(grad(lambda t, a, b: loss(t, a[None], b[None])), in_dims=(None, 0, 0))
+    g_train = torch.cat([per_example(theta, x[s:s + 256], y[s:s + 256]) for s in range(0, len(x), 256)])
+    g_q = per_example(theta, xq, yq)
+    info: Dict[str, Any] = {"params": theta.numel()}
+    if kind == "exact":
+        h = hessian(loss)(theta, x, y)
+        a = h + damping * torch.eye(theta.numel(), dtype=h.dtype)
+        sol = torch.linalg.solve(a, g_q.T).T
+        info["lambda_min_H"] = float(torch.linalg.eigvalsh(h)[0])
+    else:
+        gfun = grad(loss)
+
+        def hvp(v):
+            return jvp(lambda t: gfun(t, x, y), (theta,), (v,))[1] + damping * v
+
+        def apply(vs):
+            return torch.cat([vmap(hvp)(vs[s:s + chunk]) for s in range(0, len(vs), chunk)])
+
+        b = g_q
+        sol = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rr = (r * r).sum(1)
+        bn = b.norm(dim=1)
+        active = torch.ones(len(b), dtype=torch.bool)
+        it = 0
+        while active.any() and it < max_iter:
+            ia = active.nonzero().flatten()
+            ap = apply(p[ia])
+            alpha = rr[ia] / (p[ia] * ap).sum(1)
+            sol[ia] += alpha[:, None] * p[ia]
+            r[ia] -= alpha[:, None] * ap
+            rr_new = (r[ia] * r[ia]).sum(1)
+            p[ia] = r[ia] + (rr_new / rr[ia])[:, None] * p[ia]
+            rr[ia] = rr_new
+            active[ia] = rr_new.sqrt() > tol * bn[ia]
+            it += 1
+        info.update(cg_iterations=it, max_rel_residual=float((rr.sqrt() / bn).max()))
+    return -(sol @ g_train.T), info
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def worker(job: Dict[str, Any]) -> Dict[str, Any]:
+    torch.set_num_threads(job["threads"])
+    dtype = getattr(torch, job["dtype"])
+    model, train, val, damping = _data(job["model"], dtype)
+    queries = job["queries"]
+    base = rss_mb()
+    settings = ""
+    extra: Dict[str, Any] = {}
+    if job["kind"] == "reference":
+        t0 = time.perf_counter()
+        scores, extra = reference_scores(model, train, val, queries, damping, job["method"])
+    elif job["kind"] == "peer":
+        importlib.import_module(job["method"].split("-")[0])  # the package's import is not timed
+        if not list(model.children()):  # a bare nn.Linear: kronfluence and dattri's EK-FAC hook child modules
+            model = torch.nn.Sequential(model)
+        t0 = time.perf_counter()
+        scores, settings = PEERS[job["method"]](model, train, val, queries, damping)
+    else:
+        from lightning_influence import compute_influence
+
+        t0 = time.perf_counter()
+        res = compute_influence(model, train, val, query_indices=queries, solver=job["method"], damping=damping,
+                                dtype=dtype)
+        scores, settings = res.scores, f"compute_influence(solver={job['method']!r}, damping=λ)"
+    wall = time.perf_counter() - t0
+    scores = torch.as_tensor(scores).detach().double().cpu()
+    assert scores.shape == (len(queries), len(train)), f"scores {tuple(scores.shape)}, expected {(len(queries), len(train))}"
+    torch.save(scores, job["out"])
+    return {"wall_s": wall, "peak_mb": peak_rss_mb(), "base_mb": base, "settings": settings, **extra}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def correlations(scores: torch.Tensor, ref: torch.Tensor) -> Dict[str, float]:
+    from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+
+    a, b = scores.double().T.contiguous(), ref.double().T.contiguous()  # [N, Q]: one correlation per query
+    if a.shape[1] == 1:
+        a, b = a[:, 0], b[:, 0]
+    r = pearson_corrcoef(a, b).reshape(-1)
+    rho = spearman_corrcoef(a, b).reshape(-1)
+    return {"r_med": float(r.median()), "r_min": float(r.min()), "rho_med": float(rho.median()),
+            "rho_min": float(rho.min())}
+
+
+def parse_queries(items: List[str], models: List[str]) -> Dict[str, List[int]]:
+    default = [int(i) for i in items if "=" not in i] or [10]
+    per: Dict[str, List[int]] = {}
+    for i in items:
+        if "=" in i:
+            m, q = i.split("=", 1)
+            per.setdefault(m, []).append(int(q))
+    return {m: sorted(set(per.get(m, default))) for m in models}
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def get_reference(model: str, q: int, args, threads: int) -> Tuple[Optional[torch.Tensor], Dict[str, Any]]:
+    kind = "cg" if model == "cnn" else "exact"
+    path = os.path.join(CACHE, f"ref_{model}_{kind}.pt")
+    if os.path.exists(path) and not args.fresh_reference:
+        saved = torch.load(path)
+        if saved["scores"].shape[0] >= q:
+            return saved["scores"][:q], {**saved["info"], "cached": True}
+    out = os.path.join(CACHE, f"ref_{model}_tmp.pt")
+    res = spawn({"kind": "reference", "method": kind, "model": model, "dtype": "float64", "queries": list(range(q)),
+                 "threads": threads, "out": out}, script=__file__, timeout=args.reference_timeout)
+    if "error" in res:
+        return None, res
+    scores = torch.load(out)
+    info = {"kind": kind, **res}
+    torch.save({"scores": scores, "info": info}, path)
+    os.remove(out)
+    return scores, {**info, "cached": False}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker")
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--queries", nargs="*", default=["1", "10", "100"],
+                    help="Q values (first Q validation digits); MODEL=Q for one model only, e.g. 10 cnn=100")
+    ap.add_argument("--methods", nargs="*", default=list(PEERS) + list(NOT_INSTALLABLE),
+                    help="peer methods (default: all of %s)" % ", ".join(list(PEERS) + list(NOT_INSTALLABLE)))
+    ap.add_argument("--ours", default="lissa,cg,ekfac,arnoldi",
+                    help="comma-separated solver names of ours ('none' or '' for no rows of ours)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64"],
+                    help="working dtype of every method (auto: float64 logreg/MLP, float32 CNN)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per method (its subprocess is killed after)")
+    ap.add_argument("--reference-timeout", type=float, default=3600.0)
+    ap.add_argument("--fresh-reference", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results_peers.md"))
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    os.makedirs(CACHE, exist_ok=True)
+    ours = [s.strip() for s in args.ours.split(",") if s.strip() and s.strip() != "none"]
+    plan = parse_queries(args.queries, args.models)
+    for m in args.models:  # train once, in this process (cached for the workers)
+        _problem(m, torch.float64, CACHE)
+    n_params = {m: sum(p.numel() for p in _problem(m, torch.float64, CACHE).model.parameters()) for m in args.models}
+
+    cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
+    head = [f"# Peer comparison: influence scores against an exact reference", "",
+            f"* command: `{cmd}`",
+            f"* date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+            f"* machine: {machine()}; {args.threads} torch threads; no GPU. Timings are noisy (shared cores).",
+            f"* torch {torch.__version__}; " + ", ".join(f"{k} {v}" for k, v in package_versions().items()),
+            "* scores over all 1,347 training digits, sign normalised to ours (positive = harmful); r = Pearson,"
+            " ρ = Spearman per query against the reference, median and min over queries; wall = fit + scoring"
+            " (package import excluded); peak = VmHWM of the method's own process (base = resident before it ran)",
+            ""]
+    print("\n".join(head), flush=True)
+    rows = ["| model | Q | method | median r | min r | median ρ | min ρ | wall s | peak MB | base MB | settings / notes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    refs_text = []
+
+    def emit(row: str) -> None:
+        rows.append(row)
+        print(row, flush=True)
+
+    for m in args.models:
+        dtype = DEFAULT_DTYPE[m] if args.dtype == "auto" else args.dtype
+        for q in plan[m]:
+            ref, rinfo = get_reference(m, q, args, args.threads)
+            label = f"{LABELS[m]} ({n_params[m]:,} params, λ={0.1 if m == 'cnn' else 0.01:g}, {dtype})"
+            if ref is None:
+                emit(f"| {label} | {q} | reference | failed: {rinfo['error'][:200]} |||||||| ")
+                continue
+            how = ("exact dense solve, float64" if rinfo["kind"] == "exact" else
+                   f"CG to 1e-6 in float64 ({rinfo.get('cg_iterations')} iterations)")
+            cached = " (cached)" if rinfo.get("cached") else ""
+            refs_text.append(f"* reference {LABELS[m]}, Q={q}: {how}; {rinfo['wall_s']:.1f} s, "
+                             f"{rinfo['peak_mb']:.0f} MB peak{cached}")
+            jobs = [("peer", meth) for meth in args.methods] + [("ours", s) for s in ours]
+            for kind, meth in jobs:
+                name = meth if kind == "peer" else f"ours: {meth}"
+                if kind == "peer" and meth in NOT_INSTALLABLE:
+                    emit(f"| {label} | {q} | {name} | not installable: {NOT_INSTALLABLE[meth]} |||||||| ")
+                    continue
+                if kind == "peer" and meth not in PEERS:
+                    emit(f"| {label} | {q} | {name} | unknown method |||||||| ")
+                    continue
+                if kind == "peer" and meth in EXPLICIT and n_params[m] > EXPLICIT_MAX_PARAMS:
+                    emit(f"| {label} | {q} | {name} | skipped: explicit {n_params[m]:,}² Hessian "
+                         f"(> {EXPLICIT_MAX_PARAMS:,} params) |||||||| ")
+                    continue
+                out = os.path.join(CACHE, "scores_tmp.pt")
+                res = spawn({"kind": kind, "method": meth, "model": m, "dtype": dtype, "queries": list(range(q)),
+                             "threads": args.threads, "out": out}, script=__file__, timeout=args.timeout)
+                if "error" in res and kind == "peer" and dtype == "float64" and "dtype" in res["error"]:
+                    # the peer assumes float32 somewhere: measure it in float32 and say so
+                    f64 = res["error"]
+                    res = spawn({"kind": kind, "method": meth, "model": m, "dtype": "float32",
+                                 "queries": list(range(q)), "threads": args.threads, "out": out},
+                                script=__file__, timeout=args.timeout)
+                    if "error" not in res:
+                        res["settings"] += f"; **run in float32**: float64 fails ({f64[:90]})"
+                if "error" in res:
+                    what = "not available" if kind == "ours" else "failed"
+                    err = res["error"].replace("|", "/")[:220]
+                    emit(f"| {label} | {q} | {name} | {what}: {err} |||||||| ")
+                    continue
+                c = correlations(torch.load(out), ref)
+                os.remove(out)
+                emit(f"| {label} | {q} | {name} | {c['r_med']:.4f} | {c['r_min']:.4f} | {c['rho_med']:.4f} | "
+                     f"{c['rho_min']:.4f} | {res['wall_s']:.1f} | {res['peak_mb']:.0f} | {res['base_mb']:.0f} | "
+                     f"{res['settings']} |")
+    text = "\n".join(head + refs_text + [""] + rows) + "\n"
+    print("\n" + "\n".join(refs_text))
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"\nwritten to {os.path.relpath(args.out, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
