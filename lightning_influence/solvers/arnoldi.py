@@ -273,6 +273,7 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", damping: DampingSpec)
     if isinstance(damping, AutoDamping):
         record["damping_base"] = damping.base
     inv.damping_record = record
+    inv.spectrum = Spectrum(lo, hi, lz.steps)
     mu = inv.eigenvalues
     max_res = float((res[kept] / (theta[kept].abs() + lam)).max()) if k else 0.0
     inv.setup = _diagnostics(st, inv, mode, lo, hi, lz.steps, mu, mu_next, max_res, converged,

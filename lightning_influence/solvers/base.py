@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,10 +29,11 @@ from ..diagnostics import Diagnostic
 from ..errors import SolverDivergedError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..damping import AutoDamping
+    from ..damping import AutoDamping, DampingChoice, Spectrum
     from ..problem import InfluenceProblem
 
-__all__ = ["SolveResult", "InverseHVP", "FactoredInverse", "SolverSettings", "DampingSpec", "check_finite"]
+__all__ = ["SolveResult", "InverseHVP", "FactoredInverse", "SolverSettings", "DampingSpec", "check_finite",
+           "damping_and_preconditioner"]
 
 #: what ``fit`` receives: a fixed ``λ ≥ 0`` or an automatic rule (each solver applies its own)
 DampingSpec = Union[float, "AutoDamping"]
@@ -83,7 +84,15 @@ class InverseHVP(ABC):
 
 class FactoredInverse(InverseHVP):
     """An approximate inverse ``(Ĥ + λI)⁻¹`` held in closed form (Kronecker factors, a low-rank
-    eigendecomposition), symmetric positive definite."""
+    eigendecomposition), symmetric positive definite.
+
+    Attributes:
+        spectrum: estimates of the extreme eigenvalues of the true Hessian ``H`` made while fitting (a
+            Krylov method sees them; a Fisher approximation does not: ``None``). A solver preconditioned
+            by this inverse reuses them for its damping and curvature check instead of its own Lanczos.
+    """
+
+    spectrum: Optional["Spectrum"] = None
 
     @abstractmethod
     def apply(self, vectors: Tensor) -> Tensor:
@@ -121,6 +130,51 @@ class SolverSettings(ABC):
             v = getattr(self, f.name)
             out[f.name] = v.to_dict() if isinstance(v, SolverSettings) else v
         return out
+
+
+def damping_and_preconditioner(
+    problem: "InfluenceProblem", damping: DampingSpec, preconditioner: Union[str, SolverSettings, None]
+) -> Tuple["DampingChoice", Optional[FactoredInverse]]:
+    """The damping of a Hessian-vector-product solver (LiSSA, CG) and its fitted preconditioner.
+
+    A preconditioner that estimates the Hessian's spectrum itself (Arnoldi's Krylov space) is fitted
+    first with the same damping argument: it applies the same rule (:meth:`AutoDamping.choose` on the
+    extreme Ritz values, or the fixed ``λ`` checked for negative curvature), and its estimates replace
+    the solver's own Lanczos passes. Otherwise :func:`~lightning_influence.damping.hessian_damping` runs
+    first and the preconditioner (e.g. EK-FAC, which sees the Fisher, not ``H``) is fitted at that ``λ``.
+    The preconditioner's setup diagnostics are returned with the choice, prefixed ``preconditioner_``.
+    """
+    import time
+    import warnings
+
+    from ..damping import DampingChoice, hessian_damping
+
+    if preconditioner is None:
+        return hessian_damping(problem, damping), None
+    from . import resolve_solver
+
+    settings = resolve_solver(preconditioner)
+    t0 = time.perf_counter()
+    pre: Optional[FactoredInverse] = None
+    if settings.name == "arnoldi":  # sees H itself: let it resolve the damping
+        with warnings.catch_warnings():  # a preconditioner needs no converged eigenpairs: any SPD P serves
+            warnings.filterwarnings("ignore", message=".*before the .* kept Ritz pairs converged")
+            pre = settings.fit(problem, damping)  # type: ignore[assignment]
+        assert isinstance(pre, FactoredInverse) and pre.spectrum is not None
+        record = dict(getattr(pre, "damping_record", {"damping": pre.damping}))
+        choice = DampingChoice(pre.damping, pre.spectrum, record, [])
+    else:
+        choice = hessian_damping(problem, damping)
+        pre = settings.fit(problem, choice.value)  # type: ignore[assignment]
+        assert isinstance(pre, FactoredInverse)
+    seconds = time.perf_counter() - t0
+    items = [d for d in choice.diagnostics] + [
+        Diagnostic("preconditioner", settings.name, "preconditioner",
+                   "factored approximation P ≈ H + λI fitted once; the solve is preconditioned by it"),
+        Diagnostic("preconditioner_seconds", seconds, "preconditioner fit (s)", "seconds spent fitting it"),
+    ] + [Diagnostic(f"preconditioner_{d.name}", d.value, f"preconditioner: {d.label}", d.meaning, d.reduce, d.kind)
+         for d in pre.setup]
+    return DampingChoice(choice.value, choice.spectrum, choice.record, items), pre
 
 
 def check_finite(x: Tensor, what: str, step: int, history: Any = None, fix: str = "") -> None:

@@ -3,7 +3,6 @@ factored approximation of ``H + λI`` (EK-FAC, K-FAC, Arnoldi)."""
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Union
@@ -11,10 +10,9 @@ from typing import TYPE_CHECKING, List, Optional, Union
 import torch
 from torch import Tensor
 
-from ..damping import hessian_damping
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, NegativeCurvatureError
-from .base import DampingSpec, FactoredInverse, InverseHVP, SolveResult, SolverSettings, check_finite
+from .base import DampingSpec, InverseHVP, SolveResult, SolverSettings, check_finite, damping_and_preconditioner
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
@@ -64,25 +62,11 @@ class CGSolver(InverseHVP):
     curvature along a search direction raises an error naming the fix (more damping)."""
 
     def __init__(self, problem: "InfluenceProblem", damping: DampingSpec, settings: CGSettings) -> None:
-        choice = hessian_damping(problem, damping)
+        choice, self.preconditioner = damping_and_preconditioner(problem, damping, settings.preconditioner)
         super().__init__(problem, choice.value)
         self.damping_record = dict(choice.record)
         self.settings = settings
         self.setup = list(choice.diagnostics)
-        self.preconditioner: Optional[FactoredInverse] = None
-        if settings.preconditioner is not None:
-            from . import resolve_solver
-
-            t0 = time.perf_counter()
-            pre = resolve_solver(settings.preconditioner).fit(problem, self.damping)
-            assert isinstance(pre, FactoredInverse)
-            self.preconditioner = pre
-            name = settings.preconditioner if isinstance(settings.preconditioner, str) else settings.preconditioner.name
-            self.setup += [
-                Diagnostic("preconditioner", name, "preconditioner", "factored approximation P ≈ H + λI"),
-                Diagnostic("preconditioner_seconds", time.perf_counter() - t0, "preconditioner fit (s)",
-                           "seconds spent fitting the preconditioner"),
-            ]
 
     def _precondition(self, r: Tensor) -> Tensor:
         return r if self.preconditioner is None else self.preconditioner.apply(r)

@@ -58,9 +58,14 @@ eigenvalue of ``A_B`` lies in ``(0, 2s)``; the expected error shrinks by ``1 −
   ``S = P^{-1/2}``, ``M_B = S (H_B + λI) S`` and ``x = S y``. The target stays the exact
   ``(H + λI)⁻¹ v``; the preconditioner only changes how fast the recursion gets there (the rate is
   ``1 − λ_min(M)/s`` with ``s ≈ λ_max(M_B)``: about the condition number of ``P⁻¹(H + λI)`` instead of
-  that of ``H + λI``). The recursion starts from the preconditioner's own answer (``y_0 = S v``, i.e.
-  ``x_0 = P⁻¹ v``), the scale is the top eigenvalue of ``M_B``, the score sketch is read through ``S``,
-  and the divergence bound becomes ``‖y_t‖ ≤ ‖y_0‖ + t‖Sv‖/s``. Every safeguard below applies unchanged.
+  that of ``H + λI``). The preconditioner's own answer ``y_0 = S v`` (i.e. ``x_0 = P⁻¹ v``) serves as a
+  control variate: one full-data pass gives its exact residual ``r_0 = S v − M y_0``, and the recursion
+  solves ``M δ = r_0`` for the correction, ``y = y_0 + δ``. Its minibatch noise ``(M_B − M) δ`` is
+  proportional to the correction, not to the whole solution, so the averaged estimate settles as soon as
+  the correction is resolved (variance reduction as in SVRG, with one anchor). The scale is the top
+  eigenvalue of ``M_B``, the score sketch is read through ``S`` and the convergence test measures the
+  change of the whole estimate ``y_0 + δ``. Every safeguard below applies unchanged to the recursion on
+  ``δ``.
 
 Diagnostics are typed data (:class:`~lightning_influence.diagnostics.Diagnostic`): the spectral
 estimates and HVPs they cost, the scale, batch size and damping used, per-repeat norm history, per-query
@@ -78,11 +83,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
-from ..damping import AutoDamping, check_curvature, estimate_spectrum, hessian_damping
+from ..damping import AutoDamping, check_curvature, estimate_spectrum
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, InfluenceRuntimeError, SolverDivergedError
 from ..spectral import hutchinson_trace, power_iteration, rademacher
-from .base import DampingSpec, FactoredInverse, InverseHVP, SolveResult, SolverSettings
+from .arnoldi import ArnoldiSettings
+from .base import DampingSpec, InverseHVP, SolveResult, SolverSettings, damping_and_preconditioner
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
@@ -90,6 +96,10 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LissaSettings", "LissaSolver"]
 
 _MIN_BATCH, _MAX_BATCH = 64, 512
+#: the default preconditioner: the top 50 eigenpairs of H from 100 full-data Lanczos steps (chosen by
+#: measurement against EK-FAC, see benchmarks/README.md); its Krylov space also gives the damping and the
+#: curvature check, so no other Lanczos pass runs
+DEFAULT_PRECONDITIONER = ArnoldiSettings(rank=50, max_rank=50)
 #: an estimate more than this many times the contracting-recursion bound counts as divergence
 _DIVERGENCE_SLACK = 10.0
 
@@ -109,7 +119,8 @@ class LissaSettings(SolverSettings):
         tol: relative change of a query's training scores (measured through the sketch, see
             ``score_probes``) between successive segment averages, below which the query is converged.
         check_every: steps between divergence checkpoints (norm history); the first convergence
-            segment is ``4·check_every`` steps.
+            segment is ``4·check_every`` steps (``check_every`` with a preconditioner, whose recursion
+            only resolves a correction).
         batch_size: ``"auto"`` (from ``tr(H)/λ_max(H)``) or training examples per minibatch HVP.
         batch_factor: ``B = batch_factor · tr(H)/λ_max(H)`` for ``batch_size="auto"``.
         scale: ``"auto"`` or a fixed ``s``; must exceed half the top eigenvalue of every ``H_B + λI``.
@@ -130,9 +141,9 @@ class LissaSettings(SolverSettings):
             (``3·power_iters`` full-data HVPs) and raise :class:`NegativeCurvatureError` naming the damping
             needed when ``H + λI`` is not positive definite. Skipped when automatic damping already
             estimated the spectrum.
-        preconditioner: ``None`` (plain LiSSA), a factored solver's name (``"ekfac"``, ``"kfac"``,
-            ``"arnoldi"``) or its settings object; fitted once at the same damping, see the module
-            docstring.
+        preconditioner: a factored solver's name (``"ekfac"``, ``"kfac"``, ``"arnoldi"``) or settings
+            object, fitted once at the same damping (see the module docstring), or ``None`` for plain
+            LiSSA. Default: :data:`DEFAULT_PRECONDITIONER`, a rank-50 Arnoldi approximation.
     """
 
     name = "lissa"
@@ -153,7 +164,7 @@ class LissaSettings(SolverSettings):
     check_curvature: bool = True
     score_probes: int = 64
     tangent_chunk: Union[int, str, None] = "auto"
-    preconditioner: Union[str, SolverSettings, None] = None
+    preconditioner: Union[str, SolverSettings, None] = DEFAULT_PRECONDITIONER
 
     def __post_init__(self) -> None:
         def bad(arg: str, what: str) -> InfluenceConfigError:
@@ -213,7 +224,7 @@ class LissaSolver(InverseHVP):
     """
 
     def __init__(self, problem: "InfluenceProblem", damping: DampingSpec, settings: LissaSettings) -> None:
-        choice = hessian_damping(problem, damping)
+        choice, self.preconditioner = damping_and_preconditioner(problem, damping, settings.preconditioner)
         super().__init__(problem, choice.value)
         self.damping_record = dict(choice.record)
         self.settings = settings
@@ -252,20 +263,6 @@ class LissaSolver(InverseHVP):
             self.batch_size = int(min(int(st.batch_size), operator.num_examples))
         setup.append(_d("batch_size", self.batch_size, "minibatch size", "training examples per minibatch HVP"))
 
-        # the preconditioner P ≈ H + λI: the recursion runs on S(H_B + λI)S with S = P^{-1/2}
-        self.preconditioner: Optional[FactoredInverse] = None
-        if st.preconditioner is not None:
-            from . import resolve_solver
-
-            t0 = time.perf_counter()
-            pre = resolve_solver(st.preconditioner).fit(problem, self.damping)
-            assert isinstance(pre, FactoredInverse)
-            self.preconditioner = pre
-            setup.append(_d("preconditioner", pre_name(st.preconditioner), "preconditioner",
-                            "factored approximation P ≈ H + λI; the recursion solves the system preconditioned by "
-                            "P^{-1/2} on both sides"))
-            setup.append(_d("preconditioner_seconds", time.perf_counter() - t0, "preconditioner fit (s)",
-                            "seconds spent fitting the preconditioner"))
         if st.scale == "auto":
             ests = self._minibatch_lambda_max(base + 3)
             setup.append(_d("lambda_max_minibatch", max(ests), "λ_max of the minibatch system (max sampled)",
@@ -303,6 +300,11 @@ class LissaSolver(InverseHVP):
         """``M_B y = S (H_B + λI) S y`` per row (``(H_B + λI) y`` without a preconditioner)."""
         x = self._precondition(y)
         return self._precondition(self.operator.batch_hvp(batch, x) + self.damping * x)
+
+    def _full_system(self, y: Tensor) -> Tensor:
+        """``M y = S (H + λI) S y`` per row on the whole training set (one full-data pass)."""
+        x = self._precondition(y)
+        return self._precondition(self.operator.full_hvp(x) + self.damping * x)
 
     def _score_sketch(self, seed: int) -> Tensor:
         """``S = EᵀG / √n`` ``[K, P]``: ``K = score_probes`` random ±1 combinations of all ``n`` training
@@ -356,11 +358,14 @@ class LissaSolver(InverseHVP):
             self.operator.tangent_chunk = st.tangent_chunk
         hvp0 = self.operator.hvp_calls
         v = self._precondition(rhs)
+        # with a preconditioner: solve for the correction to its answer y0 = S v (control variate)
+        y0 = v if self.preconditioner is not None else None
+        target = v if y0 is None else v - self._full_system(y0)
         estimates: List[Tensor] = []
         per_repeat: List[Dict[str, Any]] = []
         for r in range(st.repeats):
-            y, info = self._one_repeat(v, _repeat_seed(st.seed, r))
-            estimates.append(y)
+            y, info = self._one_repeat(target, _repeat_seed(st.seed, r), y0)
+            estimates.append(y if y0 is None else y0 + y)
             per_repeat.append(info)
         stack = torch.stack(estimates)  # [R, Q, P]
         mean = stack.mean(0)
@@ -430,7 +435,9 @@ class LissaSolver(InverseHVP):
             f"{history}. Fix: " + "; ".join(fixes) + "."
         )
 
-    def _one_repeat(self, rhs: Tensor, seed: int):
+    def _one_repeat(self, rhs: Tensor, seed: int, offset: Optional[Tensor] = None):
+        """One recursion on ``M y = rhs`` from ``rhs / s``; ``offset`` (the control variate's ``y_0``) is
+        added to the estimate wherever the convergence test measures the scores."""
         st, s, lam = self.settings, self.scale, self.damping
         auto = st.depth == "auto"
         depth = st.max_depth if auto else int(st.depth)
@@ -438,13 +445,12 @@ class LissaSolver(InverseHVP):
         tiny = torch.finfo(rhs.dtype).tiny
         vnorm = rhs.norm(dim=1).clamp_min(tiny)
         batches = self.operator.minibatches(self.batch_size, seed)
-        # start: the preconditioner's own answer (y = S v, x = P⁻¹v), else the classic v / s
-        x = rhs.clone() if self.preconditioner is not None else rhs / s
-        start_ratio = x.norm(dim=1) * s / vnorm  # 1 for the classic start
+        x = rhs / s
         active = torch.ones(q, dtype=torch.bool, device=rhs.device)
         depth_q = [depth] * q
         # segment bookkeeping: the estimate is the mean of x over the current segment
-        seg_end = 4 * st.check_every if auto else depth
+        # a control-variate recursion starts near the answer: its first segment is short
+        seg_end = (st.check_every if offset is not None else 4 * st.check_every) if auto else depth
         seg_start = 0 if auto else (depth // 2 if st.average else depth - 1)
         acc = torch.zeros_like(rhs)
         prev: Optional[Tensor] = None
@@ -453,7 +459,7 @@ class LissaSolver(InverseHVP):
         steps: List[int] = []
         changes: List[float] = []
         seg_steps: List[int] = []
-        # ‖h_t‖/‖v‖ ≤ start + t for a contraction; ≤ s/λ as well without a preconditioner (λ_min(A) ≥ λ)
+        # ‖h_t‖/‖v‖ ≤ t + 1 for a contraction; ≤ s/λ as well without a preconditioner (λ_min(A) ≥ λ)
         bound_cap = s / lam if lam > 0 and self.preconditioner is None else math.inf
         t = 0
         for t in range(1, depth + 1):
@@ -468,11 +474,10 @@ class LissaSolver(InverseHVP):
                 bad_q = int(idx[~torch.isfinite(ratio_q)][0])
                 raise self._diverged(t, ratio, steps + [t], hist + [ratio],
                                      f"the estimate for query {bad_q} became NaN/inf")
-            bound = torch.clamp(start_ratio[idx] + t, max=bound_cap)
-            if bool((ratio_q > _DIVERGENCE_SLACK * bound).any()):
+            if ratio > _DIVERGENCE_SLACK * min(t + 1, bound_cap):
                 raise self._diverged(t, ratio, steps + [t], hist + [ratio],
-                                     "the norm grows geometrically, beyond the bound of a contracting recursion "
-                                     "(‖h_0‖/‖v‖ + t, and s/λ)")
+                                     "the norm grows geometrically, beyond the bound min(t + 1, s/λ) of a contracting "
+                                     "recursion")
             if t % st.check_every == 0:
                 steps.append(t)
                 hist.append(ratio)
@@ -484,7 +489,8 @@ class LissaSolver(InverseHVP):
                 if auto and prev is not None:
                     # relative change of the query's training scores (through the sketch)
                     rel = torch.zeros(q, dtype=rhs.dtype, device=rhs.device)
-                    rel[idx] = self._score_norm((est - prev)[idx]) / self._score_norm(est[idx]).clamp_min(tiny)
+                    whole = est[idx] if offset is None else est[idx] + offset[idx]
+                    rel[idx] = self._score_norm((est - prev)[idx]) / self._score_norm(whole).clamp_min(tiny)
                     changes.append(float(rel[active].max()))
                     seg_steps.append(t)
                     done = active & (rel < st.tol)
@@ -523,7 +529,3 @@ class LissaSolver(InverseHVP):
             "segment_steps": seg_steps,
         }
 
-
-def pre_name(pre: Union[str, SolverSettings]) -> str:
-    """A preconditioner's name for reports."""
-    return pre if isinstance(pre, str) else pre.name
