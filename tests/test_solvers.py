@@ -71,14 +71,14 @@ def test_cg_matches_exact(logreg, exact_logreg):
 
 
 def test_lissa_matches_exact_logreg(logreg, exact_logreg):
-    res = run(logreg, LissaSettings(depth=3000, batch_size=128, scale=3.0, repeats=2, seed=1))
+    res = run(logreg, LissaSettings(depth=3000, batch_size=128, scale=3.0, repeats=2, seed=1, preconditioner=None))
     cos, r = rowwise(res.scores, exact_logreg.scores)
     assert cos.median() >= 0.99 and r.median() >= 0.99, (cos, r)
 
 
 def test_lissa_matches_exact_tanh_mlp(mlp):
     exact = run(mlp, ExactSettings())
-    res = run(mlp, LissaSettings(depth=3000, batch_size=128, scale=10.0, repeats=2, seed=1))
+    res = run(mlp, LissaSettings(depth=3000, batch_size=128, scale=10.0, repeats=2, seed=1, preconditioner=None))
     cos, r = rowwise(res.scores, exact.scores)
     assert cos.median() >= 0.99 and r.median() >= 0.99, (cos, r)
 

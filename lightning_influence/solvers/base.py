@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..diagnostics import Diagnostic
-from ..errors import SolverDivergedError
+from ..errors import NegativeCurvatureError, SolverDivergedError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..damping import AutoDamping, DampingChoice, Spectrum
@@ -147,7 +147,7 @@ def damping_and_preconditioner(
     import time
     import warnings
 
-    from ..damping import DampingChoice, hessian_damping
+    from ..damping import AutoDamping, DampingChoice, hessian_damping
 
     if preconditioner is None:
         return hessian_damping(problem, damping), None
@@ -156,13 +156,24 @@ def damping_and_preconditioner(
     settings = resolve_solver(preconditioner)
     t0 = time.perf_counter()
     pre: Optional[FactoredInverse] = None
-    if settings.name == "arnoldi":  # sees H itself: let it resolve the damping
-        with warnings.catch_warnings():  # a preconditioner needs no converged eigenpairs: any SPD P serves
-            warnings.filterwarnings("ignore", message=".*before the .* kept Ritz pairs converged")
-            pre = settings.fit(problem, damping)  # type: ignore[assignment]
+    low_rank = settings.name == "arnoldi"
+    if low_rank and not isinstance(damping, AutoDamping) and float(damping) <= 0:
+        # a low-rank inverse needs λ > 0 on its complement: no preconditioner, the plain solver's own checks
+        choice = hessian_damping(problem, damping)
+        note = Diagnostic("preconditioner", "none", "preconditioner",
+                          f"{settings.name} was skipped: at damping λ = {float(damping):g} its complement (1/λ) is singular")
+        return DampingChoice(choice.value, choice.spectrum, choice.record, choice.diagnostics + [note]), None
+    if low_rank:  # sees H itself: let it resolve the damping and check the curvature
+        try:
+            with warnings.catch_warnings():  # a preconditioner needs no converged eigenpairs: any SPD P serves
+                warnings.filterwarnings("ignore", message=".*before the .* kept Ritz pairs converged")
+                pre = settings.fit(problem, damping)  # type: ignore[assignment]
+        except NegativeCurvatureError as err:
+            raise NegativeCurvatureError(f"(found by the {settings.name} preconditioner's Krylov space) {err}") from err
         assert isinstance(pre, FactoredInverse) and pre.spectrum is not None
         record = dict(getattr(pre, "damping_record", {"damping": pre.damping}))
-        choice = DampingChoice(pre.damping, pre.spectrum, record, [])
+        shared = ("damping", "damping_mode", "damping_base", "lambda_min_estimate", "lambda_max_estimate")
+        choice = DampingChoice(pre.damping, pre.spectrum, record, [d for d in pre.setup if d.name in shared])
     else:
         choice = hessian_damping(problem, damping)
         pre = settings.fit(problem, choice.value)  # type: ignore[assignment]
@@ -173,7 +184,7 @@ def damping_and_preconditioner(
                    "factored approximation P ≈ H + λI fitted once; the solve is preconditioned by it"),
         Diagnostic("preconditioner_seconds", seconds, "preconditioner fit (s)", "seconds spent fitting it"),
     ] + [Diagnostic(f"preconditioner_{d.name}", d.value, f"preconditioner: {d.label}", d.meaning, d.reduce, d.kind)
-         for d in pre.setup]
+         for d in pre.setup if d not in choice.diagnostics]
     return DampingChoice(choice.value, choice.spectrum, choice.record, items), pre
 
 
