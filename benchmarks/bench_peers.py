@@ -154,14 +154,29 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
         from lightning_influence import compute_influence
 
         t0 = time.perf_counter()
-        res = compute_influence(model, train, val, query_indices=queries, solver=job["method"], damping=damping,
+        solver = ours_solver(job["method"])
+        res = compute_influence(model, train, val, query_indices=queries, solver=solver, damping=damping,
                                 dtype=dtype)
-        scores, settings = res.scores, f"compute_influence(solver={job['method']!r}, damping=λ)"
+        scores, settings = res.scores, f"compute_influence(solver={solver!r}, damping=λ)"
     wall = time.perf_counter() - t0
     scores = torch.as_tensor(scores).detach().double().cpu()
     assert scores.shape == (len(queries), len(train)), f"scores {tuple(scores.shape)}, expected {(len(queries), len(train))}"
     torch.save(scores, job["out"])
     return {"wall_s": wall, "peak_mb": peak_rss_mb(), "base_mb": base, "settings": settings, **extra}
+
+
+def ours_solver(name: str):
+    """Our solver for a benchmark row name: a registry name (``lissa`` is the default, Arnoldi-preconditioned
+    LiSSA) or one of the variants below."""
+    from lightning_influence import ArnoldiSettings, CGSettings, LissaSettings
+
+    variants = {
+        "lissa-plain": LissaSettings(preconditioner=None),  # the default before preconditioning
+        "lissa-ekfac": LissaSettings(preconditioner="ekfac"),
+        "cg-arnoldi": CGSettings(tol=1e-3, preconditioner=ArnoldiSettings(rank=50, max_rank=50)),
+        "cg-ekfac": CGSettings(tol=1e-3, preconditioner="ekfac"),
+    }
+    return variants.get(name, name)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -224,8 +239,9 @@ def main() -> None:
                     help="Q values (first Q validation digits); MODEL=Q for one model only, e.g. 10 cnn=100")
     ap.add_argument("--methods", nargs="*", default=list(PEERS) + list(NOT_INSTALLABLE),
                     help="peer methods (default: all of %s)" % ", ".join(list(PEERS) + list(NOT_INSTALLABLE)))
-    ap.add_argument("--ours", default="lissa,cg,ekfac,arnoldi",
-                    help="comma-separated solver names of ours ('none' or '' for no rows of ours)")
+    ap.add_argument("--ours", default="lissa,lissa-plain,cg-arnoldi,ekfac,kfac,arnoldi",
+                    help="comma-separated solver names of ours ('none' or '' for no rows of ours): registry names "
+                         "or lissa-plain (no preconditioner: the previous default), lissa-ekfac, cg-arnoldi, cg-ekfac")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64"],
                     help="working dtype of every method (auto: float64 logreg/MLP, float32 CNN)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -9,19 +9,22 @@ from .damping import AutoDamping
 from .errors import InfluenceConfigError, InfluenceRuntimeError, NegativeCurvatureError, SolverDivergedError
 from .pipeline import DEFAULT_DAMPING, compute_influence
 from .results import InfluenceResults, Ranked
-from .solvers import CGSettings, ExactSettings, LissaSettings, SolverSettings
+from .solvers import ArnoldiSettings, CGSettings, EKFACSettings, ExactSettings, KFACSettings, LissaSettings, SolverSettings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArnoldiSettings",
     "AutoDamping",
     "CGSettings",
+    "EKFACSettings",
     "DEFAULT_DAMPING",
     "ExactSettings",
     "InfluenceCallback",
     "InfluenceConfigError",
     "InfluenceResults",
     "InfluenceRuntimeError",
+    "KFACSettings",
     "LissaSettings",
     "NegativeCurvatureError",
     "Ranked",
