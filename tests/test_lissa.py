@@ -144,10 +144,10 @@ def test_power_iteration_and_trace_match_the_explicit_spectrum(saddle):
 # --------------------------------------------------------------------------- accuracy with defaults
 def test_defaults_match_exact_on_logistic_regression(logreg):
     exact = run(logreg, ExactSettings())
-    res = run(logreg, LissaSettings())  # the default: preconditioned by a rank-50 Arnoldi approximation
+    res = run(logreg, LissaSettings())  # the default: preconditioned by a low-rank Arnoldi approximation
     r = pearson(res.scores, exact.scores)
     assert r.median() >= 0.995, r
-    assert diag(res, "preconditioner") == "arnoldi" and diag(res, "preconditioner_rank") == 50
+    assert diag(res, "preconditioner") == "arnoldi" and 0 < diag(res, "preconditioner_rank") <= 100
     assert diag(res, "converged") and diag(res, "scale") > 0 and diag(res, "batch_size") >= 64
     assert all(math.isfinite(v) and v < 0.05 for v in diag(res, "relative_stderr"))
     # Arnoldi's Krylov space checked the curvature: no Lanczos pass of LiSSA's own

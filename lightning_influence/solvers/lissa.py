@@ -96,10 +96,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LissaSettings", "LissaSolver"]
 
 _MIN_BATCH, _MAX_BATCH = 64, 512
-#: the default preconditioner: the top 50 eigenpairs of H from 100 full-data Lanczos steps (chosen by
-#: measurement against EK-FAC, see benchmarks/README.md); its Krylov space also gives the damping and the
-#: curvature check, so no other Lanczos pass runs
-DEFAULT_PRECONDITIONER = ArnoldiSettings(rank=50, max_rank=50)
+#: the default preconditioner: a low-rank eigendecomposition of H that keeps every direction whose curvature
+#: exceeds the damping (``tol=0.5``: ``|θ|/|θ + λ| > 0.5``, so ``P⁻¹(H + λI)`` has its complement's eigenvalues
+#: within about ``(0, 2]``), at most 100 of them from at most 200 full-data Lanczos steps. Chosen by measurement
+#: (benchmarks/README.md): EK-FAC preconditioning raised LiSSA's scale on the CNN and did not converge in
+#: 5,000 steps; rank 50 left the tanh MLP's near-singular directions to the recursion (5,000 steps). Its
+#: Krylov space also gives the damping and the curvature check, so no other Lanczos pass runs.
+DEFAULT_PRECONDITIONER = ArnoldiSettings(tol=0.5, max_rank=100)
 #: an estimate more than this many times the contracting-recursion bound counts as divergence
 _DIVERGENCE_SLACK = 10.0
 
@@ -143,7 +146,7 @@ class LissaSettings(SolverSettings):
             estimated the spectrum.
         preconditioner: a factored solver's name (``"ekfac"``, ``"kfac"``, ``"arnoldi"``) or settings
             object, fitted once at the same damping (see the module docstring), or ``None`` for plain
-            LiSSA. Default: :data:`DEFAULT_PRECONDITIONER`, a rank-50 Arnoldi approximation.
+            LiSSA. Default: :data:`DEFAULT_PRECONDITIONER`, an Arnoldi approximation of rank ≤ 100.
     """
 
     name = "lissa"
