@@ -93,8 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--noise", type=float, default=0.03, help="fraction of training labels flipped")
     parser.add_argument("--queries", type=int, default=8, help="validation examples to explain")
-    parser.add_argument("--solver", default="exact", choices=["lissa", "cg", "exact"],
-                        help="exact suits this 4,810-parameter model; lissa scales to large ones")
+    parser.add_argument("--solver", default="lissa", choices=["lissa", "arnoldi", "ekfac", "kfac", "cg", "exact"],
+                        help="the library's default (Arnoldi-preconditioned LiSSA) unless you want to compare")
     parser.add_argument("--damping", type=float, default=None,
                         help="fixed λ (default 'auto': the optimizer's weight decay, raised if the Hessian needs it)")
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only")

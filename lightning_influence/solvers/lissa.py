@@ -345,6 +345,17 @@ class LissaSolver(InverseHVP):
     # ------------------------------------------------------------------ solve
     def solve(self, rhs: Tensor) -> SolveResult:
         """``(H + λI)⁻¹ rhs`` for every row of ``rhs`` ``[Q, P]``; see the module docstring."""
+        return self._solve(rhs, self.settings.repeats)
+
+    def quadratic(self, grads: Tensor) -> tuple[Tensor, List[Diagnostic]]:
+        """``g_iᵀ (H + λI)⁻¹ g_i`` per row, the rows solved as one batch with a single repeat (the standard
+        error of every training example's self-influence is not reported, so a second repeat would only
+        double the cost), each row converged when the relative change of its own ``g_iᵀ x_i`` between
+        segments is below ``tol`` (rather than the change of all its training scores)."""
+        res = self._solve(grads, 1, quadratic=True)
+        return (res.solution * grads).sum(dim=1), res.diagnostics
+
+    def _solve(self, rhs: Tensor, repeats: int, quadratic: bool = False) -> SolveResult:
         st = self.settings
         q = rhs.shape[0]
         if st.tangent_chunk == "auto":
@@ -366,18 +377,18 @@ class LissaSolver(InverseHVP):
         target = v if y0 is None else v - self._full_system(y0)
         estimates: List[Tensor] = []
         per_repeat: List[Dict[str, Any]] = []
-        for r in range(st.repeats):
-            y, info = self._one_repeat(target, _repeat_seed(st.seed, r), y0)
+        for r in range(repeats):
+            y, info = self._one_repeat(target, _repeat_seed(st.seed, r), y0, probe=v if quadratic else None)
             estimates.append(y if y0 is None else y0 + y)
             per_repeat.append(info)
         stack = torch.stack(estimates)  # [R, Q, P]
         mean = stack.mean(0)
-        if st.repeats > 1:
+        if repeats > 1:
             # measured on the score sketch, like convergence: the spread along near-flat directions (a slow
             # random walk, large in the Euclidean norm) barely moves the scores and must not dominate
             assert self.sketch is not None
             sk = stack @ self.sketch.T  # [R, Q, K]: each repeat's sketched scores, signs kept
-            sd = sk.std(0, unbiased=True).norm(dim=-1) / math.sqrt(st.repeats)
+            sd = sk.std(0, unbiased=True).norm(dim=-1) / math.sqrt(repeats)
             rel_se = (sd / sk.mean(0).norm(dim=-1).clamp_min(torch.finfo(mean.dtype).tiny)).tolist()
         else:
             rel_se = [float("nan")] * q
@@ -438,9 +449,11 @@ class LissaSolver(InverseHVP):
             f"{history}. Fix: " + "; ".join(fixes) + "."
         )
 
-    def _one_repeat(self, rhs: Tensor, seed: int, offset: Optional[Tensor] = None):
+    def _one_repeat(self, rhs: Tensor, seed: int, offset: Optional[Tensor] = None, probe: Optional[Tensor] = None):
         """One recursion on ``M y = rhs`` from ``rhs / s``; ``offset`` (the control variate's ``y_0``) is
-        added to the estimate wherever the convergence test measures the scores."""
+        added to the estimate wherever the convergence test measures the scores. With ``probe`` ``[Q, P]``
+        the test measures ``probe_q · y_q`` (a quadratic form such as ``g_iᵀ(H + λI)⁻¹g_i``) instead of the
+        score sketch."""
         st, s, lam = self.settings, self.scale, self.damping
         auto = st.depth == "auto"
         depth = st.max_depth if auto else int(st.depth)
@@ -493,7 +506,11 @@ class LissaSolver(InverseHVP):
                     # relative change of the query's training scores (through the sketch)
                     rel = torch.zeros(q, dtype=rhs.dtype, device=rhs.device)
                     whole = est[idx] if offset is None else est[idx] + offset[idx]
-                    rel[idx] = self._score_norm((est - prev)[idx]) / self._score_norm(whole).clamp_min(tiny)
+                    if probe is None:
+                        rel[idx] = self._score_norm((est - prev)[idx]) / self._score_norm(whole).clamp_min(tiny)
+                    else:
+                        pr = probe[idx]
+                        rel[idx] = (pr * (est - prev)[idx]).sum(1).abs() / (pr * whole).sum(1).abs().clamp_min(tiny)
                     changes.append(float(rel[active].max()))
                     seg_steps.append(t)
                     done = active & (rel < st.tol)
