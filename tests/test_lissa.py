@@ -169,10 +169,13 @@ def test_defaults_match_exact_on_logistic_regression(logreg):
 
 @pytest.mark.slow
 def test_defaults_match_exact_on_tanh_mlp(mlp):
+    # nearly singular: the smallest eigenvalue of H + λI is ≈ 0.0003 (a cluster at λ_min(H) ≈ −0.0097)
     exact = run(mlp, ExactSettings())
     res = run(mlp, LissaSettings())
     r = pearson(res.scores, exact.scores)
-    assert r.median() >= 0.995, r
+    assert r.median() >= 0.995 and r.min() >= 0.99, r
+    plain = run(mlp, LissaSettings(preconditioner=None))
+    assert diag(res, "hvp_calls") < diag(plain, "hvp_calls")  # fewer minibatch HVPs than plain LiSSA
 
 
 @pytest.mark.slow

@@ -479,3 +479,28 @@ def test_wandb_logs_diagnostics(tmp_path, catalogs):
     row = run.row_with("influence/queries")
     assert row["influence/diagnostics/relative_stderr_max"] == 0.5 and row["influence/diagnostics/converged"] == 0.0
     assert not math.isnan(row["influence/diagnostics/total_hvp_calls"])
+
+
+# ------------------------------------------------------------------------- real runs of the new solvers
+@pytest.mark.parametrize("solver, labels", [
+    ("ekfac", ["Kronecker layers", "mean eigenvalue of Ĥ", "Fisher labels"]),
+    ("arnoldi", ["rank k", "Lanczos passes", "‖(Ĥ+λI)⁻¹ − (H+λI)⁻¹‖₂ estimate"]),
+    ("lissa", ["preconditioner", "preconditioner: rank k", "scale s", "relative std. error of the scores"]),
+])
+def test_reports_show_each_solvers_own_diagnostics(solver, labels):
+    from lightning_influence import compute_influence
+    from .problems import trained_logreg
+
+    p = trained_logreg(n_train=200)
+    res = compute_influence(p.model, p.train, p.val, query_indices=[0, 1], solver=solver, damping=p.damping,
+                            dtype=torch.float64, self_influence=True)
+    text = render_html(res, query_views(res, 2), suspects(res, 3), ExampleCatalog(p.train), ExampleCatalog(p.val))
+    for label in labels:
+        assert label in text, (solver, label)
+    scalars = diagnostic_scalars(res)
+    assert scalars["influence/diagnostics/damping"] == pytest.approx(p.damping)
+    if solver == "lissa":
+        assert 0 < scalars["influence/diagnostics/preconditioner_rank"] <= 100
+        assert "relative_stderr_median" in " ".join(scalars)
+    else:
+        assert not res.solve_chunks()[0].items  # a factored inverse solves nothing per query chunk
