@@ -173,6 +173,7 @@ def ours_solver(name: str):
     variants = {
         "lissa-plain": LissaSettings(preconditioner=None),  # the default before preconditioning
         "lissa-ekfac": LissaSettings(preconditioner="ekfac"),
+        "lissa-rank50": LissaSettings(preconditioner=ArnoldiSettings(rank=50, max_rank=50)),
         "cg-arnoldi": CGSettings(tol=1e-3, preconditioner=ArnoldiSettings(rank=50, max_rank=50)),
         "cg-ekfac": CGSettings(tol=1e-3, preconditioner="ekfac"),
     }
@@ -241,7 +242,8 @@ def main() -> None:
                     help="peer methods (default: all of %s)" % ", ".join(list(PEERS) + list(NOT_INSTALLABLE)))
     ap.add_argument("--ours", default="lissa,lissa-plain,cg-arnoldi,ekfac,kfac,arnoldi",
                     help="comma-separated solver names of ours ('none' or '' for no rows of ours): registry names "
-                         "or lissa-plain (no preconditioner: the previous default), lissa-ekfac, cg-arnoldi, cg-ekfac")
+                         "or lissa-plain (no preconditioner: the previous default), lissa-ekfac, lissa-rank50, cg-arnoldi, "
+                         "cg-ekfac")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float64"],
                     help="working dtype of every method (auto: float64 logreg/MLP, float32 CNN)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -105,13 +105,16 @@ class InfluenceCallback(Callback):
         num_queries: how many validation examples to explain; by default those with the highest loss.
         query_indices: explicit positions in the query dataset (overrides ``num_queries``).
         query_dataloader: where queries come from (default: the trainer's validation dataloader).
-        solver: ``"lissa"`` (default), ``"cg"``, ``"exact"`` or a settings object such as
-            ``LissaSettings(depth=2000)``.
+        solver: ``"lissa"`` (default: LiSSA preconditioned by a low-rank Arnoldi approximation),
+            ``"arnoldi"``, ``"ekfac"``, ``"kfac"``, ``"cg"``, ``"exact"`` or a settings object such as
+            ``LissaSettings(preconditioner=None)``; see the README's solver table.
         damping: the ``λ`` added to the Hessian, in Hessian units. ``"auto"`` (default): the
-            optimizer's coupled L2 ``weight_decay`` (SGD, Adam; 0 for AdamW or no decay), raised when
-            the Hessian's most negative eigenvalue needs more (Lanczos estimate, 60 full-data HVPs), so
-            networks stopped short of a strict minimum still get a positive definite ``H + λI``; see
-            :class:`~lightning_influence.damping.AutoDamping`. A number: exactly that ``λ ≥ 0``.
+            optimizer's coupled L2 ``weight_decay`` (SGD, Adam; 0 for AdamW or no decay), raised by the
+            solver's own rule when needed: for the Hessian-vector-product solvers when the Hessian's most
+            negative eigenvalue needs more (a Lanczos estimate, from the preconditioner's Krylov space
+            by default), so networks stopped short of a strict minimum still get a positive definite
+            ``H + λI``; see :class:`~lightning_influence.damping.AutoDamping`. For EK-FAC/K-FAC a fraction
+            of the approximation's mean eigenvalue. A number: exactly that ``λ ≥ 0``.
             ``None``: exactly the optimizer's coupled L2, else
             :data:`~lightning_influence.pipeline.DEFAULT_DAMPING`. The ``λ`` used and why are in
             ``results.settings`` (``damping``, ``damping_source``).

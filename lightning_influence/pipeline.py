@@ -152,12 +152,17 @@ def compute_influence(
         loss_fn: ``loss_fn(outputs, targets) -> Tensor[B]`` for ``(inputs, targets)`` batches; default
             per-example cross-entropy. Unused when the model defines ``influence_loss(batch)``.
         params: names or prefixes of the parameters to attribute to (default: all trainable).
-        solver: ``"lissa"``, ``"cg"``, ``"exact"`` or a settings object (``LissaSettings(...)``…).
+        solver: ``"lissa"`` (Arnoldi-preconditioned LiSSA), ``"arnoldi"``, ``"ekfac"``, ``"kfac"``,
+            ``"cg"``, ``"exact"`` or a settings object (``LissaSettings(...)``…); each is fitted once by
+            ``settings.fit(problem, damping)`` and applied to every query chunk.
         damping: ``λ ≥ 0`` added to the Hessian of the mean training loss (the L2 coefficient, plus any
             regularisation the solver needs), in Hessian units. ``"auto"`` or
-            :class:`~lightning_influence.damping.AutoDamping` (any solver): estimate the extreme Hessian
-            eigenvalues by Lanczos (60 full-data HVPs) and use the smallest damping that makes ``H + λI``
-            positive definite with a margin (see :class:`~lightning_influence.damping.AutoDamping`;
+            :class:`~lightning_influence.damping.AutoDamping`: each solver applies its own rule. The
+            Hessian-vector-product solvers estimate the extreme Hessian eigenvalues by Lanczos
+            (``AutoDamping.iters`` full-data HVPs, or the Arnoldi preconditioner's Krylov space) and use
+            the smallest damping that makes ``H + λI`` positive definite with a margin (see
+            :class:`~lightning_influence.damping.AutoDamping`; EK-FAC/K-FAC use
+            ``max(base, damping_fraction · mean eigenvalue)``;
             ``AutoDamping(base=wd)`` never goes below an L2 coefficient ``wd``); the λ used is
             ``results.settings["damping"]``, the estimates ``lambda_min_estimate`` /
             ``lambda_max_estimate``.

@@ -222,7 +222,8 @@ class LissaSolver(InverseHVP):
     Args:
         problem: the influence problem (its Hessian operator is used).
         damping: ``λ ≥ 0`` (Hessian units) or :class:`~lightning_influence.damping.AutoDamping`, resolved
-            by Lanczos on the full-data Hessian (:func:`~lightning_influence.damping.hessian_damping`).
+            from the Arnoldi preconditioner's Krylov space or by Lanczos on the full-data Hessian
+            (:func:`~lightning_influence.solvers.base.damping_and_preconditioner`).
         settings: :class:`LissaSettings`.
     """
 
