@@ -122,3 +122,17 @@ def test_float32_default_close_to_float64(logreg, exact_logreg):
                             damping=logreg.damping)
     assert res.scores.dtype == torch.float32
     assert rel_err(res.scores.double(), exact_logreg.scores) < 1e-4
+
+
+def test_cg_stopped_unconverged_warns_with_the_residual(small_logreg):
+    with pytest.warns(RuntimeWarning, match=r"CG stopped at max_iter=2 before converging: the largest relative "
+                                            r"residual ‖\(H\+λI\)x − v‖/‖v‖ is [0-9.e-]+ > tol=1e-06"):
+        res = run(small_logreg, CGSettings(max_iter=2))
+    assert not diag(res, "converged") and diag(res, "max_relative_residual") > 1e-6
+
+
+def test_preconditioned_cg_matches_exact_in_fewer_iterations(logreg, exact_logreg):
+    plain = run(logreg, CGSettings(tol=1e-8))
+    pre = run(logreg, CGSettings(tol=1e-8, preconditioner="arnoldi"))
+    assert rel_err(pre.scores, exact_logreg.scores) < 1e-6
+    assert diag(pre, "iterations") < diag(plain, "iterations") / 2, (diag(pre, "iterations"), diag(plain, "iterations"))
