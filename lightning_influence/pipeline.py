@@ -271,7 +271,7 @@ def compute_influence(
     timings["total"] = time.perf_counter() - t_start
     run_settings: Dict[str, Any] = {
         **settings.to_dict(),
-        **getattr(inverse, "damping_record", {"damping": inverse.damping}),
+        **inverse.damping_record,
         "dtype": str(dtype).replace("torch.", ""),
         "params": list(objective.param_names),
         "num_params": objective.num_params,

@@ -99,6 +99,7 @@ class ArnoldiSettings(SolverSettings):
 
     name = "arnoldi"
     factored: ClassVar[bool] = True
+    low_rank: ClassVar[bool] = True
     rank: Union[int, str] = "auto"
     max_rank: int = 200
     tol: float = 0.05
@@ -173,7 +174,6 @@ class ArnoldiInverse(FactoredInverse):
             self._inv, self._isqrt = 1.0 / (mu + lam), (mu + lam).rsqrt()
         else:
             self._inv, self._isqrt = 1.0 / (mu + lam) - 1.0 / lam, (mu + lam).rsqrt() - lam ** -0.5
-        self.damping_record: Dict[str, Any] = {}
         self.error_bound = math.nan
         self.converged = True
 

@@ -26,14 +26,14 @@ import torch
 from torch import Tensor
 
 from ..diagnostics import Diagnostic
-from ..errors import NegativeCurvatureError, SolverDivergedError
+from ..errors import InfluenceConfigError, NegativeCurvatureError, SolverDivergedError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..damping import AutoDamping, DampingChoice, Spectrum
     from ..problem import InfluenceProblem
 
 __all__ = ["SolveResult", "InverseHVP", "FactoredInverse", "SolverSettings", "DampingSpec", "check_finite",
-           "damping_and_preconditioner"]
+           "check_preconditioner", "damping_and_preconditioner"]
 
 #: what ``fit`` receives: a fixed ``λ ≥ 0`` or an automatic rule (each solver applies its own)
 DampingSpec = Union[float, "AutoDamping"]
@@ -52,6 +52,7 @@ class InverseHVP(ABC):
 
     Attributes:
         damping: the ``λ`` used (Hessian units).
+        damping_record: how ``λ`` was chosen, merged into the results' settings.
         setup: diagnostics of the fit (how ``λ`` was chosen, spectral estimates, costs), as data.
         hvp_calls: batched Hessian-vector products spent so far (fit and solves).
     """
@@ -60,6 +61,8 @@ class InverseHVP(ABC):
         self.problem = problem
         self.damping = float(damping)
         self.setup: List[Diagnostic] = []
+        #: how ``λ`` was chosen, as flat settings (``damping``, ``damping_mode``, estimates); solvers extend it
+        self.damping_record: Dict[str, Any] = {"damping": self.damping}
 
     @property
     def hvp_calls(self) -> int:
@@ -117,6 +120,10 @@ class SolverSettings(ABC):
     name: ClassVar[str] = ""
     #: whether :meth:`fit` returns a :class:`FactoredInverse` (usable as a preconditioner)
     factored: ClassVar[bool] = False
+    #: whether :meth:`fit` returns a low-rank inverse of ``H`` itself from a Krylov space: it estimates
+    #: ``H``'s extreme eigenvalues on the way (resolving the damping and checking the curvature with them)
+    #: and needs ``λ > 0`` on its complement
+    low_rank: ClassVar[bool] = False
 
     @abstractmethod
     def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> InverseHVP:
@@ -156,7 +163,7 @@ def damping_and_preconditioner(
     settings = resolve_solver(preconditioner)
     t0 = time.perf_counter()
     pre: Optional[FactoredInverse] = None
-    low_rank = settings.name == "arnoldi"
+    low_rank = settings.low_rank
     if low_rank and not isinstance(damping, AutoDamping) and float(damping) <= 0:
         # a low-rank inverse needs λ > 0 on its complement: no preconditioner, the plain solver's own checks
         choice = hessian_damping(problem, damping)
@@ -171,7 +178,7 @@ def damping_and_preconditioner(
         except NegativeCurvatureError as err:
             raise NegativeCurvatureError(f"(found by the {settings.name} preconditioner's Krylov space) {err}") from err
         assert isinstance(pre, FactoredInverse) and pre.spectrum is not None
-        record = dict(getattr(pre, "damping_record", {"damping": pre.damping}))
+        record = dict(pre.damping_record)
         shared = ("damping", "damping_mode", "damping_base", "lambda_min_estimate", "lambda_max_estimate")
         choice = DampingChoice(pre.damping, pre.spectrum, record, [d for d in pre.setup if d.name in shared])
     else:
@@ -186,6 +193,20 @@ def damping_and_preconditioner(
     ] + [Diagnostic(f"preconditioner_{d.name}", d.value, f"preconditioner: {d.label}", d.meaning, d.reduce, d.kind)
          for d in pre.setup if d not in choice.diagnostics]
     return DampingChoice(choice.value, choice.spectrum, choice.record, items), pre
+
+
+def check_preconditioner(owner: str, preconditioner: Union[str, SolverSettings, None]) -> None:
+    """Raise :class:`~lightning_influence.errors.InfluenceConfigError` unless ``preconditioner`` is ``None`` or
+    names (or is the settings of) a factored solver; ``owner`` names the settings class in the message."""
+    if preconditioner is None:
+        return
+    from . import resolve_solver  # the registry imports the solver modules
+
+    if not resolve_solver(preconditioner).factored:
+        raise InfluenceConfigError(
+            f"{owner}.preconditioner={preconditioner!r} must be None or a factored solver "
+            '("ekfac", "kfac", "arnoldi" or its settings).'
+        )
 
 
 def check_finite(x: Tensor, what: str, step: int, history: Any = None, fix: str = "") -> None:

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, NegativeCurvatureError
-from .base import DampingSpec, InverseHVP, SolveResult, SolverSettings, check_finite, damping_and_preconditioner
+from .base import (DampingSpec, InverseHVP, SolveResult, SolverSettings, check_finite, check_preconditioner,
+                   damping_and_preconditioner)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
@@ -44,14 +45,7 @@ class CGSettings(SolverSettings):
         if self.max_iter is not None and (isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int)
                                           or self.max_iter < 1):
             raise InfluenceConfigError(f"CGSettings.max_iter={self.max_iter!r} must be a positive integer or None.")
-        if self.preconditioner is not None:
-            from . import resolve_solver
-
-            if not getattr(resolve_solver(self.preconditioner), "factored", False):
-                raise InfluenceConfigError(
-                    f"CGSettings.preconditioner={self.preconditioner!r} must be None or a factored solver "
-                    '("ekfac", "kfac", "arnoldi" or its settings).'
-                )
+        check_preconditioner("CGSettings", self.preconditioner)
 
     def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> "CGSolver":
         return CGSolver(problem, damping, self)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -163,7 +163,6 @@ class KroneckerInverse(FactoredInverse):
         super().__init__(problem, damping)
         self.plan = plan
         self.q_a, self.q_s, self.eigenvalues, self.diagonal = q_a, q_s, eigenvalues, diagonal
-        self.damping_record: Dict[str, Any] = {"damping": self.damping}
         index = plan.diagonal_index.to(problem.device)
         self._diag_index = index
 

@@ -88,7 +88,7 @@ from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, InfluenceRuntimeError, SolverDivergedError
 from ..spectral import hutchinson_trace, power_iteration, rademacher
 from .arnoldi import ArnoldiSettings
-from .base import DampingSpec, InverseHVP, SolveResult, SolverSettings, damping_and_preconditioner
+from .base import DampingSpec, InverseHVP, SolveResult, SolverSettings, check_preconditioner, damping_and_preconditioner
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
@@ -196,12 +196,7 @@ class LissaSettings(SolverSettings):
             raise bad("tangent_chunk", 'a positive integer, "auto" or None')
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "an integer")
-        if self.preconditioner is not None:
-            from . import resolve_solver  # the registry imports this module
-
-            pre = resolve_solver(self.preconditioner)
-            if not getattr(pre, "factored", False):
-                raise bad("preconditioner", 'None or a factored solver ("ekfac", "kfac", "arnoldi" or its settings)')
+        check_preconditioner("LissaSettings", self.preconditioner)
         for arg in ("average", "check_curvature"):
             if not isinstance(getattr(self, arg), bool):
                 raise bad(arg, "True or False")
