@@ -264,7 +264,7 @@ def main() -> None:
     n_params = {m: sum(p.numel() for p in _problem(m, torch.float64, CACHE).model.parameters()) for m in args.models}
 
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT)] + sys.argv[1:])
-    head = [f"# Peer comparison: influence scores against an exact reference", "",
+    head = ["# Peer comparison: influence scores against an exact reference", "",
             f"* command: `{cmd}`",
             f"* date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
             f"* machine: {machine()}; {args.threads} torch threads; no GPU. Timings are noisy (shared cores).",

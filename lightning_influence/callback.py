@@ -7,14 +7,12 @@ implies, error containment and the hand-off to reporters. The maths lives in :mo
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .data import check_map_dataset

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F

@@ -17,7 +17,6 @@ from lightning_influence.objective import Objective
 from lightning_influence.problem import InfluenceProblem
 from lightning_influence.solvers.ekfac import EKFACSettings, KFACSettings, KroneckerInverse
 
-from . import problems
 
 D = torch.float64
 

@@ -366,7 +366,7 @@ def test_html_shows_lissa_diagnostics(catalogs):
     figures = dict(re.findall(r'<figure class="series" data-name="(\w+)">(.*?)</figure>', text, re.S))
     assert list(figures) == ["norm_history", "segment_change"]
     norm = figures["norm_history"]
-    assert f'<svg class="series-chart" id="series-norm_history"' in norm
+    assert '<svg class="series-chart" id="series-norm_history"' in norm
     assert f'aria-label="{NORM_LABEL}"' in norm.replace("&#x27;", "'")
     assert norm.count("<polyline") == 4 and "chunk 1 (queries 3–4), repeat 1" in norm
     assert f"<figcaption>{NORM_MEANING}</figcaption>" in norm

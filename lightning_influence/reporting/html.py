@@ -354,7 +354,7 @@ def render_html(
         '<a href="#self-influence">Self-influence</a><a href="#settings">Settings</a>'
         + ('<a href="#solver-diagnostics">Solver diagnostics</a>' if _has_diagnostics(results) else "")
         + "</nav></header>",
-        f'<section id="queries"><h2>Queries</h2>',
+        '<section id="queries"><h2>Queries</h2>',
     ]
     if not views:
         parts.append('<p class="muted">No queries.</p>')
@@ -367,7 +367,7 @@ def render_html(
         parts.append(histogram_svg(results.self_influence, "Self-influence", css_id="self-influence-histogram", signed=False))
     parts.append("</section>")
 
-    parts.append(f'<section id="self-influence"><h2>Self-influence suspects</h2>')
+    parts.append('<section id="self-influence"><h2>Self-influence suspects</h2>')
     if suspects:
         parts.append(f'<h3 class="suspects">The {len(suspects)} training examples with the {html.escape(SUSPECTS)}</h3>')
         parts.append(f'<div class="examples self_influence">{"".join(_example_figure(e, train) for e in suspects)}</div>')
