@@ -59,16 +59,26 @@ class _Net(nn.Module):
         return self.lin(x)
 
 
-def test_default_cross_entropy_samples_fisher_labels_from_the_model():
+def test_default_cross_entropy_draws_the_true_fisher_of_the_logits():
+    """The default cross-entropy's Fisher batch carries δ with E[δδᵀ] = diag(p) − ppᵀ (the true Fisher of
+    the logits, the same as for labels drawn from p), whatever the training labels, and its Fisher loss has
+    logit gradient δ."""
     model = _Net().double()
     x, y = torch.randn(4000, 2, dtype=torch.float64), torch.ones(4000, dtype=torch.long)  # every label 1
     obj = Objective(model, dtype=torch.float64)
     assert obj.fisher == "sampled"
     problem = InfluenceProblem(obj, ExampleSource(TensorDataset(x, y), None, obj.prepare_batch), chunk_size=1000)
-    labels = torch.cat([b[1] for _, b in problem.fisher_chunks(seed=0)])
-    assert abs(float((labels == 0).double().mean()) - 0.9) < 0.02  # drawn from p, not the training labels
+    deltas = torch.cat([b[1] for _, b in problem.fisher_chunks(seed=0)])
+    p = torch.tensor([0.9, 0.1], dtype=torch.float64)  # the model's predictive distribution for every input
+    second = deltas.T @ deltas / len(deltas)
+    assert torch.allclose(second, torch.diag(p) - torch.outer(p, p), atol=0.01)  # 0.09 on the diagonal
+    assert torch.allclose(deltas.sum(1), torch.zeros(len(deltas), dtype=torch.float64), atol=1e-12)  # ⟂ 1
     again = torch.cat([b[1] for _, b in problem.fisher_chunks(seed=0)])
-    assert torch.equal(labels, again)  # same seed, same labels
+    assert torch.equal(deltas, again)  # same seed, same draws
+    # the Fisher loss's gradient with respect to the logits is δ: per-example gradient of the bias = δ
+    batch = next(problem.fisher_chunks(seed=1))[1]
+    grads = problem.fisher_grads(batch)  # [B, P]; the bias is the last 2 parameters
+    assert torch.allclose(grads[:, -2:], batch[1], atol=1e-12)
     assert Objective(model, loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none")).fisher == "empirical"
 
 

@@ -8,7 +8,7 @@ scaling), with ``A = Q_A diag(d_A) Q_Aᵀ`` and ``S = Q_S diag(d_S) Q_Sᵀ``, th
 * K-FAC (Martens & Grosse, 2015; KFC for convolutions): ``Λ[o, i] = d_S[o] · d_A[i]``, i.e. ``S ⊗ A``;
 * EK-FAC (George et al., 2018; Grosse et al., 2023): ``Λ[o, i] = (1/n) Σ_m E_y[(Q_Sᵀ G_m Q_A)²_{oi}]``,
   the Fisher's exact diagonal in that eigenbasis (``G_m`` example ``m``'s layer gradient), estimated in a
-  second pass with freshly sampled labels.
+  second pass with fresh draws from the predictive distribution.
 
 Layers are independent blocks (block-diagonal across layers); parameters outside Linear/Conv2d layers get
 their mean squared Fisher gradient (the corrected eigenvalues in the identity basis). Then
@@ -59,9 +59,9 @@ class _KroneckerSettings(SolverSettings):
 
     Args:
         damping_fraction: for ``damping="auto"``, ``λ = max(base, damping_fraction · mean eigenvalue)``.
-        seed: seed of the Fisher label sampling; the same seed gives the same factors.
+        seed: seed of the Fisher draws (labels or sketches); the same seed gives the same factors.
         chunk_size: training examples per streamed chunk (``None``: the problem's ``chunk_size``).
-        fisher_samples: label draws per training example (each a full pass over the data); more draws
+        fisher_samples: Fisher draws per training example (each a full pass over the data); more draws
             lower the Monte-Carlo noise of ``S`` and ``Λ``. Ignored (one pass) for an empirical Fisher.
     """
 
@@ -253,10 +253,11 @@ class KroneckerInverse(FactoredInverse):
                        "or 'fixed' (given)"),
             Diagnostic("mean_eigenvalue", mean_eig, "mean eigenvalue of Ĥ", "mean of the (corrected) eigenvalues "
                        "over all attributed parameters, Hessian units of the mean loss"),
-            Diagnostic("fisher", fisher, "Fisher labels", "'sampled': labels drawn from the model's predictive "
-                       "distribution (true Fisher); 'empirical': the training labels"),
-            Diagnostic("fisher_samples", draws, "label draws per example", "passes over the data with freshly "
-                       "drawn labels per statistic"),
+            Diagnostic("fisher", fisher, "Fisher labels", "'sampled': drawn from the model's predictive distribution "
+                       "(default cross-entropy: a Gaussian sketch of the logits' Fisher; a sample-aware influence_loss: "
+                       "its own draws): the true Fisher; 'empirical': the training labels"),
+            Diagnostic("fisher_samples", draws, "Fisher draws per example", "passes over the data with fresh "
+                       "draws per statistic"),
             Diagnostic("kronecker_layers", ", ".join(l.label for l in layers) or "(none)", "Kronecker layers",
                        "Linear/Conv2d layers whose weight (and bias) curvature is Kronecker-factored"),
             Diagnostic("diagonal_params", ", ".join(plan.diagonal_user_names) or "(none)", "diagonal parameters",
