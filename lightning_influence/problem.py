@@ -45,6 +45,20 @@ class InfluenceProblem:
         self.chunk_size = int(chunk_size)
         self.grad_chunk_size = int(grad_chunk_size or chunk_size)
 
+    def subsample(self, max_examples: int, seed: int) -> "InfluenceProblem":
+        """The same problem on at most ``max_examples`` training examples drawn without replacement (from
+        ``seed``; kept in dataset order), or ``self`` when there are no more than that. Its Hessian is
+        that of the subset's mean loss: an estimate of ``H`` for fitting approximations (a
+        preconditioner), never the target of a solve."""
+        n = self.num_examples
+        if max_examples >= n:
+            return self
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[: int(max_examples)]
+        src = self.train
+        sub = ExampleSource(src.dataset, src.collate_fn, src.prepare, indices=src.indices[pick.sort().values].tolist(),
+                            what="training")
+        return InfluenceProblem(self.objective, sub, self.chunk_size, self.grad_chunk_size)
+
     # ------------------------------------------------------------------ sizes
     @property
     def space(self) -> ParamSpace:

@@ -101,6 +101,22 @@ def test_full_rank_equals_dense_solve(saddle):
     assert inv.damping == lam and inv.damping_record["damping_mode"] == "fixed"
 
 
+def test_max_examples_fits_the_subset_hessian(saddle):
+    prob, h, _ = saddle
+    p = prob.num_params
+    st = ArnoldiSettings(rank=p, max_rank=p, max_examples=100, seed=3)
+    sub = prob.subsample(100, seed=3)
+    assert sub.num_examples == 100 and bool((sub.train.indices.diff() > 0).all())  # dataset order, no repeats
+    assert prob.subsample(10_000, seed=3) is prob  # nothing to drop
+    h_sub = sub.operator.dense()
+    assert not torch.allclose(h_sub, h, atol=1e-3)  # a different Hessian: the test can tell them apart
+    inv = st.fit(prob, 0.5)
+    v = rhs(p)
+    assert torch.allclose(inv.apply(v), exact_inverse(h_sub, 0.5, v), rtol=1e-8, atol=1e-9)
+    seen = {d.name: d.value for d in inv.setup}["lanczos_examples"]
+    assert seen == 100
+
+
 def test_partial_rank_obeys_the_bound_psd(logreg):
     prob, h, ev = logreg
     lam, k = 0.01, 40
@@ -202,7 +218,8 @@ def test_max_rank_caps_the_automatic_rank(logreg):
     [({"rank": 0}, "rank"), ({"rank": "big"}, "rank"), ({"rank": 2.5}, "rank"), ({"max_rank": 0}, "max_rank"),
      ({"rank": 300}, "rank"), ({"tol": 0}, "tol"), ({"tol": 1.0}, "tol"), ({"tol": float("nan")}, "tol"),
      ({"krylov_factor": 0.5}, "krylov_factor"), ({"block": 0}, "block"), ({"ritz_tol": -1.0}, "ritz_tol"),
-     ({"seed": 1.5}, "seed"), ({"rank": True}, "rank")],
+     ({"seed": 1.5}, "seed"), ({"rank": True}, "rank"), ({"max_examples": 0}, "max_examples"),
+     ({"max_examples": 2.5}, "max_examples")],
 )
 def test_settings_are_validated_naming_the_field(kw, field):
     with pytest.raises(InfluenceConfigError, match=rf"ArnoldiSettings\.{field}="):

@@ -94,7 +94,13 @@ class ArnoldiSettings(SolverSettings):
             (``krylov_factor·k``), and the cap on products, ``krylov_factor·max_rank`` (``≤ P``).
         block: Lanczos products between convergence checks.
         ritz_tol: a kept Ritz pair has converged when its residual ``‖H y − θ y‖ ≤ ritz_tol·(|θ| + λ)``.
-        seed: seed of the Lanczos start vector; the same seed gives the same inverse.
+        seed: seed of the Lanczos start vector (and of the subset below); the same seed gives the same inverse.
+        max_examples: ``None`` (default) to run Lanczos on the Hessian of the whole training set, or a cap:
+            Lanczos then sees the mean-loss Hessian of at most this many training examples drawn at random,
+            so the fit costs ``passes × max_examples`` example-HVPs whatever ``N``. The eigenpairs, the
+            damping and the curvature check are then the subset's estimates. Meant for a preconditioner
+            (LiSSA's default uses 4,096), whose solve stays exact for the full ``H``; as a solver of its own
+            it returns the subset's inverse.
     """
 
     name = "arnoldi"
@@ -107,6 +113,7 @@ class ArnoldiSettings(SolverSettings):
     block: int = 20
     ritz_tol: float = 1e-3
     seed: int = 0
+    max_examples: Optional[int] = None
 
     def __post_init__(self) -> None:
         def bad(arg: str, what: str) -> InfluenceConfigError:
@@ -136,6 +143,8 @@ class ArnoldiSettings(SolverSettings):
             raise bad("ritz_tol", "a positive number (e.g. 1e-3)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise bad("seed", "an integer")
+        if not (self.max_examples is None or pos_int(self.max_examples)):
+            raise bad("max_examples", "None or a positive integer (e.g. 4096)")
 
     def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> "ArnoldiInverse":
         """Run Lanczos on ``problem.operator.full_hvp`` until the kept Ritz pairs converge (see the module
@@ -211,7 +220,8 @@ def _resolve(damping: DampingSpec, lo: float, hi: float) -> float:
 
 def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", damping: DampingSpec) -> ArnoldiInverse:
     t0 = time.perf_counter()
-    op = problem.operator
+    seen = problem if st.max_examples is None else problem.subsample(st.max_examples, st.seed)
+    op = seen.operator
     p = problem.num_params
     auto_damping = isinstance(damping, AutoDamping)
     fixed_rank: Optional[int] = None if st.rank == "auto" else min(int(st.rank), p)
@@ -278,6 +288,9 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", damping: DampingSpec)
     max_res = float((res[kept] / (theta[kept].abs() + lam)).max()) if k else 0.0
     inv.setup = _diagnostics(st, inv, mode, lo, hi, lz.steps, mu, mu_next, max_res, converged,
                              time.perf_counter() - t0, damping)
+    inv.setup.append(Diagnostic("lanczos_examples", seen.num_examples, "examples seen by Lanczos",
+                                f"training examples whose mean-loss Hessian the Krylov space is built from "
+                                f"(of {problem.num_examples}; max_examples={st.max_examples})"))
     return inv
 
 
