@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from .data import check_map_dataset
@@ -135,7 +135,8 @@ class InfluenceCallback(Callback):
     Attributes:
         results: the :class:`InfluenceResults` after training (``None`` before, or on failure).
         error: the exception that stopped the computation when ``on_error="warn"``.
-        results_path: where the results were saved.
+        results_path: where global rank zero saved the results (set on every rank).
+        outputs: what the reporters wrote (paths, W&B run and artifact), on global rank zero.
     """
 
     def __init__(
@@ -238,13 +239,15 @@ class InfluenceCallback(Callback):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.sanity_checking or getattr(trainer, "interrupted", False):
             return
-        self.results, self.error = None, None
+        self.results, self.error, self.results_path, self.outputs = None, None, None, {}
         try:
+            # collectives first, on every rank, before anything that could fail on one rank only
+            out_dir = self._out_dir(trainer)
             train_loader = self._train_loader(trainer)
             query_loader = self._query_loader(trainer)
             assert query_loader is not None
             self.results = self._compute(trainer, pl_module, train_loader, query_loader)
-            self._finish(trainer, pl_module, self.results, train_loader, query_loader)
+            self._finish(trainer, pl_module, self.results, train_loader, query_loader, out_dir)
         except Exception as err:  # noqa: BLE001 - contained on purpose, see on_error
             self.error = err
             if self.on_error == "raise":
@@ -343,8 +346,12 @@ class InfluenceCallback(Callback):
 
         return trainer_progress(trainer)
 
-    def _log_dir(self, trainer: "pl.Trainer") -> str:
-        return trainer.log_dir or trainer.default_root_dir
+    def _out_dir(self, trainer: "pl.Trainer") -> Optional[str]:
+        """``influence/`` under the trainer's log dir, when a default path needs it. ``trainer.log_dir`` is a
+        collective (a broadcast from rank zero): call this on every rank."""
+        if not self.save_results and not (self.report and self.report_path is None):
+            return None
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence")
 
     def _finish(
         self,
@@ -353,12 +360,18 @@ class InfluenceCallback(Callback):
         results: InfluenceResults,
         train_loader: DataLoader,
         query_loader: DataLoader,
+        out_dir: Optional[str],
     ) -> None:
-        if self.save_results:
-            self.results_path = self._save(trainer, results)
-        if self.report:
+        """Write the results file and hand the results to the reporters on global rank zero; no collectives."""
+        if self.save_results and out_dir is not None:
+            self.results_path = os.path.join(out_dir, "results.pt")
+            if trainer.is_global_zero:
+                os.makedirs(out_dir, exist_ok=True)
+                results.save(self.results_path)
+        if self.report and trainer.is_global_zero:
             from .reporting import report_influence
 
+            report_path = self.report_path if self.report_path is not None else os.path.join(out_dir or ".", "report.html")
             self.outputs = report_influence(
                 trainer,
                 pl_module,
@@ -366,14 +379,7 @@ class InfluenceCallback(Callback):
                 train_dataset=train_loader.dataset,
                 query_dataset=query_loader.dataset,
                 results_path=self.results_path,
-                report_path=self.report_path,
+                report_path=report_path,
                 render_example=self.render_example,
                 top_k=self.top_k,
             )
-
-    @rank_zero_only
-    def _save(self, trainer: "pl.Trainer", results: InfluenceResults) -> str:
-        path = os.path.join(self._log_dir(trainer), "influence", "results.pt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        results.save(path)
-        return path
