@@ -23,7 +23,7 @@ from .pipeline import DEFAULT_DAMPING, ProgressFn, compute_influence, preflight
 from .results import InfluenceResults
 from .solvers import SolverSettings, resolve_solver
 
-__all__ = ["InfluenceCallback", "optimizer_damping", "optimizer_l2"]
+__all__ = ["InfluenceCallback", "InfluenceCallbackBase", "optimizer_damping", "optimizer_l2"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32, torch.float64: torch.float64}
 #: optimizers whose ``weight_decay`` adds ``wd·θ`` to the gradient (an L2 term ``wd/2·‖θ‖²`` in the loss)
@@ -88,8 +88,12 @@ def optimizer_damping(
     return lam, reason
 
 
-class InfluenceCallback(Callback):
+class InfluenceCallbackBase:
     """Scores every training example's influence on chosen validation predictions when training ends.
+
+    The implementation shared by both Lightning namespaces: :class:`InfluenceCallback` is this class on
+    ``pytorch_lightning.Callback``, ``lightning_influence.lightning.InfluenceCallback`` the same on
+    ``lightning.pytorch.Callback``, so that each namespace's ``LightningCLI`` accepts its own.
 
     Scores are Koh & Liang's ``I_up,loss(z_train, z_query) = −∇L(z_query)ᵀ (H + λI)⁻¹ ∇L(z_train)``:
     **positive = harmful** (removing the example would lower the query's loss), **negative = helpful**.
@@ -383,3 +387,7 @@ class InfluenceCallback(Callback):
                 render_example=self.render_example,
                 top_k=self.top_k,
             )
+
+
+class InfluenceCallback(InfluenceCallbackBase, Callback):
+    __doc__ = InfluenceCallbackBase.__doc__
