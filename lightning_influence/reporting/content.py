@@ -104,7 +104,8 @@ def diagnostic_label(results: InfluenceResults, name: str) -> str:
 
 
 def query_views(results: InfluenceResults, k: int) -> List[QueryView]:
-    """One :class:`QueryView` per query with ``min(k, N)`` examples of each kind."""
+    """One :class:`QueryView` per query with up to ``k`` examples of each kind: only negative scores are
+    helpful and only positive ones harmful, so a query may list fewer (or none) of a kind."""
     k = max(0, min(int(k), results.num_train))
     n = _n(results)
     per_query = results.per_query_diagnostics()

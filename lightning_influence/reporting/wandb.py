@@ -107,9 +107,12 @@ def _montage(previews: Sequence[Preview], gap: int = 2) -> Optional[np.ndarray]:
 
 
 def _strip(entries: Sequence[Entry], catalog: ExampleCatalog, kind: str) -> Any:
-    """One cell showing a query's top examples of one kind: a montage image, else their texts."""
+    """One cell showing a query's top examples of one kind: a montage image, else their texts; ``None``
+    when the query has no example of that kind."""
     import wandb
 
+    if not entries:
+        return None
     previews = [catalog.preview(e.train_id) for e in entries]
     ids = ", ".join(f"#{e.train_id}" for e in entries)
     pixels = _montage(previews)
@@ -135,7 +138,7 @@ def _tables(
 ) -> Dict[str, Any]:
     import wandb
 
-    per_query = 2 * max((len(v.helpful) for v in views), default=0)
+    per_query = max((len(v.helpful) + len(v.harmful) for v in views), default=0)
     if per_query and len(views) * per_query > MAX_TABLE_ROWS:
         keep = MAX_TABLE_ROWS // per_query
         rank_zero_warn(
