@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from .data import check_map_dataset
@@ -29,6 +29,8 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: to
 #: optimizers whose ``weight_decay`` adds ``wd·θ`` to the gradient (an L2 term ``wd/2·‖θ‖²`` in the loss)
 _COUPLED_L2 = ("SGD", "Adam", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD")
 _AVERAGING_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging")
+#: solvers that compute self-influence by solving every training gradient as a right-hand side
+_SOLVED_SELF_INFLUENCE = ("lissa", "cg")
 
 
 def optimizer_l2(
@@ -126,6 +128,9 @@ class InfluenceCallbackBase:
             per-example cross-entropy). A LightningModule defining ``influence_loss(batch)`` overrides it.
         top_k: examples per query in reports.
         self_influence: also compute ``I_up,loss(z, z)`` for every training example (likely mislabelled).
+            Free with ``"arnoldi"``, ``"ekfac"`` or ``"kfac"`` (in the scoring pass); with ``"lissa"`` or
+            ``"cg"`` every training gradient is solved as a right-hand side, usually several times the
+            cost of everything else (logged at setup).
         chunk_size: training examples per per-sample-gradient chunk (memory vs speed; results unchanged).
         query_batch_size: queries solved together (default all; results unchanged).
         dtype: ``torch.float32`` (default) or ``torch.float64`` for the influence maths.
@@ -210,12 +215,22 @@ class InfluenceCallbackBase:
         self.error: Optional[BaseException] = None
         self.results_path: Optional[str] = None
         self.outputs: Dict[str, Any] = {}
+        #: whether this fit started a training loop (None before setup): on_train_end runs only then
+        self._trained: Optional[bool] = None
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
         select_params(pl_module, self.params)  # raises if nothing trainable matches
+        self._trained = False
+        if self.self_influence and self.solver.name in _SOLVED_SELF_INFLUENCE:
+            rank_zero_info(
+                f"InfluenceCallback: self_influence=True with solver={self.solver.name!r} solves every training "
+                "example's gradient as a right-hand side, typically several times the cost of the rest of the "
+                "influence computation. solver='arnoldi' or 'ekfac' computes self-influence in the scoring pass "
+                "at almost no extra cost."
+            )
         mine = trainer.callbacks.index(self) if self in trainer.callbacks else -1
         for i, cb in enumerate(trainer.callbacks):
             if i > mine and type(cb).__name__ in _AVERAGING_CALLBACKS:
@@ -228,6 +243,7 @@ class InfluenceCallbackBase:
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Checks that need the dataloaders; they run before any training step so that a bad
         # configuration costs nothing.
+        self._trained = True
         train_loader = self._train_loader(trainer)
         preflight(pl_module, train_loader.dataset, loss_fn=self.loss_fn, params=self.params,
                   collate_fn=train_loader.collate_fn, dtype=self.dtype)
@@ -243,6 +259,10 @@ class InfluenceCallbackBase:
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.sanity_checking or getattr(trainer, "interrupted", False):
             return
+        if trainer.fast_dev_run:
+            rank_zero_info("InfluenceCallback: skipped under fast_dev_run (its checks ran before training); "
+                           "influence is computed at the end of a full fit.")
+            return
         self.results, self.error, self.results_path, self.outputs = None, None, None, {}
         try:
             # collectives first, on every rank, before anything that could fail on one rank only
@@ -250,6 +270,7 @@ class InfluenceCallbackBase:
             train_loader = self._train_loader(trainer)
             query_loader = self._query_loader(trainer)
             assert query_loader is not None
+            self._note_limited_batches(trainer, train_loader)
             self.results = self._compute(trainer, pl_module, train_loader, query_loader)
             self._finish(trainer, pl_module, self.results, train_loader, query_loader, out_dir)
         except Exception as err:  # noqa: BLE001 - contained on purpose, see on_error
@@ -262,7 +283,32 @@ class InfluenceCallbackBase:
                 "stop on it instead."
             )
 
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._trained is not False:
+            return
+        if trainer.limit_train_batches == 0:
+            why = "limit_train_batches=0"
+        else:
+            limits = f"max_epochs={trainer.max_epochs}" + (f" or max_steps={trainer.max_steps}" if trainer.max_steps != -1 else "")
+            start = f"the checkpoint it resumed from ({trainer.ckpt_path})" if trainer.ckpt_path else "the loop state"
+            why = f"{start} had already reached {limits} (epoch {trainer.current_epoch}, step {trainer.global_step})"
+        rank_zero_warn(
+            f"InfluenceCallback computed nothing: trainer.fit ran no training because {why}, and Lightning skips "
+            "on_train_end when it does not train. Raise max_epochs to train further, or call "
+            "lightning_influence.compute_influence(model, train_dataset, val_dataset) on the trained model."
+        )
+
     # ------------------------------------------------------------------ steps
+    def _note_limited_batches(self, trainer: "pl.Trainer", train_loader: DataLoader) -> None:
+        """Say so when training saw fewer batches than the loader holds: influence scores them all."""
+        used, total = trainer.num_training_batches, len(train_loader)
+        if used < total:
+            rank_zero_info(
+                f"InfluenceCallback: training used {int(used)} of {total} batches per epoch "
+                f"(limit_train_batches={trainer.limit_train_batches}); influence scores the whole training "
+                f"dataset, all {len(train_loader.dataset)} examples."  # type: ignore[arg-type]
+            )
+
     def _train_loader(self, trainer: "pl.Trainer") -> DataLoader:
         loader = trainer.train_dataloader
         if loader is None:
