@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from .checks import check_positive_int
 from .data import check_map_dataset
 from .errors import InfluenceConfigError
 from .objective import LossFn, select_params
@@ -170,10 +171,8 @@ class InfluenceCallbackBase:
         render_example: Optional[Callable[[Any], Any]] = None,
     ) -> None:
         for name, value in (("num_queries", num_queries), ("top_k", top_k), ("chunk_size", chunk_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InfluenceConfigError(f"{name}={value!r} must be a positive integer.")
-        if query_batch_size is not None and (not isinstance(query_batch_size, int) or query_batch_size < 1):
-            raise InfluenceConfigError(f"query_batch_size={query_batch_size!r} must be a positive integer or None.")
+            check_positive_int(name, value)
+        check_positive_int("query_batch_size", query_batch_size, allow_none=True)
         if query_indices is not None:
             query_indices = [int(i) for i in query_indices]
             if not query_indices:
@@ -257,7 +256,7 @@ class InfluenceCallbackBase:
                 )
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.sanity_checking or getattr(trainer, "interrupted", False):
+        if getattr(trainer, "interrupted", False):
             return
         if trainer.fast_dev_run:
             rank_zero_info("InfluenceCallback: skipped under fast_dev_run (its checks ran before training); "

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .checks import is_int
 from .diagnostics import Diagnostic, combine_scalars, from_dicts
 from .errors import InfluenceConfigError
 from .scoring import top_k
@@ -59,10 +60,6 @@ def diagnostics_layout(
         "self_influence": [d.to_dict() for d in self_influence],
         "totals": [d.to_dict() for d in totals],
     }
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _number(v: Any) -> float:
@@ -181,7 +178,7 @@ class InfluenceResults:
         for k, chunk in enumerate(raw):
             start = chunk.get("start") if isinstance(chunk, Mapping) else None
             stop = chunk.get("stop") if isinstance(chunk, Mapping) else None
-            if not (_is_int(start) and _is_int(stop) and 0 <= start <= stop <= self.num_queries):
+            if not (is_int(start) and is_int(stop) and 0 <= start <= stop <= self.num_queries):
                 raise InfluenceConfigError(
                     f"diagnostics['solve'][{k}] must be {{'start': int, 'stop': int, 'items': [...]}} with "
                     f"0 <= start <= stop <= {self.num_queries} (the number of queries); got {chunk!r:.200}."

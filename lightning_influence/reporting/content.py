@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from ..checks import is_real
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError
 from ..results import InfluenceResults
@@ -142,7 +143,7 @@ def _floats(v: Any) -> List[float]:
     """A list of numbers as floats (a non-number becomes NaN)."""
     if not isinstance(v, (list, tuple)):
         return []
-    return [float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan for x in v]
+    return [float(x) if is_real(x) else math.nan for x in v]
 
 
 def _curves(d: Diagnostic) -> List[Tuple[str, List[float], List[float]]]:
