@@ -12,9 +12,10 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from .checks import check_positive_int
 from .data import check_map_dataset
 from .errors import InfluenceConfigError
 from .objective import LossFn, select_params
@@ -23,12 +24,14 @@ from .pipeline import DEFAULT_DAMPING, ProgressFn, compute_influence, preflight
 from .results import InfluenceResults
 from .solvers import SolverSettings, resolve_solver
 
-__all__ = ["InfluenceCallback", "optimizer_damping", "optimizer_l2"]
+__all__ = ["InfluenceCallback", "InfluenceCallbackBase", "optimizer_damping", "optimizer_l2"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32, torch.float64: torch.float64}
 #: optimizers whose ``weight_decay`` adds ``wd·θ`` to the gradient (an L2 term ``wd/2·‖θ‖²`` in the loss)
 _COUPLED_L2 = ("SGD", "Adam", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD")
 _AVERAGING_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging")
+#: solvers that compute self-influence by solving every training gradient as a right-hand side
+_SOLVED_SELF_INFLUENCE = ("lissa", "cg")
 
 
 def optimizer_l2(
@@ -88,8 +91,12 @@ def optimizer_damping(
     return lam, reason
 
 
-class InfluenceCallback(Callback):
+class InfluenceCallbackBase:
     """Scores every training example's influence on chosen validation predictions when training ends.
+
+    The implementation shared by both Lightning namespaces: :class:`InfluenceCallback` is this class on
+    ``pytorch_lightning.Callback``, ``lightning_influence.lightning.InfluenceCallback`` the same on
+    ``lightning.pytorch.Callback``, so that each namespace's ``LightningCLI`` accepts its own.
 
     Scores are Koh & Liang's ``I_up,loss(z_train, z_query) = −∇L(z_query)ᵀ (H + λI)⁻¹ ∇L(z_train)``:
     **positive = harmful** (removing the example would lower the query's loss), **negative = helpful**.
@@ -122,6 +129,9 @@ class InfluenceCallback(Callback):
             per-example cross-entropy). A LightningModule defining ``influence_loss(batch)`` overrides it.
         top_k: examples per query in reports.
         self_influence: also compute ``I_up,loss(z, z)`` for every training example (likely mislabelled).
+            Free with ``"arnoldi"``, ``"ekfac"`` or ``"kfac"`` (in the scoring pass); with ``"lissa"`` or
+            ``"cg"`` every training gradient is solved as a right-hand side, usually several times the
+            cost of everything else (logged at setup).
         chunk_size: training examples per per-sample-gradient chunk (memory vs speed; results unchanged).
         query_batch_size: queries solved together (default all; results unchanged).
         dtype: ``torch.float32`` (default) or ``torch.float64`` for the influence maths.
@@ -135,7 +145,8 @@ class InfluenceCallback(Callback):
     Attributes:
         results: the :class:`InfluenceResults` after training (``None`` before, or on failure).
         error: the exception that stopped the computation when ``on_error="warn"``.
-        results_path: where the results were saved.
+        results_path: where global rank zero saved the results (set on every rank).
+        outputs: what the reporters wrote (paths, W&B run and artifact), on global rank zero.
     """
 
     def __init__(
@@ -160,10 +171,8 @@ class InfluenceCallback(Callback):
         render_example: Optional[Callable[[Any], Any]] = None,
     ) -> None:
         for name, value in (("num_queries", num_queries), ("top_k", top_k), ("chunk_size", chunk_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InfluenceConfigError(f"{name}={value!r} must be a positive integer.")
-        if query_batch_size is not None and (not isinstance(query_batch_size, int) or query_batch_size < 1):
-            raise InfluenceConfigError(f"query_batch_size={query_batch_size!r} must be a positive integer or None.")
+            check_positive_int(name, value)
+        check_positive_int("query_batch_size", query_batch_size, allow_none=True)
         if query_indices is not None:
             query_indices = [int(i) for i in query_indices]
             if not query_indices:
@@ -205,12 +214,22 @@ class InfluenceCallback(Callback):
         self.error: Optional[BaseException] = None
         self.results_path: Optional[str] = None
         self.outputs: Dict[str, Any] = {}
+        #: whether this fit started a training loop (None before setup): on_train_end runs only then
+        self._trained: Optional[bool] = None
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
         select_params(pl_module, self.params)  # raises if nothing trainable matches
+        self._trained = False
+        if self.self_influence and self.solver.name in _SOLVED_SELF_INFLUENCE:
+            rank_zero_info(
+                f"InfluenceCallback: self_influence=True with solver={self.solver.name!r} solves every training "
+                "example's gradient as a right-hand side, typically several times the cost of the rest of the "
+                "influence computation. solver='arnoldi' or 'ekfac' computes self-influence in the scoring pass "
+                "at almost no extra cost."
+            )
         mine = trainer.callbacks.index(self) if self in trainer.callbacks else -1
         for i, cb in enumerate(trainer.callbacks):
             if i > mine and type(cb).__name__ in _AVERAGING_CALLBACKS:
@@ -223,6 +242,7 @@ class InfluenceCallback(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # Checks that need the dataloaders; they run before any training step so that a bad
         # configuration costs nothing.
+        self._trained = True
         train_loader = self._train_loader(trainer)
         preflight(pl_module, train_loader.dataset, loss_fn=self.loss_fn, params=self.params,
                   collate_fn=train_loader.collate_fn, dtype=self.dtype)
@@ -236,15 +256,22 @@ class InfluenceCallback(Callback):
                 )
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.sanity_checking or getattr(trainer, "interrupted", False):
+        if getattr(trainer, "interrupted", False):
             return
-        self.results, self.error = None, None
+        if trainer.fast_dev_run:
+            rank_zero_info("InfluenceCallback: skipped under fast_dev_run (its checks ran before training); "
+                           "influence is computed at the end of a full fit.")
+            return
+        self.results, self.error, self.results_path, self.outputs = None, None, None, {}
         try:
+            # collectives first, on every rank, before anything that could fail on one rank only
+            out_dir = self._out_dir(trainer)
             train_loader = self._train_loader(trainer)
             query_loader = self._query_loader(trainer)
             assert query_loader is not None
+            self._note_limited_batches(trainer, train_loader)
             self.results = self._compute(trainer, pl_module, train_loader, query_loader)
-            self._finish(trainer, pl_module, self.results, train_loader, query_loader)
+            self._finish(trainer, pl_module, self.results, train_loader, query_loader, out_dir)
         except Exception as err:  # noqa: BLE001 - contained on purpose, see on_error
             self.error = err
             if self.on_error == "raise":
@@ -255,7 +282,32 @@ class InfluenceCallback(Callback):
                 "stop on it instead."
             )
 
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._trained is not False:
+            return
+        if trainer.limit_train_batches == 0:
+            why = "limit_train_batches=0"
+        else:
+            limits = f"max_epochs={trainer.max_epochs}" + (f" or max_steps={trainer.max_steps}" if trainer.max_steps != -1 else "")
+            start = f"the checkpoint it resumed from ({trainer.ckpt_path})" if trainer.ckpt_path else "the loop state"
+            why = f"{start} had already reached {limits} (epoch {trainer.current_epoch}, step {trainer.global_step})"
+        rank_zero_warn(
+            f"InfluenceCallback computed nothing: trainer.fit ran no training because {why}, and Lightning skips "
+            "on_train_end when it does not train. Raise max_epochs to train further, or call "
+            "lightning_influence.compute_influence(model, train_dataset, val_dataset) on the trained model."
+        )
+
     # ------------------------------------------------------------------ steps
+    def _note_limited_batches(self, trainer: "pl.Trainer", train_loader: DataLoader) -> None:
+        """Say so when training saw fewer batches than the loader holds: influence scores them all."""
+        used, total = trainer.num_training_batches, len(train_loader)
+        if used < total:
+            rank_zero_info(
+                f"InfluenceCallback: training used {int(used)} of {total} batches per epoch "
+                f"(limit_train_batches={trainer.limit_train_batches}); influence scores the whole training "
+                f"dataset, all {len(train_loader.dataset)} examples."  # type: ignore[arg-type]
+            )
+
     def _train_loader(self, trainer: "pl.Trainer") -> DataLoader:
         loader = trainer.train_dataloader
         if loader is None:
@@ -343,8 +395,12 @@ class InfluenceCallback(Callback):
 
         return trainer_progress(trainer)
 
-    def _log_dir(self, trainer: "pl.Trainer") -> str:
-        return trainer.log_dir or trainer.default_root_dir
+    def _out_dir(self, trainer: "pl.Trainer") -> Optional[str]:
+        """``influence/`` under the trainer's log dir, when a default path needs it. ``trainer.log_dir`` is a
+        collective (a broadcast from rank zero): call this on every rank."""
+        if not self.save_results and not (self.report and self.report_path is None):
+            return None
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence")
 
     def _finish(
         self,
@@ -353,12 +409,18 @@ class InfluenceCallback(Callback):
         results: InfluenceResults,
         train_loader: DataLoader,
         query_loader: DataLoader,
+        out_dir: Optional[str],
     ) -> None:
-        if self.save_results:
-            self.results_path = self._save(trainer, results)
-        if self.report:
+        """Write the results file and hand the results to the reporters on global rank zero; no collectives."""
+        if self.save_results and out_dir is not None:
+            self.results_path = os.path.join(out_dir, "results.pt")
+            if trainer.is_global_zero:
+                os.makedirs(out_dir, exist_ok=True)
+                results.save(self.results_path)
+        if self.report and trainer.is_global_zero:
             from .reporting import report_influence
 
+            report_path = self.report_path if self.report_path is not None else os.path.join(out_dir or ".", "report.html")
             self.outputs = report_influence(
                 trainer,
                 pl_module,
@@ -366,14 +428,11 @@ class InfluenceCallback(Callback):
                 train_dataset=train_loader.dataset,
                 query_dataset=query_loader.dataset,
                 results_path=self.results_path,
-                report_path=self.report_path,
+                report_path=report_path,
                 render_example=self.render_example,
                 top_k=self.top_k,
             )
 
-    @rank_zero_only
-    def _save(self, trainer: "pl.Trainer", results: InfluenceResults) -> str:
-        path = os.path.join(self._log_dir(trainer), "influence", "results.pt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        results.save(path)
-        return path
+
+class InfluenceCallback(InfluenceCallbackBase, Callback):
+    __doc__ = InfluenceCallbackBase.__doc__

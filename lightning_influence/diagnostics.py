@@ -20,6 +20,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from .checks import is_int, is_real
+
 __all__ = ["Diagnostic", "KINDS", "REDUCTIONS", "combine_scalars", "from_dicts"]
 
 KINDS = ("scalar", "per_query", "series")
@@ -65,7 +67,7 @@ class Diagnostic:
 
     @property
     def is_number(self) -> bool:
-        return isinstance(self.value, (int, float)) and not isinstance(self.value, bool)
+        return is_real(self.value)
 
 
 def from_dicts(items: Optional[Iterable[Any]]) -> List[Diagnostic]:
@@ -88,15 +90,15 @@ def _reduce(how: str, values: Sequence[Any]) -> Any:
         return all(bool(v) for v in values)
     if how == "any":
         return any(bool(v) for v in values)
-    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    nums = [float(v) for v in values if is_real(v)]
     nums = [v for v in nums if not math.isnan(v)]
     if not nums:
         return math.nan
     if how == "sum":
         total = sum(nums)
-        return int(total) if all(isinstance(v, int) for v in values) else total
+        return int(total) if all(is_int(v) for v in values) else total
     best = max(nums) if how == "max" else min(nums)
-    return int(best) if all(isinstance(v, int) and not isinstance(v, bool) for v in values) else best
+    return int(best) if all(is_int(v) for v in values) else best
 
 
 def combine_scalars(chunks: Sequence[Sequence[Diagnostic]]) -> List[Diagnostic]:

@@ -234,6 +234,8 @@ class Objective:
     def check_per_example(self, batch: Any) -> None:
         """Raise a clear error unless the loss of ``batch`` is a finite vector with one entry per example."""
         n = batch_size_of(batch)
+        if self.loss_fn is default_loss_fn:
+            self._check_classification(batch)
         out = self.losses(batch)
         where = f"{type(self.module).__name__}.{HOOK_NAME}(batch)" if self.uses_hook else "loss_fn(outputs, targets)"
         if not isinstance(out, Tensor) or out.dim() != 1 or out.shape[0] != n:
@@ -247,4 +249,18 @@ class Objective:
             raise InfluenceRuntimeError(
                 f"{where} is NaN/inf for {bad} of {n} examples at the trained weights; influence functions "
                 "need a finite loss. Check the inputs and the trained model (did training diverge?)."
+            )
+
+    def _check_classification(self, batch: Any) -> None:
+        """The default loss is cross-entropy over classes: refuse outputs with one value per example and
+        floating-point targets (regression), whose cross-entropy is meaningless (shape ``()``, or zero)."""
+        out, targets = self.outputs(batch), batch[1]
+        single = out is not None and (out.dim() < 2 or out.shape[1] == 1)
+        if single and isinstance(targets, Tensor) and targets.is_floating_point():
+            raise InfluenceConfigError(
+                f"the model's outputs have shape {tuple(out.shape)} with floating-point targets, which looks like "
+                "regression, but the default loss_fn is per-example cross-entropy for classification (integer "
+                "class targets, outputs [B, classes]). Pass a per-example loss, e.g. "
+                "loss_fn=lambda out, y: ((out - y) ** 2).reshape(len(out), -1).sum(1), or define "
+                f"{HOOK_NAME}(self, batch) -> Tensor[B] on your LightningModule."
             )

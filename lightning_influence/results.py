@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .checks import is_int
 from .diagnostics import Diagnostic, combine_scalars, from_dicts
 from .errors import InfluenceConfigError
 from .scoring import top_k
@@ -59,10 +60,6 @@ def diagnostics_layout(
         "self_influence": [d.to_dict() for d in self_influence],
         "totals": [d.to_dict() for d in totals],
     }
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _number(v: Any) -> float:
@@ -181,7 +178,7 @@ class InfluenceResults:
         for k, chunk in enumerate(raw):
             start = chunk.get("start") if isinstance(chunk, Mapping) else None
             stop = chunk.get("stop") if isinstance(chunk, Mapping) else None
-            if not (_is_int(start) and _is_int(stop) and 0 <= start <= stop <= self.num_queries):
+            if not (is_int(start) and is_int(stop) and 0 <= start <= stop <= self.num_queries):
                 raise InfluenceConfigError(
                     f"diagnostics['solve'][{k}] must be {{'start': int, 'stop': int, 'items': [...]}} with "
                     f"0 <= start <= stop <= {self.num_queries} (the number of queries); got {chunk!r:.200}."
@@ -258,22 +255,57 @@ class InfluenceResults:
         return out
 
     # ------------------------------------------------------------------ rankings
-    def _row(self, query: int) -> Tensor:
-        if not -self.num_queries <= int(query) < self.num_queries:
-            raise IndexError(f"query={query} is out of range for {self.num_queries} queries (0..{self.num_queries - 1}).")
-        return self.scores[int(query)]
+    def row_of(self, query_id: int) -> int:
+        """The row of ``scores`` that belongs to query ``query_id``, a position in the query dataset.
 
-    def top_harmful(self, query: int, k: int = 10) -> Ranked:
-        """The ``k`` training examples with the largest positive scores for row ``query`` of ``scores``:
-        removing them would lower that query's loss the most."""
-        idx, vals = top_k(self._row(query), k, largest=True)
-        return Ranked(self.train_indices[idx], vals)
+        Raises:
+            InfluenceConfigError: ``query_id`` is not one of :attr:`query_indices`.
+        """
+        hits = (self.query_indices == int(query_id)).nonzero().flatten()
+        if hits.numel() == 0:
+            shown = ", ".join(str(i) for i in self.query_indices[:8].tolist())
+            raise InfluenceConfigError(
+                f"query_id={query_id} is not one of the {self.num_queries} queries (query dataset positions {shown}"
+                f"{', …' if self.num_queries > 8 else ''}); pass one of those, or row= for a row of scores."
+            )
+        return int(hits[0])
 
-    def top_helpful(self, query: int, k: int = 10) -> Ranked:
-        """The ``k`` training examples with the most negative scores: removing them would raise the
-        query's loss the most."""
-        idx, vals = top_k(self._row(query), k, largest=False)
-        return Ranked(self.train_indices[idx], vals)
+    def _row(self, row: Optional[int], query_id: Optional[int]) -> Tensor:
+        if (row is None) == (query_id is None):
+            raise InfluenceConfigError(
+                f"pass exactly one of row= (a row of scores, 0..{self.num_queries - 1}) or query_id= (a position "
+                f"in the query dataset, one of query_indices); got row={row!r}, query_id={query_id!r}."
+            )
+        if query_id is not None:
+            row = self.row_of(query_id)
+        assert row is not None
+        if not -self.num_queries <= int(row) < self.num_queries:
+            raise IndexError(
+                f"row={row} is out of range for {self.num_queries} queries (0..{self.num_queries - 1}); to select a "
+                "query by its position in the query dataset, pass query_id= instead."
+            )
+        return self.scores[int(row)]
+
+    def top_harmful(self, row: Optional[int] = None, k: int = 10, *, query_id: Optional[int] = None) -> Ranked:
+        """Up to ``k`` training examples with a **positive** score for one query, largest first: removing
+        them would lower that query's loss the most. Fewer than ``k`` when fewer examples are harmful; never
+        a helpful one.
+
+        Args:
+            row: the query's row of ``scores`` (``0..Q-1``, the order of :attr:`query_indices`).
+            query_id: instead of ``row``, the query's position in the query dataset.
+        """
+        idx, vals = top_k(self._row(row, query_id), k, largest=True)
+        keep = vals > 0
+        return Ranked(self.train_indices[idx[keep]], vals[keep])
+
+    def top_helpful(self, row: Optional[int] = None, k: int = 10, *, query_id: Optional[int] = None) -> Ranked:
+        """Up to ``k`` training examples with a **negative** score for one query, most negative first:
+        removing them would raise that query's loss the most. Fewer than ``k`` when fewer examples are
+        helpful; never a harmful one. ``row`` / ``query_id`` as in :meth:`top_harmful`."""
+        idx, vals = top_k(self._row(row, query_id), k, largest=False)
+        keep = vals < 0
+        return Ranked(self.train_indices[idx[keep]], vals[keep])
 
     def top_self_influence(self, k: int = 10) -> Ranked:
         """The ``k`` training examples with the most negative self-influence (likely mislabelled or

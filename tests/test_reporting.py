@@ -160,11 +160,23 @@ def test_summary_values_and_config(data):
     assert c["influence/params"] == ["a", "b"] and c["influence/setup/preconditioner"] == "none"
 
 
-def test_other_ranks_report_nothing(tmp_path):
+def test_other_ranks_join_the_log_dir_collective_then_report_nothing(tmp_path):
+    """``trainer.log_dir`` broadcasts from rank zero: every rank must call it, or rank zero waits forever."""
+
     class Rank1:
         is_global_zero = False
+        default_root_dir = str(tmp_path)
+        log_dir_calls = 0
+
+        @property
+        def log_dir(self) -> str:
+            Rank1.log_dir_calls += 1
+            return str(tmp_path)
 
     assert report_influence(Rank1(), None, None, train_dataset=None, query_dataset=None) == {}  # type: ignore[arg-type]
+    assert Rank1.log_dir_calls == 1
+    report_influence(Rank1(), None, None, train_dataset=None, query_dataset=None, report_path=tmp_path / "r.html")  # type: ignore[arg-type]
+    assert Rank1.log_dir_calls == 1  # an explicit path needs no collective
 
 
 def test_wandb_not_imported_without_wandb_logger(tmp_path):

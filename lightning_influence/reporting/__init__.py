@@ -24,7 +24,8 @@ __all__ = ["report_influence", "summary_scalars", "default_report_path", "HELPFU
 
 
 def default_report_path(trainer: "pl.Trainer") -> str:
-    """``influence/report.html`` under the trainer's log directory (beside the saved results)."""
+    """``influence/report.html`` under the trainer's log directory (beside the saved results). A collective
+    (``trainer.log_dir`` broadcasts from rank zero): call it on every rank."""
     return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence", "report.html")
 
 
@@ -46,6 +47,9 @@ def report_influence(
 ) -> Dict[str, Any]:
     """Send ``results`` to every logger of ``trainer`` and write the HTML report, on global rank zero.
 
+    Call it on every process: without ``report_path`` the default path is resolved through
+    ``trainer.log_dir``, a collective; after that, other ranks return at once.
+
     Args:
         results_path: the saved results file, put into the W&B artifact (saved to a temporary file
             for the artifact when ``None``).
@@ -62,6 +66,7 @@ def report_influence(
         ``{"scalars": {...}, "html_path": str | None, "wandb_run_dir": str | None, "wandb_run_id": ...,
         "wandb_artifact": "name:latest" | None, "wandb_keys": [...]}``; ``{}`` on other ranks.
     """
+    path = os.fspath(report_path) if report_path is not None else (default_report_path(trainer) if html else None)
     if not trainer.is_global_zero:
         return {}
     from .wandb import find_wandb_logger
@@ -81,7 +86,6 @@ def report_influence(
     query = ExampleCatalog(query_dataset, render_example, classes)
 
     if html:
-        path = os.fspath(report_path) if report_path is not None else default_report_path(trainer)
         links = {"results": results_path} if results_path else None
         out["html_path"] = write_html(path, render_html(results, views, suspect_entries, train, query, links=links))
     if wandb_logger is not None:

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from ..checks import is_real
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError
 from ..results import InfluenceResults
@@ -104,7 +105,8 @@ def diagnostic_label(results: InfluenceResults, name: str) -> str:
 
 
 def query_views(results: InfluenceResults, k: int) -> List[QueryView]:
-    """One :class:`QueryView` per query with ``min(k, N)`` examples of each kind."""
+    """One :class:`QueryView` per query with up to ``k`` examples of each kind: only negative scores are
+    helpful and only positive ones harmful, so a query may list fewer (or none) of a kind."""
     k = max(0, min(int(k), results.num_train))
     n = _n(results)
     per_query = results.per_query_diagnostics()
@@ -141,7 +143,7 @@ def _floats(v: Any) -> List[float]:
     """A list of numbers as floats (a non-number becomes NaN)."""
     if not isinstance(v, (list, tuple)):
         return []
-    return [float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan for x in v]
+    return [float(x) if is_real(x) else math.nan for x in v]
 
 
 def _curves(d: Diagnostic) -> List[Tuple[str, List[float], List[float]]]:

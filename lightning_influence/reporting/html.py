@@ -150,6 +150,10 @@ def _query_section(view: QueryView, train: ExampleCatalog, query: ExampleCatalog
         f'<div class="facts">{" · ".join(facts)}</div></div>',
     ]
     for kind, title, entries in (("helpful", HELPFUL, view.helpful), ("harmful", HARMFUL, view.harmful)):
+        if not entries:
+            sign = "negative" if kind == "helpful" else "positive"
+            out.append(f'<h3 class="{kind}">No {kind} training examples (none has a {sign} score)</h3>')
+            continue
         out.append(f'<h3 class="{kind}">Top {len(entries)} {html.escape(title)}</h3>')
         out.append(f'<div class="examples {kind}">{"".join(_example_figure(e, train) for e in entries)}</div>')
     out.append("</article>")

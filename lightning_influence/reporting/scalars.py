@@ -8,6 +8,7 @@ from typing import Any, Dict, Iterable, Sequence, Union
 
 import pytorch_lightning as pl
 
+from ..checks import is_real
 from ..diagnostics import Diagnostic
 from ..results import InfluenceResults
 
@@ -115,7 +116,7 @@ def summary_values(results: InfluenceResults) -> Dict[str, Any]:
     for key, v in results.settings.items():
         if key == "solver" or isinstance(v, str):
             out[f"influence/{key}"] = v
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        elif is_real(v):
             out.setdefault(f"influence/{key}", v)
     return out
 

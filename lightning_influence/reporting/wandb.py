@@ -1,5 +1,5 @@
 """The W&B reporter: tables with example previews, histograms, summary, config and an artifact, logged to
-the run of the trainer's :class:`~pytorch_lightning.loggers.WandbLogger`.
+the run of the trainer's ``WandbLogger`` (``pytorch_lightning.loggers`` or ``lightning.pytorch.loggers``).
 
 ``wandb`` is imported only inside these functions, and only when such a logger exists; the user's run is
 neither re-initialised nor finished. Everything lands in one ``run.log`` call (one history row, with
@@ -9,6 +9,7 @@ neither re-initialised nor finished. Everything lands in one ``run.log`` call (o
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -23,6 +24,7 @@ from .scalars import config_values, summary_scalars, summary_values
 
 __all__ = [
     "find_wandb_logger",
+    "WANDB_LOGGER_MODULES",
     "log_to_wandb",
     "QUERY_COLUMNS",
     "EXAMPLE_COLUMNS",
@@ -57,12 +59,18 @@ SERIES_PREFIX = "influence/series/"
 _MEANING = {"helpful": HELPFUL.split("(", 1)[1].rstrip(")"), "harmful": HARMFUL.split("(", 1)[1].rstrip(")")}
 
 
-def find_wandb_logger(trainer: "pl.Trainer") -> Optional[Any]:
-    """The first :class:`WandbLogger` of the trainer, or ``None`` (imports no ``wandb``)."""
-    from pytorch_lightning.loggers import WandbLogger
+#: where each Lightning namespace defines its ``WandbLogger``
+WANDB_LOGGER_MODULES = ("pytorch_lightning.loggers.wandb", "lightning.pytorch.loggers.wandb")
 
+
+def find_wandb_logger(trainer: "pl.Trainer") -> Optional[Any]:
+    """The first ``WandbLogger`` of the trainer, from either namespace (``pytorch_lightning`` or
+    ``lightning.pytorch``), or ``None``. Imports nothing: a logger's class is loaded once it exists."""
+    classes = tuple(
+        cls for cls in (getattr(sys.modules.get(m), "WandbLogger", None) for m in WANDB_LOGGER_MODULES) if cls is not None
+    )
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if classes and isinstance(logger, classes):
             return logger
     return None
 
@@ -99,9 +107,12 @@ def _montage(previews: Sequence[Preview], gap: int = 2) -> Optional[np.ndarray]:
 
 
 def _strip(entries: Sequence[Entry], catalog: ExampleCatalog, kind: str) -> Any:
-    """One cell showing a query's top examples of one kind: a montage image, else their texts."""
+    """One cell showing a query's top examples of one kind: a montage image, else their texts; ``None``
+    when the query has no example of that kind."""
     import wandb
 
+    if not entries:
+        return None
     previews = [catalog.preview(e.train_id) for e in entries]
     ids = ", ".join(f"#{e.train_id}" for e in entries)
     pixels = _montage(previews)
@@ -127,7 +138,7 @@ def _tables(
 ) -> Dict[str, Any]:
     import wandb
 
-    per_query = 2 * max((len(v.helpful) for v in views), default=0)
+    per_query = max((len(v.helpful) + len(v.harmful) for v in views), default=0)
     if per_query and len(views) * per_query > MAX_TABLE_ROWS:
         keep = MAX_TABLE_ROWS // per_query
         rank_zero_warn(

@@ -1,0 +1,98 @@
+"""A 2-process DDP fit on the CPU (gloo) with ``InfluenceCallback`` and a logger, as a user would launch it.
+
+Run as a script, never imported by pytest: DDP starts the other rank by re-running ``sys.argv``, so inside
+pytest it would re-run pytest. ``tests/test_distributed.py`` runs it in a subprocess. Each rank writes
+what it saw to ``<out>/rank<r>.json``::
+
+    python tests/ddp_fit.py OUT [--namespace lightning.pytorch] [--logger wandb|csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+N_TRAIN, N_VAL, DIM, CLASSES = 96, 32, 8, 3
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N_TRAIN + N_VAL, DIM, generator=g)
+    y = (x[:, :CLASSES] + 0.5 * torch.randn(len(x), CLASSES, generator=g)).argmax(1)
+    return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--namespace", default="pytorch_lightning", choices=["pytorch_lightning", "lightning.pytorch"])
+    parser.add_argument("--logger", default="wandb", choices=["wandb", "csv"])
+    args = parser.parse_args()
+
+    pl = importlib.import_module(args.namespace)
+    strategies = importlib.import_module(f"{args.namespace}.strategies")
+    if args.namespace == "lightning.pytorch":
+        from lightning_influence.lightning import InfluenceCallback
+    else:
+        from lightning_influence import InfluenceCallback
+
+    class Classifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(DIM, CLASSES)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]), sync_dist=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5, weight_decay=1e-2)
+
+    if args.logger == "wandb":
+        logger = pl.loggers.WandbLogger(project="influence-ddp", save_dir=args.out, offline=True)
+    else:
+        logger = pl.loggers.CSVLogger(args.out)
+    cb = InfluenceCallback(num_queries=3, solver="exact", top_k=3, self_influence=True)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_epochs=2, logger=logger, callbacks=[cb], default_root_dir=args.out,
+        strategy=strategies.DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60)),
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+    )
+    torch.manual_seed(0)
+    train, val = data()
+    trainer.fit(Classifier(), DataLoader(train, batch_size=16), DataLoader(val, batch_size=16))
+    seen = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "error": None if cb.error is None else f"{type(cb.error).__name__}: {cb.error}",
+        "shape": None if cb.results is None else list(cb.results.scores.shape),
+        "results_path": cb.results_path,
+        "outputs": {k: v for k, v in cb.outputs.items() if isinstance(v, str)},
+    }
+    with open(os.path.join(args.out, f"rank{trainer.global_rank}.json"), "w") as fh:
+        json.dump(seen, fh)
+    if args.logger == "wandb" and trainer.is_global_zero:
+        import wandb
+
+        wandb.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
