@@ -6,7 +6,8 @@ Scores follow Koh & Liang's sign: positive = harmful, negative = helpful.
 """
 
 from .damping import AutoDamping
-from .errors import InfluenceConfigError, InfluenceRuntimeError, NegativeCurvatureError, SolverDivergedError
+from .errors import (InfluenceConfigError, InfluenceRuntimeError, NegativeCurvatureError, ResultsFileError,
+                     SolverDivergedError)
 from .pipeline import DEFAULT_DAMPING, compute_influence
 from .results import InfluenceResults, Ranked
 from .solvers import ArnoldiSettings, CGSettings, EKFACSettings, ExactSettings, KFACSettings, LissaSettings, SolverSettings
@@ -28,6 +29,7 @@ __all__ = [
     "LissaSettings",
     "NegativeCurvatureError",
     "Ranked",
+    "ResultsFileError",
     "SolverDivergedError",
     "SolverSettings",
     "compute_influence",

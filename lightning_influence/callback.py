@@ -23,10 +23,10 @@ from .damping import AutoDamping, resolve_damping
 from .pipeline import DEFAULT_DAMPING, ProgressFn, compute_influence, preflight
 from .results import InfluenceResults
 from .solvers import SolverSettings, resolve_solver
+from .validation import check_positive_int, check_run_arguments, check_writable_file
 
 __all__ = ["InfluenceCallback", "InfluenceCallbackBase", "optimizer_damping", "optimizer_l2"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32, torch.float64: torch.float64}
 #: optimizers whose ``weight_decay`` adds ``wd·θ`` to the gradient (an L2 term ``wd/2·‖θ‖²`` in the loss)
 _COUPLED_L2 = ("SGD", "Adam", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD")
 _AVERAGING_CALLBACKS = ("StochasticWeightAveraging", "WeightAveraging", "EMAWeightAveraging")
@@ -134,13 +134,20 @@ class InfluenceCallbackBase:
             cost of everything else (logged at setup).
         chunk_size: training examples per per-sample-gradient chunk (memory vs speed; results unchanged).
         query_batch_size: queries solved together (default all; results unchanged).
-        dtype: ``torch.float32`` (default) or ``torch.float64`` for the influence maths.
+        dtype: ``torch.float32`` (default) or ``torch.float64`` for the influence maths, or their names
+            ``"float32"``/``"float64"``; half precision is refused.
         on_error: ``"warn"`` (default): a failure of the influence computation is reported as a warning
             and ``error`` is set, so training and its checkpoints are unaffected; ``"raise"`` re-raises.
-        save_results: write the results file (``influence/results.pt`` under the trainer's log dir).
+        save_results: write the results file (``influence/results.pt`` under the trainer's log dir),
+            atomically: a failed write keeps the previous file.
         report: hand the results to the reporters (loggers, W&B, HTML).
         report_path: path of the HTML report (default: ``influence/report.html`` under the log dir).
         render_example: ``render_example(example) -> value`` for report previews (e.g. a ``wandb.Image``).
+
+    Where the data allow it, misconfiguration is refused before the first training step (in ``setup``
+    and ``on_train_start``): parameters, the solver's size limit, the training and query data (format,
+    labels, a finite loss on a few examples, ``query_indices`` in range) and whether the outputs can be
+    written.
 
     Attributes:
         results: the :class:`InfluenceResults` after training (``None`` before, or on failure).
@@ -170,21 +177,13 @@ class InfluenceCallbackBase:
         report_path: Optional[Union[str, os.PathLike]] = None,
         render_example: Optional[Callable[[Any], Any]] = None,
     ) -> None:
-        for name, value in (("num_queries", num_queries), ("top_k", top_k), ("chunk_size", chunk_size)):
-            check_positive_int(name, value)
-        check_positive_int("query_batch_size", query_batch_size, allow_none=True)
-        if query_indices is not None:
-            query_indices = [int(i) for i in query_indices]
-            if not query_indices:
-                raise InfluenceConfigError("query_indices=[] is empty; pass positions in the query dataset or None.")
-            if min(query_indices) < 0:
-                raise InfluenceConfigError(f"query_indices={query_indices[:5]}… must be non-negative positions.")
+        args = check_run_arguments(num_queries=num_queries, query_indices=query_indices, params=params,
+                                   chunk_size=chunk_size, query_batch_size=query_batch_size, dtype=dtype)
+        check_positive_int("top_k", top_k)
         if query_dataloader is not None and not isinstance(query_dataloader, DataLoader):
             raise InfluenceConfigError(
                 f"query_dataloader must be a torch DataLoader, got {type(query_dataloader).__name__}."
             )
-        if dtype not in _DTYPES:
-            raise InfluenceConfigError(f"dtype={dtype!r} is not supported; use torch.float32 or torch.float64.")
         if on_error not in ("warn", "raise"):
             raise InfluenceConfigError(f"on_error={on_error!r} must be 'warn' or 'raise'.")
         if damping is not None:
@@ -195,7 +194,7 @@ class InfluenceCallbackBase:
             raise InfluenceConfigError("render_example must be callable: render_example(example) -> value.")
         self.solver: SolverSettings = resolve_solver(solver)
         self.num_queries = num_queries
-        self.query_indices = query_indices
+        self.query_indices = None if args.query_indices is None else list(args.query_indices)
         self.query_dataloader = query_dataloader
         self.damping = damping
         self.params = params
@@ -204,7 +203,7 @@ class InfluenceCallbackBase:
         self.self_influence = bool(self_influence)
         self.chunk_size = chunk_size
         self.query_batch_size = query_batch_size
-        self.dtype = _DTYPES[dtype]
+        self.dtype = args.dtype
         self.on_error = on_error
         self.save_results = save_results
         self.report = report
@@ -244,16 +243,23 @@ class InfluenceCallbackBase:
         # configuration costs nothing.
         self._trained = True
         train_loader = self._train_loader(trainer)
+        loader = self._query_loader(trainer, required=not self._queries_may_come_later(trainer))
+        if loader is not None:
+            check_map_dataset(loader.dataset, "query")
+            if self.query_indices is not None:
+                n = len(loader.dataset)
+                bad = [i for i in self.query_indices if i >= n]
+                if bad:
+                    raise InfluenceConfigError(
+                        f"query_indices {bad[:5]} are out of range for a query dataset of {n} examples "
+                        f"(valid: 0..{n - 1})."
+                    )
         preflight(pl_module, train_loader.dataset, loss_fn=self.loss_fn, params=self.params,
-                  collate_fn=train_loader.collate_fn, dtype=self.dtype)
-        loader = self._query_loader(trainer, required=False)
-        if loader is not None and self.query_indices is not None:
-            n = check_map_dataset(loader.dataset, "query")
-            bad = [i for i in self.query_indices if i >= n]
-            if bad:
-                raise InfluenceConfigError(
-                    f"query_indices {bad[:5]} are out of range for a query dataset of {n} examples (valid: 0..{n - 1})."
-                )
+                  collate_fn=train_loader.collate_fn, dtype=self.dtype, solver=self.solver,
+                  query_dataset=None if loader is None else loader.dataset,
+                  query_collate_fn=None if loader is None else loader.collate_fn,
+                  query_indices=self.query_indices, num_queries=self.num_queries)
+        self._check_outputs_writable(trainer)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if getattr(trainer, "interrupted", False):
@@ -321,6 +327,22 @@ class InfluenceCallbackBase:
             )
         check_map_dataset(loader.dataset, "training")
         return loader
+
+    def _queries_may_come_later(self, trainer: "pl.Trainer") -> bool:
+        """Whether a validation dataloader that is not there at ``on_train_start`` may still be set up
+        before training ends (Lightning loads it at the first validation, e.g. with
+        ``check_val_every_n_epoch > 1``). ``False`` when validation cannot run at all."""
+        if self.query_dataloader is not None or trainer.val_dataloaders is not None:
+            return False
+        if not trainer.limit_val_batches:
+            return False
+        from pytorch_lightning.utilities.model_helpers import is_overridden
+
+        if trainer.lightning_module is None or not is_overridden("validation_step", trainer.lightning_module):
+            return False
+        source = getattr(getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None), "_data_source", None)
+        is_defined = getattr(source, "is_defined", None)
+        return bool(is_defined()) if callable(is_defined) else True
 
     def _query_loader(self, trainer: "pl.Trainer", required: bool = True) -> Optional[DataLoader]:
         if self.query_dataloader is not None:
@@ -401,6 +423,27 @@ class InfluenceCallbackBase:
         if not self.save_results and not (self.report and self.report_path is None):
             return None
         return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence")
+
+    def _results_file(self, trainer: "pl.Trainer") -> str:
+        """The default results path; ``trainer.log_dir`` is a collective: call on every rank."""
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence", "results.pt")
+
+    def _check_outputs_writable(self, trainer: "pl.Trainer") -> None:
+        """Refuse, before training, outputs that cannot be written (a file where a folder must be, no
+        write permission)."""
+        if self.save_results:
+            check_writable_file(self._results_file(trainer), "results file",
+                                "Give the Trainer a writable default_root_dir (or logger save_dir), or pass "
+                                "save_results=False to InfluenceCallback.")
+        if self.report:
+            from .reporting import default_report_path
+
+            if self.report_path is not None:
+                check_writable_file(self.report_path, "report_path",
+                                    "Pass report_path= a writable file path, or report=False.")
+            else:
+                check_writable_file(default_report_path(trainer), "HTML report",
+                                    "Pass report_path= a writable file path, or report=False.")
 
     def _finish(
         self,

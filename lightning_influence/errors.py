@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["InfluenceConfigError", "InfluenceRuntimeError", "NegativeCurvatureError", "SolverDivergedError"]
+__all__ = ["InfluenceConfigError", "InfluenceRuntimeError", "NegativeCurvatureError", "ResultsFileError",
+           "SolverDivergedError"]
 
 
 class InfluenceConfigError(ValueError):
@@ -20,3 +21,10 @@ class SolverDivergedError(InfluenceRuntimeError):
 class NegativeCurvatureError(SolverDivergedError):
     """``H + λI`` has a negative eigenvalue (the weights are not at a minimum): LiSSA would diverge and the
     influence quadratic has no minimum. The message names the damping that fixes it."""
+
+
+class ResultsFileError(InfluenceRuntimeError):
+    """A results file could not be written (full disk, file-size limit, no permission) or read back (empty,
+    truncated, corrupted). The message names the file and the cause; a failed write leaves the previous
+    file untouched."""
+

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,8 @@ __all__ = ["Objective", "default_loss_fn", "select_params"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 HOOK_NAME = "influence_loss"
+#: the label cross-entropy ignores (``F.cross_entropy``'s default ``ignore_index``): zero loss and gradient
+IGNORE_INDEX = -100
 
 
 def default_loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -166,6 +168,7 @@ class Objective:
             self.fisher = "sampled"
             self.fisher_loss = module_loss(_LossModule(module, _fisher_sketch_loss), frozen)
         self.wrapper = wrapper
+        self._num_classes: Optional[int] = None  # output classes, found by check_targets
 
     @property
     def num_params(self) -> int:
@@ -230,6 +233,39 @@ class Objective:
         eps = torch.randn(p.shape, generator=generator, dtype=torch.float64)
         delta = root * eps - p * (root * eps).sum(1, keepdim=True)
         return (batch[0], delta.to(device=logits.device, dtype=logits.dtype), *batch[2:])
+
+    def check_targets(self, batch: Any, indices: Sequence[int], what: str) -> List[int]:
+        """Check the integer labels of a prepared batch for the default cross-entropy loss.
+
+        Raises :class:`~lightning_influence.errors.InfluenceConfigError` naming the first example (its
+        dataset index, ``indices[j]``) whose label lies outside ``0..C−1``, ``C`` being the number of
+        classes the model outputs, other than cross-entropy's ``ignore_index`` ``−100``. Returns the dataset
+        indices of the examples whose every label is ``−100``: their loss and gradient are zero. Custom
+        losses, the ``influence_loss`` hook and floating (probability) targets are not checked.
+        """
+        if self.uses_hook or self.loss_fn is not default_loss_fn:
+            return []
+        targets = batch[1]
+        if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+            return []
+        if self._num_classes is None:
+            out = self.outputs(batch)
+            if out is None or out.dim() < 2:
+                return []
+            self._num_classes = int(out.shape[1])
+        c = self._num_classes
+        flat = targets.reshape(targets.shape[0], -1)
+        ignored = flat == IGNORE_INDEX
+        bad = ((flat < 0) | (flat >= c)) & ~ignored
+        if bool(bad.any()):
+            j = int(bad.any(dim=1).nonzero()[0])
+            label = int(flat[j][bad[j]][0])
+            raise InfluenceConfigError(
+                f"{what} example {int(indices[j])} has label {label}, outside 0..{c - 1}: the model outputs {c} "
+                "classes and the default loss is cross-entropy. Fix that example's label, or pass loss_fn= (or "
+                f"define {HOOK_NAME}) for another target format."
+            )
+        return [int(indices[j]) for j in ignored.all(dim=1).nonzero().flatten().tolist()]
 
     def check_per_example(self, batch: Any) -> None:
         """Raise a clear error unless the loss of ``batch`` is a finite vector with one entry per example."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,11 +20,13 @@ from .damping import AutoDamping, resolve_damping
 from .data import Collate, ExampleSource
 from .diagnostics import Diagnostic, combine_scalars
 from .errors import InfluenceConfigError, InfluenceRuntimeError
-from .objective import LossFn, Objective
+from .functional import batch_size_of
+from .objective import IGNORE_INDEX, LossFn, Objective
 from .problem import InfluenceProblem
 from .results import InfluenceResults, diagnostics_layout
 from .scoring import checked_grads, influence_scores, self_influence as _self_influence
 from .solvers import FactoredInverse, SolverSettings, resolve_solver
+from .validation import check_run_arguments, resolve_dtype, warn_num_queries
 
 __all__ = ["compute_influence", "ProgressFn", "DEFAULT_DAMPING"]
 
@@ -62,11 +65,8 @@ def frozen_module(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InfluenceConfigError(f"{name}={value!r} must be a positive integer.")
+#: examples of each dataset checked by :func:`preflight` (format, labels, per-example finite loss)
+PREFLIGHT_EXAMPLES = 4
 
 
 def preflight(
@@ -76,12 +76,32 @@ def preflight(
     loss_fn: Optional[LossFn] = None,
     params: Optional[Union[str, Sequence[str]]] = None,
     collate_fn: Optional[Collate] = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Union[torch.dtype, str] = torch.float32,
+    solver: Union[str, SolverSettings, None] = None,
+    query_dataset: Optional[Dataset] = None,
+    query_collate_fn: Optional[Collate] = None,
+    query_indices: Optional[Sequence[int]] = None,
+    num_queries: Optional[int] = None,
 ) -> None:
-    """The cheap checks of :func:`compute_influence` (parameters, dataset, per-example finite loss on a
-    few training examples), for running before training starts."""
+    """The cheap checks of :func:`compute_influence`, for running before training starts: parameters,
+    the solver's size limit, the training dataset (format, labels and a finite per-example loss on a few
+    examples) and, when ``query_dataset`` is given, the queries (the explicit ``query_indices`` in range,
+    the batch format, labels and loss on the first few of them, or of the dataset). The model is left
+    as it was."""
+    dtype = resolve_dtype(dtype)
     with frozen_module(model):
-        _bind(model, train_dataset, loss_fn, params, collate_fn, dtype)
+        objective, _ = _bind(model, train_dataset, loss_fn, params, collate_fn, dtype)
+        if solver is not None:
+            resolve_solver(solver).check_size(objective.num_params, dtype)
+        if query_dataset is not None:
+            queries = ExampleSource(query_dataset, query_collate_fn, objective.prepare_batch,
+                                    indices=query_indices, what="query")
+            if query_indices is None and num_queries is not None:
+                warn_num_queries(num_queries, len(queries))
+            positions = torch.arange(min(len(queries), PREFLIGHT_EXAMPLES))
+            batch = queries.batch(positions)
+            objective.check_targets(batch, queries.indices[positions].tolist(), "query")
+            objective.check_per_example(batch)
 
 
 def _bind(
@@ -95,14 +115,34 @@ def _bind(
     """Objective and training examples, checked on a few examples (call inside :func:`frozen_module`)."""
     objective = Objective(model, params=params, loss_fn=loss_fn, dtype=dtype)
     train = ExampleSource(train_dataset, collate_fn, objective.prepare_batch, what="training")
-    objective.check_per_example(train.batch(torch.arange(min(len(train), 4))))
+    positions = torch.arange(min(len(train), PREFLIGHT_EXAMPLES))
+    batch = train.batch(positions)
+    objective.check_targets(batch, positions.tolist(), "training")
+    objective.check_per_example(batch)
     return objective, train
 
 
+def _checked_losses(objective: Objective, source: ExampleSource, start: int, batch: Any, what: str) -> Tensor:
+    """Per-example losses of one chunk of ``source``, its labels checked first; a loss that raises (a
+    label the loss cannot take, a malformed example) is reported with the chunk's dataset indices."""
+    idx = source.indices[start : start + batch_size_of(batch)].tolist()
+    objective.check_targets(batch, idx, what)
+    try:
+        return objective.losses(batch)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (IndexError, RuntimeError, ValueError, TypeError, KeyError) as err:
+        raise InfluenceRuntimeError(
+            f"the loss of {what} examples {idx[0]}..{idx[-1]} (dataset indices) failed: {type(err).__name__}: "
+            f"{err}. Check those examples' inputs and labels against the model and the loss."
+        ) from err
+
+
 def check_finite_losses(objective: Objective, source: ExampleSource, chunk_size: int) -> None:
-    """One forward pass over ``source``; raises naming the first example whose loss is NaN/inf."""
+    """One forward pass over ``source``; raises naming the first example whose label is out of range or
+    whose loss is NaN/inf."""
     for start, batch in source.chunks(chunk_size):
-        bad = (~torch.isfinite(objective.losses(batch))).nonzero()
+        bad = (~torch.isfinite(_checked_losses(objective, source, start, batch, "training"))).nonzero()
         if bad.numel():
             i = int(source.indices[start + int(bad[0])])
             raise InfluenceRuntimeError(
@@ -112,8 +152,17 @@ def check_finite_losses(objective: Objective, source: ExampleSource, chunk_size:
 
 
 def select_queries(objective: Objective, source: ExampleSource, num_queries: int, chunk_size: int) -> Tensor:
-    """Positions of the ``num_queries`` examples of ``source`` with the highest loss (ties: lower index)."""
-    losses = torch.cat([objective.losses(b) for _, b in source.chunks(chunk_size)])
+    """Dataset indices of the ``num_queries`` examples of ``source`` with the highest loss (ties: lower
+    index). Raises naming the first example whose loss is NaN/inf (it would sort first)."""
+    warn_num_queries(num_queries, len(source))
+    losses = torch.cat([_checked_losses(objective, source, s, b, "query") for s, b in source.chunks(chunk_size)])
+    bad = (~torch.isfinite(losses)).nonzero()
+    if bad.numel():
+        i = int(source.indices[int(bad[0])])
+        raise InfluenceRuntimeError(
+            f"the loss of query example {i} (and {bad.numel() - 1} more) is NaN/inf at the trained weights, so the "
+            "highest-loss queries cannot be chosen. Check that example's inputs and label, or pass query_indices=."
+        )
     order = torch.argsort(losses, descending=True, stable=True)[: min(num_queries, losses.numel())]
     return source.indices[order.cpu()]
 
@@ -134,7 +183,7 @@ def compute_influence(
     query_collate_fn: Optional[Collate] = None,
     chunk_size: int = 256,
     query_batch_size: Optional[int] = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Union[torch.dtype, str] = torch.float32,
     progress: Optional[ProgressFn] = None,
 ) -> InfluenceResults:
     """Influence of every training example on chosen query examples (Koh & Liang, 2017).
@@ -146,8 +195,9 @@ def compute_influence(
         model: the trained model (any ``nn.Module``, e.g. a LightningModule).
         train_dataset: map-style training dataset; column ``i`` of the scores is its example ``i``.
         query_dataset: dataset the queries come from (default: ``train_dataset``).
-        query_indices: positions of the queries in ``query_dataset``. Default: the ``num_queries``
-            examples with the highest loss.
+        query_indices: positions of the queries in ``query_dataset`` (integers: a sequence, or a 1-D
+            integer tensor or array; duplicates warn). Default: the ``num_queries`` examples with the
+            highest loss.
         num_queries: how many highest-loss queries to pick when ``query_indices`` is not given.
         loss_fn: ``loss_fn(outputs, targets) -> Tensor[B]`` for ``(inputs, targets)`` batches; default
             per-example cross-entropy. Unused when the model defines ``influence_loss(batch)``.
@@ -171,16 +221,17 @@ def compute_influence(
         chunk_size: training examples per per-sample-gradient chunk and per full-data HVP chunk.
         query_batch_size: right-hand sides solved together (default: all queries at once); does not
             change the results.
-        dtype: floating dtype of the influence maths (float32 default, float64 for references).
+        dtype: dtype of the influence maths: ``torch.float32`` (default) or ``torch.float64`` (for
+            references), or their names ``"float32"``/``"float64"``; half precision is refused.
         progress: optional ``progress(phase, done, total)`` hook.
 
     Returns:
         :class:`InfluenceResults` with scores ``[Q, N]`` (positive = harmful, negative = helpful).
     """
     t_start = time.perf_counter()
-    _check_positive_int("num_queries", num_queries)
-    _check_positive_int("chunk_size", chunk_size)
-    _check_positive_int("query_batch_size", query_batch_size, allow_none=True)
+    args = check_run_arguments(num_queries=num_queries, query_indices=query_indices, params=params,
+                               chunk_size=chunk_size, query_batch_size=query_batch_size, dtype=dtype)
+    query_indices, dtype = args.query_indices, args.dtype
     settings = resolve_solver(solver)
     damping_spec = resolve_damping(damping)
     if train_dataset is None:
@@ -192,6 +243,7 @@ def compute_influence(
 
     with frozen_module(model):
         objective, train = _bind(model, train_dataset, loss_fn, params, collate_fn, dtype)
+        settings.check_size(objective.num_params, dtype)  # before any pass over the data
         n = len(train)
         check_finite_losses(objective, train, chunk_size)
         qdata = train_dataset if query_dataset is None else query_dataset
@@ -208,8 +260,12 @@ def compute_influence(
         losses: List[Tensor] = []
         preds: List[Tensor] = []
         targets: List[Tensor] = []
+        ignored: List[int] = []
         for start, batch in queries.chunks(chunk_size):
-            grads.append(checked_grads(objective.loss, objective.space, objective.theta, batch, "query", start))
+            ignored += objective.check_targets(batch, queries.indices[start : start + batch_size_of(batch)].tolist(),
+                                               "query")
+            grads.append(checked_grads(objective.loss, objective.space, objective.theta, batch, "query", start,
+                                       indices=queries.indices))
             losses.append(objective.losses(batch))
             out = objective.outputs(batch)
             if out is not None and out.dim() == 2:
@@ -217,6 +273,13 @@ def compute_influence(
             if not objective.uses_hook and isinstance(batch[1], Tensor) and batch[1].dim() == 1:
                 targets.append(batch[1])
             report("query_gradients", start + grads[-1].shape[0], q)
+        if ignored:
+            warnings.warn(
+                f"query examples {ignored[:10]} have the label {IGNORE_INDEX} (cross-entropy's ignore_index): their "
+                "loss and gradient are zero, so their rows of scores are all 0. Choose other query_indices.",
+                UserWarning,
+                stacklevel=2,
+            )
         g_query = torch.cat(grads)
         timings["query_gradients"] = time.perf_counter() - t0
 

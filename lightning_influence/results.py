@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .checks import is_int
 from .diagnostics import Diagnostic, combine_scalars, from_dicts
-from .errors import InfluenceConfigError
+from .errors import InfluenceConfigError, ResultsFileError
+from .persistence import atomic_save, check_results_state, load_state, tensor_checksum, tensors_of
 from .scoring import top_k
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -324,11 +325,17 @@ class InfluenceResults:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the results with ``torch.save`` (tensors on the CPU, plain-data settings)."""
+        """Write the results with ``torch.save`` (tensors on the CPU, plain-data settings, a checksum of
+        the tensors), atomically: a failed write leaves an existing file at ``path`` untouched.
+
+        Raises:
+            ResultsFileError: the file could not be written (the message gives the errno and free space).
+        """
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         state = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in state.items()}
         state["format_version"] = _FORMAT_VERSION
-        torch.save(state, os.fspath(path))
+        state["checksum"] = tensor_checksum(tensors_of(state))
+        atomic_save(state, path)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> "InfluenceResults":
@@ -337,8 +344,10 @@ class InfluenceResults:
         Raises:
             InfluenceConfigError: the file is not an InfluenceResults file of the current format
                 (:data:`_FORMAT_VERSION`); files of other formats are not converted.
+            ResultsFileError: the file is missing, empty, truncated or corrupted (unreadable, its tensors
+                not matching their stored checksum, wrong shapes, NaN/inf scores).
         """
-        state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+        state = load_state(path, map_location)
         version = state.pop("format_version", None) if isinstance(state, dict) else None
         if version is None:
             raise InfluenceConfigError(f"{os.fspath(path)} is not an InfluenceResults file (no format_version).")
@@ -347,6 +356,16 @@ class InfluenceResults:
                 f"{os.fspath(path)} is an InfluenceResults file of format {version}; this version of "
                 f"lightning-influence reads format {_FORMAT_VERSION} only. Recompute the results."
             )
+        checksum = state.pop("checksum", None)  # absent in files written before checksums
+        if checksum is not None and checksum != tensor_checksum(tensors_of(state)):
+            raise ResultsFileError(
+                f"{os.fspath(path)} is corrupted: its tensors do not match the checksum written with them "
+                "(bytes changed on disk or in transfer). Recompute the results."
+            )
+        unknown = sorted(set(state) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ResultsFileError(f"{os.fspath(path)} has unknown fields {unknown}; it is not an InfluenceResults file.")
+        check_results_state(state, os.fspath(path))
         return cls(**state)
 
     def to_dataframe(self) -> "pd.DataFrame":

@@ -21,12 +21,17 @@ Quadratic = Callable[[Tensor], Tensor]
 Progress = Optional[Callable[[int], None]]
 
 
-def checked_grads(loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch: object, what: str, start: int) -> Tensor:
-    """Per-sample gradients ``[B, P]``; raises naming the first example whose gradient is NaN/inf."""
+def checked_grads(loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch: object, what: str, start: int,
+                  indices: Optional[Tensor] = None) -> Tensor:
+    """Per-sample gradients ``[B, P]``; raises naming the first example whose gradient is NaN/inf: its
+    dataset index ``indices[start + j]`` (``start + j`` when ``indices`` is ``None``, i.e. the batch
+    covers the dataset in order)."""
     g = per_sample_grads(loss, space, theta, batch)
     bad = ~torch.isfinite(g).all(dim=1)
     if bool(bad.any()):
         first = start + int(bad.nonzero()[0])
+        if indices is not None:
+            first = int(indices[first])
         raise InfluenceRuntimeError(
             f"the loss gradient of {what} example {first} (and {int(bad.sum()) - 1} more in its chunk) is "
             "NaN/inf at the trained weights. Influence needs finite gradients: check that example's inputs "

@@ -51,7 +51,10 @@ class Stream(IterableDataset):
         (dict(damping=-0.1), r"damping=-0.1 must be a finite number ≥ 0"),
         (dict(damping=float("nan")), r"damping=nan must be a finite number"),
         (dict(damping="big"), r"damping='big' must be a number ≥ 0, \"auto\" or AutoDamping"),
-        (dict(dtype=torch.float16), r"dtype=torch.float16 is not supported; use torch.float32 or torch.float64"),
+        (dict(dtype=torch.float16), r"dtype=torch.float16 is not supported: half precision .* use torch.float32"),
+        (dict(query_indices="12"), r"query_indices='12' is a string"),
+        (dict(query_indices=[1.7]), r"query_indices=\[1.7\] holds 1.7, which is not an integer position"),
+        (dict(params=123), r"params=123 is not a name or a list of names"),
         (dict(on_error="ignore"), r"on_error='ignore' must be 'warn' or 'raise'"),
         (dict(query_dataloader=[1, 2]), r"query_dataloader must be a torch DataLoader"),
         (dict(loss_fn="mse"), r"loss_fn='mse' is not callable"),
@@ -112,11 +115,21 @@ def test_no_train_dataloader(tmp_path):
         compute_influence(LitClassifier(), None)
 
 
-def test_no_query_data(tmp_path, data):
-    cb = InfluenceCallback(num_queries=2, on_error="raise")
+def test_no_query_data_fails_before_training(tmp_path, data):
+    model = LitClassifier()
+    cb = InfluenceCallback(num_queries=2)  # on_error="warn": still refused before the run, not after it
     trainer = quiet_trainer(tmp_path, limit_val_batches=0, callbacks=[cb])
     with pytest.raises(InfluenceConfigError, match="no query data.*query_dataloader="):
-        trainer.fit(LitClassifier(), DataLoader(data[0], batch_size=64))
+        trainer.fit(model, *loaders(*data))
+    assert model.trainer.global_step == 0
+
+
+def test_validation_set_up_later_is_not_refused(tmp_path, data):
+    """With check_val_every_n_epoch=2, Lightning loads the validation data at the first validation, after
+    on_train_start: the callback waits for it instead of refusing."""
+    cb = InfluenceCallback(num_queries=2, solver="exact", on_error="raise", report=False, save_results=False)
+    quiet_trainer(tmp_path, max_epochs=2, check_val_every_n_epoch=2, callbacks=[cb]).fit(LitClassifier(), *loaders(*data))
+    assert cb.results is not None and cb.results.num_queries == 2
 
 
 def test_query_indices_out_of_range_fail_before_training(tmp_path, data):

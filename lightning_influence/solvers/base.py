@@ -130,6 +130,11 @@ class SolverSettings(ABC):
         """Fit ``(H + λI)⁻¹`` to ``problem``. ``damping``: a fixed ``λ ≥ 0`` (Hessian units), or an
         :class:`~lightning_influence.damping.AutoDamping` that the solver resolves by its own rule."""
 
+    def check_size(self, num_params: int, dtype: torch.dtype) -> None:
+        """Raise :class:`~lightning_influence.errors.InfluenceConfigError` if ``num_params`` attributed
+        parameters in ``dtype`` are too many for this solver. Cheap: run before any pass over the data
+        (the callback runs it before training). Default: no limit."""
+
     def to_dict(self) -> Dict[str, Any]:
         """Settings as a flat dict (JSON-serialisable), including the solver's name."""
         out: Dict[str, Any] = {"solver": self.name}

@@ -40,6 +40,15 @@ class ExactSettings(SolverSettings):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InfluenceConfigError(f"ExactSettings.{arg}={v!r} must be a positive integer.")
 
+    def check_size(self, num_params: int, dtype: torch.dtype) -> None:
+        if num_params > self.max_params:
+            gib = num_params * num_params * torch.empty((), dtype=dtype).element_size() / 2**30
+            raise InfluenceConfigError(
+                f"solver='exact' would form a {num_params}×{num_params} Hessian ({gib:.1f} GiB); that is above "
+                f"ExactSettings.max_params={self.max_params}. Use solver='lissa' or 'cg', attribute to fewer "
+                "parameters (params=[...]), or raise max_params."
+            )
+
     def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> "ExactSolver":
         return ExactSolver(problem, damping, self)
 
@@ -50,12 +59,7 @@ class ExactSolver(InverseHVP):
 
     def __init__(self, problem: "InfluenceProblem", damping: DampingSpec, settings: ExactSettings) -> None:
         p = problem.num_params
-        if p > settings.max_params:  # before any pass over the data (automatic damping's included)
-            raise InfluenceConfigError(
-                f"solver='exact' would form a {p}×{p} Hessian ({p * p * problem.theta.element_size() / 2**30:.1f} GiB); "
-                f"that is above ExactSettings.max_params={settings.max_params}. Use solver='lissa' or 'cg', "
-                "attribute to fewer parameters (params=[...]), or raise max_params."
-            )
+        settings.check_size(p, problem.dtype)  # before any pass over the data (automatic damping's included)
         choice = hessian_damping(problem, damping)
         super().__init__(problem, choice.value)
         self.damping_record = dict(choice.record)

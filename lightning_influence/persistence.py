@@ -1,0 +1,192 @@
+"""Writing and reading results files safely.
+
+* :func:`atomic_save` writes to a temporary file in the target's directory and renames it over the
+  target only once the write has succeeded, so a failed overwrite (a full disk, a file-size limit, an
+  interrupted process) leaves the previous file as it was; the error says where, why (errno) and how
+  much space is free.
+* :func:`load_state` reads a file back and says which file is empty, truncated or corrupted instead of a
+  bare ``EOFError``; :func:`tensor_checksum` lets a reader detect flipped bytes in the stored tensors.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import hashlib
+import os
+import secrets
+import shutil
+from typing import Any, Dict, Mapping, Union
+
+import torch
+from torch import Tensor
+
+from .errors import ResultsFileError
+
+__all__ = ["atomic_save", "check_results_state", "describe_os_error", "load_state", "tensor_checksum", "tensors_of"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _free_space(directory: str) -> str:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return "unknown"  # pragma: no cover
+
+
+def describe_os_error(err: BaseException) -> str:
+    """``"[Errno 28 ENOSPC] No space left on device"`` for an ``OSError``; the exception's text otherwise."""
+    if isinstance(err, OSError) and err.errno is not None:
+        code = _errno.errorcode.get(err.errno, "?")
+        return f"[Errno {err.errno} {code}] {err.strerror or err}"
+    return f"{type(err).__name__}: {err}"
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically: a temporary file in the same directory, flushed to
+    disk, then renamed over ``path``. On failure the temporary file is removed, an existing ``path`` is
+    left untouched, and :class:`~lightning_influence.errors.ResultsFileError` names the path, the errno
+    and the free space."""
+    path = os.path.abspath(os.fspath(path))
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    created = False
+    writer: "_ErrorRecordingWriter | None" = None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+        created = True
+        with os.fdopen(fd, "wb") as f:
+            writer = _ErrorRecordingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        created = False
+    except BaseException as caught:
+        # torch's zip writer reports a failed write as "unexpected pos …": keep the OSError beneath it
+        err = caught if writer is None or writer.error is None else writer.error
+        if created:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if not isinstance(caught, Exception):  # KeyboardInterrupt, SystemExit: the old file is intact; go on
+            raise
+        kept = (f"the previous {base} is unchanged" if os.path.exists(path) else f"no {base} was written")
+        raise ResultsFileError(
+            f"could not write {path}: {describe_os_error(err)}; {kept}. Free space in {directory}: "
+            f"{_free_space(directory)}. Free some space, check the directory's permissions and the file-size "
+            "limit, or choose another directory."
+        ) from err
+
+
+class _ErrorRecordingWriter:
+    """A binary file's ``write``/``flush`` for ``torch.save``, remembering the first ``OSError`` (which
+    torch's zip writer would otherwise replace by a message about stream positions)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: "OSError | None" = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+
+def load_state(path: PathLike, map_location: Union[str, torch.device, None] = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the problem."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ResultsFileError(f"{path} does not exist.")
+    if os.path.isdir(path):
+        raise ResultsFileError(f"{path} is a directory, not a results file.")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ResultsFileError(
+            f"{path} is empty (0 bytes): its write was interrupted or failed. Recompute the results."
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - EOFError, RuntimeError, UnpicklingError, OSError: one message
+        raise ResultsFileError(
+            f"{path} ({size} bytes) cannot be read: it is truncated, corrupted or not a results file "
+            f"({describe_os_error(err)}). Recompute the results."
+        ) from err
+
+
+def tensor_checksum(tensors: Mapping[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the tensors in ``tensors`` (other values are
+    skipped), in sorted name order: equal for equal tensors, different after any flipped byte."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not isinstance(t, Tensor):
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensors_of(state: Dict[str, Any]) -> Dict[str, Tensor]:
+    """The tensor entries of a state dict."""
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _shape_error(path: str, what: str) -> ResultsFileError:
+    return ResultsFileError(f"{path} is corrupted or not an InfluenceResults file: {what}. Recompute the results.")
+
+
+def check_results_state(state: Dict[str, Any], path: str) -> None:
+    """Check a loaded InfluenceResults state: the fields it must have, their shapes and dtypes against the
+    ``[Q, N]`` scores, and that scores, query losses and self-influence are finite."""
+    scores = state.get("scores")
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or not scores.is_floating_point():
+        got = f"shape {tuple(scores.shape)}, {scores.dtype}" if isinstance(scores, Tensor) else type(scores).__name__
+        raise _shape_error(path, f"'scores' must be a 2-D floating tensor [Q, N], got {got}")
+    q, n = scores.shape
+    expected = {
+        "query_indices": ((q,), False, True),
+        "train_indices": ((n,), False, True),
+        "query_losses": ((q,), False, False),
+        "self_influence": ((n,), True, False),
+        "query_predictions": ((q,), True, True),
+    }
+    for name, (shape, optional, integer) in expected.items():
+        value = state.get(name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise _shape_error(path, f"{name!r} must have shape {list(shape)} for {q}×{n} scores, got {got}")
+        if integer and (value.is_floating_point() or value.is_complex()):
+            raise _shape_error(path, f"{name!r} must hold integers, got {value.dtype}")
+    targets = state.get("query_targets")
+    if targets is not None and (not isinstance(targets, Tensor) or targets.dim() < 1 or targets.shape[0] != q):
+        raise _shape_error(path, f"'query_targets' must have one entry per query ({q})")
+    for name in ("settings", "diagnostics", "timings"):
+        if not isinstance(state.get(name, {}), dict):
+            raise _shape_error(path, f"{name!r} must be a dict, got {type(state.get(name)).__name__}")
+    for name in ("scores", "query_losses", "self_influence"):
+        value = state.get(name)
+        if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise _shape_error(path, f"{name!r} holds {bad} NaN/inf values (computed results are always finite)")

@@ -1,0 +1,230 @@
+"""Checks of the arguments shared by :class:`~lightning_influence.callback.InfluenceCallback` and
+:func:`~lightning_influence.pipeline.compute_influence`: one validator for both, so that they accept and
+refuse exactly the same values with the same messages. Every message names the argument, its value and
+the fix.
+
+:func:`check_run_arguments` returns the checked values as one frozen :class:`RunArguments`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .errors import InfluenceConfigError
+
+__all__ = [
+    "RunArguments",
+    "check_params",
+    "check_positive_int",
+    "check_query_indices",
+    "check_run_arguments",
+    "check_writable_file",
+    "resolve_dtype",
+    "warn_num_queries",
+]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_HALF = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raise unless ``value`` is a positive ``int`` (not a bool), or ``None`` when ``allow_none``."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise InfluenceConfigError(f"{name}={value!r} must be a positive integer{extra}.")
+
+
+def resolve_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
+    """``torch.float32`` or ``torch.float64`` from a dtype or its name (``"float32"``, ``"torch.float64"``).
+
+    Raises:
+        InfluenceConfigError: for half precision (``float16``, ``bfloat16``: Hessian-vector products and
+            the inverse solves lose nearly all their digits there) and anything else.
+    """
+    key = dtype.replace("torch.", "") if isinstance(dtype, str) else dtype
+    if isinstance(key, str) and key in _DTYPES:
+        return _DTYPES[key]
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    if dtype in (torch.float16, torch.bfloat16) or (isinstance(key, str) and key in _HALF):
+        raise InfluenceConfigError(
+            f"{name}={dtype!r} is not supported: half precision keeps about 3 significant digits, too few for "
+            "Hessian-vector products and inverse solves (the scores would be wrong or overflow). The influence "
+            "maths runs in its own dtype whatever precision training used: use torch.float32 (default) or "
+            "torch.float64."
+        )
+    raise InfluenceConfigError(f"{name}={dtype!r} is not supported; use torch.float32 or torch.float64 (or their names).")
+
+
+def _is_integer(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return False
+    return isinstance(v, np.integer)
+
+
+def check_query_indices(query_indices: Any, name: str = "query_indices") -> Optional[Tuple[int, ...]]:
+    """Positions in the query dataset as a tuple of ints, or ``None``.
+
+    Accepts a sequence of integers, or a 1-D integer tensor or NumPy array. Refuses strings, floats
+    (``1.7`` is not silently ``1``), booleans, nested or 2-D inputs, empty and negative positions.
+    Duplicates are allowed with a warning (each is solved again, giving the same row twice).
+    """
+    if query_indices is None:
+        return None
+    fix = f"pass positions in the query dataset, e.g. {name}=[0, 5, 17], a 1-D integer tensor or array, or None"
+    if isinstance(query_indices, (str, bytes)):
+        raise InfluenceConfigError(f"{name}={query_indices!r} is a string; {fix}.")
+    if hasattr(query_indices, "ndim") and hasattr(query_indices, "dtype"):  # tensor or array
+        array = query_indices
+        if array.ndim != 1:
+            raise InfluenceConfigError(
+                f"{name} has shape {tuple(array.shape)}; it must be 1-D (one position per query): {fix}."
+            )
+        kind = str(array.dtype)
+        if "int" not in kind:  # torch.int64, torch.uint8, int32, uint16, …; not bool, float or complex
+            raise InfluenceConfigError(f"{name} has dtype {kind}; positions must be integers: {fix}.")
+        values: List[Any] = list(array.tolist())
+    else:
+        try:
+            values = list(query_indices)
+        except TypeError:
+            raise InfluenceConfigError(f"{name}={query_indices!r} is not a sequence; {fix}.") from None
+        for v in values:
+            if not _is_integer(v):
+                what = "a nested sequence (2-D)" if isinstance(v, (list, tuple)) or getattr(v, "ndim", 0) else repr(v)
+                raise InfluenceConfigError(
+                    f"{name}={_short(values)} holds {what}, which is not an integer position; {fix}."
+                )
+    out = tuple(int(v) for v in values)
+    if not out:
+        raise InfluenceConfigError(f"{name}=[] is empty; {fix}.")
+    negative = [i for i in out if i < 0]
+    if negative:
+        raise InfluenceConfigError(f"{name}={_short(list(out))} must be non-negative positions (got {negative[:5]}).")
+    if len(set(out)) < len(out):
+        seen, dups = set(), []
+        for i in out:
+            if i in seen and i not in dups:
+                dups.append(i)
+            seen.add(i)
+        warnings.warn(
+            f"{name} repeats the positions {dups[:10]}: each repeat is solved again and gives the same row of "
+            "scores. Drop the duplicates unless you want them.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return out
+
+
+def _short(values: Sequence[Any]) -> str:
+    return repr(list(values[:5]))[:-1] + (", …]" if len(values) > 5 else "]")
+
+
+def check_params(params: Any, name: str = "params") -> None:
+    """Raise unless ``params`` is ``None``, a string, or a non-empty sequence of strings (parameter names,
+    prefixes or globs)."""
+    if params is None or isinstance(params, str):
+        return
+    fix = f"pass parameter names, prefixes or globs, e.g. {name}=['classifier'] or {name}='*.bias', or None for all"
+    try:
+        items = list(params)
+    except TypeError:
+        raise InfluenceConfigError(f"{name}={params!r} is not a name or a list of names; {fix}.") from None
+    if not items:
+        raise InfluenceConfigError(f"{name}={params!r} is empty; {fix}.")
+    bad = [p for p in items if not isinstance(p, str)]
+    if bad:
+        raise InfluenceConfigError(f"{name}={params!r} holds {bad[0]!r}, which is not a string; {fix}.")
+
+
+def warn_num_queries(num_queries: int, available: int, name: str = "num_queries") -> None:
+    """Warn when fewer query examples exist than ``num_queries`` asks for (all of them are used)."""
+    if num_queries > available:
+        warnings.warn(
+            f"{name}={num_queries} is larger than the query dataset ({available} examples): all {available} are "
+            f"used as queries. Pass {name}≤{available} to silence this, or a larger query dataset.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+@dataclass(frozen=True)
+class RunArguments:
+    """The checked run arguments common to the callback and :func:`compute_influence`."""
+
+    num_queries: int
+    query_indices: Optional[Tuple[int, ...]]
+    params: Optional[Union[str, Sequence[str]]]
+    chunk_size: int
+    query_batch_size: Optional[int]
+    dtype: torch.dtype
+
+
+def check_run_arguments(
+    *,
+    num_queries: int,
+    query_indices: Any,
+    params: Any,
+    chunk_size: int,
+    query_batch_size: Optional[int],
+    dtype: Any,
+) -> RunArguments:
+    """Check the arguments shared by the callback and :func:`compute_influence`; raise
+    :class:`~lightning_influence.errors.InfluenceConfigError` naming the first bad one and its fix."""
+    check_positive_int("num_queries", num_queries)
+    check_positive_int("chunk_size", chunk_size)
+    check_positive_int("query_batch_size", query_batch_size, allow_none=True)
+    check_params(params)
+    return RunArguments(
+        num_queries=num_queries,
+        query_indices=check_query_indices(query_indices),
+        params=params,
+        chunk_size=chunk_size,
+        query_batch_size=query_batch_size,
+        dtype=resolve_dtype(dtype),
+    )
+
+
+def check_writable_file(path: Union[str, "os.PathLike[str]"], name: str, fix: str) -> None:
+    """Raise unless a file can be created (or replaced) at ``path``: it is not a directory, and its nearest
+    existing parent is a writable directory (missing parents are created when writing).
+
+    Args:
+        name: what the path is, for the message (``"report_path"``).
+        fix: how to avoid the problem, appended to the message.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise InfluenceConfigError(f"{name}: {path} is a directory, not a file. {fix}")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if not os.path.isdir(parent):
+        raise InfluenceConfigError(
+            f"{name}: {path} cannot be created because {parent} is a file, not a directory "
+            f"({errno.errorcode[errno.ENOTDIR]}). {fix}"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InfluenceConfigError(
+            f"{name}: {path} cannot be written: the directory {parent} is not writable "
+            f"({errno.errorcode[errno.EACCES]}). {fix}"
+        )
