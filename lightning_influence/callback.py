@@ -15,7 +15,6 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from .checks import check_positive_int
 from .data import check_map_dataset
 from .errors import InfluenceConfigError
 from .objective import LossFn, select_params

@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .checks import check_positive_int
 from .errors import InfluenceConfigError
 
 __all__ = [
@@ -31,15 +32,6 @@ __all__ = [
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _HALF = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    """Raise unless ``value`` is a positive ``int`` (not a bool), or ``None`` when ``allow_none``."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise InfluenceConfigError(f"{name}={value!r} must be a positive integer{extra}.")
 
 
 def resolve_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
