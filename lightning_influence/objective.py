@@ -215,10 +215,9 @@ class Objective:
         ``E[δδᵀ] = diag(p) − ppᵀ``, the Fisher of the cross-entropy in the logits, exactly as for the
         logit gradient ``p − e_y`` of a label ``y ~ p``, so both estimate the same true Fisher
         ``Jᵀ(diag(p) − ppᵀ)J``. The label's estimate is heavy-tailed for a confident model (rare labels
-        give the large gradients); ``(uᵀδ)²`` is ``uᵀ(diag(p) − ppᵀ)u·χ²₁``, with relative variance 2. On
-        the benchmark CNN this raised EK-FAC's median Pearson against the exact solve from 0.80–0.86
-        (label draws, three seeds) to 0.89–0.90 at the same cost. Outputs of another shape get a
-        label drawn from ``softmax``."""
+        give the large gradients); ``(uᵀδ)²`` is ``uᵀ(diag(p) − ppᵀ)u·χ²₁``, with relative variance 2
+        (measured effect on EK-FAC: benchmarks/README.md). Outputs of another shape get a label drawn
+        from ``softmax``."""
         if self.uses_hook or self.loss_fn is not default_loss_fn:
             return batch
         logits = self.outputs(batch)

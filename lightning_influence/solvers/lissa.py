@@ -38,9 +38,8 @@ eigenvalue of ``A_B`` lies in ``(0, 2s)``; the expected error shrinks by ``1 −
 * ``repeats`` independent recursions (own minibatch streams) are averaged; their spread gives a
   per-query relative standard error of its scores, ``‖std_r(S x_r)‖ / (√R ‖mean_r(S x_r)‖)`` (the
   spread of the sketched scores over the repeats, signs kept). It measures the sampling spread only,
-  not the bias of stopping early: on the digits tanh MLP with defaults the standard errors are
-  0.002–0.006 while the scores' relative error against the exact solve is 0.04–0.09 (Pearson ≥ 0.996;
-  the unconverged part lies along the Hessian's flattest directions).
+  not the bias of stopping early (which lies along the Hessian's flattest directions and can be an
+  order of magnitude larger: benchmarks/README.md).
 * Divergence: a contracting recursion satisfies ``‖h_t‖ ≤ min(t + 1, s/λ)·‖v‖``; an estimate that exceeds
   ten times that (geometric growth from too small a scale or negative curvature) or becomes NaN/inf
   stops the solve at once with :class:`SolverDivergedError` naming the step, the norm history and the
@@ -100,10 +99,9 @@ _MIN_BATCH, _MAX_BATCH = 64, 512
 #: exceeds a quarter of the damping (``tol=0.2``: ``|θ|/|θ + λ| > 0.2``, i.e. ``θ > λ/4`` for PSD ``H``), at most
 #: 100 of them from at most 200 full-data Lanczos steps, with Ritz pairs accepted at a 1% residual (a
 #: preconditioner needs directions, not digits: the recursion makes the answer exact). Chosen by measurement
-#: (benchmarks/README.md): keeping only curvature above λ (``tol=0.5``) left the CNN's recursion 320 steps,
-#: ``tol=0.2`` needs 20 (15 s instead of 90 s for 10 queries); a rank-50 cap left the tanh MLP's
-#: near-singular directions to the recursion (5,000 steps); EK-FAC preconditioning raised LiSSA's scale on the
-#: CNN and did not converge in 5,000 steps. Its Krylov space also gives the damping and the curvature check,
+#: (benchmarks/README.md, section 4): keeping only curvature above λ (``tol=0.5``) left the CNN's recursion
+#: many more steps; a rank-50 cap left the tanh MLP's near-singular directions to the recursion; EK-FAC
+#: preconditioning raised LiSSA's scale on the CNN and did not converge. Its Krylov space also gives the damping and the curvature check,
 #: so no other Lanczos pass runs. On more than 4,096 training examples Lanczos sees a random 4,096 of them
 #: (the preconditioner's cost stops growing with N; the full-data residual keeps the target exact).
 DEFAULT_PRECONDITIONER = ArnoldiSettings(tol=0.2, max_rank=100, ritz_tol=1e-2, max_examples=4096)
