@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
+from .checks import is_int, is_real
 from .diagnostics import Diagnostic
 from .errors import InfluenceConfigError, NegativeCurvatureError
 from .operator import HessianOperator
@@ -54,7 +55,7 @@ class AutoDamping:
 
     def __post_init__(self) -> None:
         def number(v: Any) -> bool:
-            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(float(v))
+            return is_real(v) and math.isfinite(float(v))
 
         if not (number(self.base) and self.base >= 0):
             raise InfluenceConfigError(f"AutoDamping.base={self.base!r} must be a finite number ≥ 0.")
@@ -62,9 +63,9 @@ class AutoDamping:
             raise InfluenceConfigError(f"AutoDamping.floor={self.floor!r} must be a finite number > 0 (e.g. 1e-3).")
         if not (number(self.safety) and self.safety > 1):
             raise InfluenceConfigError(f"AutoDamping.safety={self.safety!r} must be a finite number > 1 (e.g. 1.5).")
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 2:
+        if not is_int(self.iters) or self.iters < 2:
             raise InfluenceConfigError(f"AutoDamping.iters={self.iters!r} must be an integer ≥ 2.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise InfluenceConfigError(f"AutoDamping.seed={self.seed!r} must be an integer.")
 
     def choose(self, lambda_min: float, lambda_max: float) -> float:
@@ -150,7 +151,7 @@ def resolve_damping(damping: Union[float, str, AutoDamping]) -> Union[float, Aut
         if damping == "auto":
             return AutoDamping()
         raise InfluenceConfigError(f'damping={damping!r} must be a number ≥ 0, "auto" or AutoDamping(...).')
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (0 <= float(damping) < math.inf):
+    if not is_real(damping) or not (0 <= float(damping) < math.inf):
         raise InfluenceConfigError(
             f'damping={damping!r} must be a finite number ≥ 0 (it is added to the Hessian as λI), or "auto".'
         )

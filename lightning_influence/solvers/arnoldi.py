@@ -68,6 +68,7 @@ from typing import ClassVar, TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Un
 import torch
 from torch import Tensor
 
+from ..checks import is_int, is_real
 from ..damping import AutoDamping, Spectrum, check_curvature
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError
@@ -120,10 +121,10 @@ class ArnoldiSettings(SolverSettings):
             return InfluenceConfigError(f"ArnoldiSettings.{arg}={getattr(self, arg)!r} must be {what}.")
 
         def pos_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            return is_int(v) and v >= 1
 
         def number(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+            return is_real(v) and math.isfinite(float(v))
 
         if not (self.rank == "auto" or pos_int(self.rank)):
             raise bad("rank", 'a positive integer or "auto"')
@@ -141,7 +142,7 @@ class ArnoldiSettings(SolverSettings):
             raise bad("krylov_factor", "a number ≥ 1 (e.g. 2)")
         if not (number(self.ritz_tol) and self.ritz_tol > 0):
             raise bad("ritz_tol", "a positive number (e.g. 1e-3)")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_int(self.seed):
             raise bad("seed", "an integer")
         if not (self.max_examples is None or pos_int(self.max_examples)):
             raise bad("max_examples", "None or a positive integer (e.g. 4096)")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, List, Optional, Union
 import torch
 from torch import Tensor
 
+from ..checks import is_int, is_real
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, NegativeCurvatureError
 from .base import (DampingSpec, InverseHVP, SolveResult, SolverSettings, check_finite, check_preconditioner,
@@ -40,9 +41,9 @@ class CGSettings(SolverSettings):
     preconditioner: Union[str, SolverSettings, None] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not self.tol > 0:
+        if not is_real(self.tol) or not self.tol > 0:
             raise InfluenceConfigError(f"CGSettings.tol={self.tol!r} must be a positive number.")
-        if self.max_iter is not None and (isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int)
+        if self.max_iter is not None and (not is_int(self.max_iter)
                                           or self.max_iter < 1):
             raise InfluenceConfigError(f"CGSettings.max_iter={self.max_iter!r} must be a positive integer or None.")
         check_preconditioner("CGSettings", self.preconditioner)

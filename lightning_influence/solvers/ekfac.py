@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..checks import is_int, is_real
 from ..damping import AutoDamping
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, InfluenceRuntimeError
@@ -78,12 +79,12 @@ class _KroneckerSettings(SolverSettings):
             return InfluenceConfigError(f"{cls}.{arg}={getattr(self, arg)!r} must be {what}.")
 
         def pos_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            return is_int(v) and v >= 1
 
         f = self.damping_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < float(f) < math.inf):
+        if not is_real(f) or not (0 < float(f) < math.inf):
             raise bad("damping_fraction", "a finite number > 0 (e.g. 0.1)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise bad("seed", "an integer")
         if not (self.chunk_size is None or pos_int(self.chunk_size)):
             raise bad("chunk_size", "a positive integer or None (the problem's chunk size)")

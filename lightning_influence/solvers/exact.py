@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..checks import is_int
 from ..damping import AutoDamping, hessian_damping
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, InfluenceRuntimeError
@@ -37,7 +38,7 @@ class ExactSettings(SolverSettings):
     def __post_init__(self) -> None:
         for arg in ("max_params", "block"):
             v = getattr(self, arg)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise InfluenceConfigError(f"ExactSettings.{arg}={v!r} must be a positive integer.")
 
     def check_size(self, num_params: int, dtype: torch.dtype) -> None:

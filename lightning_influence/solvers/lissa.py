@@ -82,6 +82,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
+from ..checks import is_int, is_real
 from ..damping import AutoDamping, check_curvature, estimate_spectrum
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, InfluenceRuntimeError, SolverDivergedError
@@ -176,10 +177,10 @@ class LissaSettings(SolverSettings):
             return InfluenceConfigError(f"LissaSettings.{arg}={getattr(self, arg)!r} must be {what}.")
 
         def pos_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            return is_int(v) and v >= 1
 
         def pos_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < float(v) < math.inf
+            return is_real(v) and 0 < float(v) < math.inf
 
         if not (self.depth == "auto" or pos_int(self.depth)):
             raise bad("depth", 'a positive integer or "auto"')
@@ -196,7 +197,7 @@ class LissaSettings(SolverSettings):
                 raise bad(arg, "a positive number")
         if not (self.tangent_chunk is None or self.tangent_chunk == "auto" or pos_int(self.tangent_chunk)):
             raise bad("tangent_chunk", 'a positive integer, "auto" or None')
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not is_int(self.seed):
             raise bad("seed", "an integer")
         check_preconditioner("LissaSettings", self.preconditioner)
         for arg in ("average", "check_curvature"):
