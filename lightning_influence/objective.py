@@ -11,11 +11,12 @@ Curvature methods built on the Fisher (EK-FAC, K-FAC) need gradients drawn from 
 distribution* (the true Fisher, which equals the Gauss–Newton matrix for cross-entropy), not from the
 training labels. With the default cross-entropy this needs nothing from the user: the Fisher batch carries,
 per example, a Gaussian sketch of the output Fisher instead of a label (:meth:`Objective.fisher_batch`),
-which has the same expectation as a label drawn from ``softmax(outputs)`` and far less noise. A custom ``influence_loss(self, batch, sample=False)`` that accepts a ``sample``
-flag is called with ``sample=True`` there and should then use a label drawn from its own predictive
-distribution (e.g. ``torch.distributions.Categorical(logits=out).sample()``, or ``out + noise`` for a
-Gaussian regression loss). Any other loss falls back to the empirical Fisher (training labels), which is
-recorded as ``fisher="empirical"``.
+which has the same expectation as a label drawn from ``softmax(outputs)`` and far less noise. A custom
+``influence_loss(self, batch, sample=False)`` that accepts a ``sample`` flag is called with ``sample=True``
+there and should then use a label drawn from its own predictive distribution (e.g.
+``torch.distributions.Categorical(logits=out).sample()``, or ``out + noise`` for a Gaussian regression loss).
+Any other loss falls back to the empirical Fisher (training labels), which is recorded as
+``fisher="empirical"``.
 
 The objective binds a module to a dict of parameter values through ``torch.func.functional_call``;
 the module's own tensors are never modified.

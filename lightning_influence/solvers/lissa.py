@@ -102,8 +102,8 @@ _MIN_BATCH, _MAX_BATCH = 64, 512
 #: preconditioner needs directions, not digits: the recursion makes the answer exact). Chosen by measurement
 #: (benchmarks/README.md, section 4): keeping only curvature above λ (``tol=0.5``) left the CNN's recursion
 #: many more steps; a rank-50 cap left the tanh MLP's near-singular directions to the recursion; EK-FAC
-#: preconditioning raised LiSSA's scale on the CNN and did not converge. Its Krylov space also gives the damping and the curvature check,
-#: so no other Lanczos pass runs. On more than 4,096 training examples Lanczos sees a random 4,096 of them
+#: preconditioning raised LiSSA's scale on the CNN and did not converge. Its Krylov space also gives the
+#: damping and the curvature check, so no other Lanczos pass runs. On more than 4,096 training examples Lanczos sees a random 4,096 of them
 #: (the preconditioner's cost stops growing with N; the full-data residual keeps the target exact).
 DEFAULT_PRECONDITIONER = ArnoldiSettings(tol=0.2, max_rank=100, ritz_tol=1e-2, max_examples=4096)
 #: an estimate more than this many times the contracting-recursion bound counts as divergence
