@@ -421,11 +421,15 @@ class InfluenceCallbackBase:
         collective (a broadcast from rank zero): call this on every rank."""
         if not self.save_results and not (self.report and self.report_path is None):
             return None
-        return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence")
+        from .reporting import influence_dir
+
+        return influence_dir(trainer)
 
     def _results_file(self, trainer: "pl.Trainer") -> str:
         """The default results path; ``trainer.log_dir`` is a collective: call on every rank."""
-        return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence", "results.pt")
+        from .reporting import influence_dir
+
+        return os.path.join(influence_dir(trainer), "results.pt")
 
     def _check_outputs_writable(self, trainer: "pl.Trainer") -> None:
         """Refuse, before training, outputs that cannot be written (a file where a folder must be, no

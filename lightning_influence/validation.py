@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .checks import check_positive_int
+from .checks import check_positive_int, is_int
 from .errors import InfluenceConfigError
 
 __all__ = [
@@ -57,9 +57,7 @@ def resolve_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
 
 
 def _is_integer(v: Any) -> bool:
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int):
+    if is_int(v):  # a Python bool is not a position (nor is a numpy or tensor bool, below)
         return True
     if isinstance(v, torch.Tensor):
         return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool

@@ -20,13 +20,19 @@ from .html import render_html, write_html
 from .previews import ExampleCatalog
 from .scalars import log_scalars, summary_scalars
 
-__all__ = ["report_influence", "summary_scalars", "default_report_path", "HELPFUL", "HARMFUL", "SIGN_CONVENTION"]
+__all__ = ["report_influence", "summary_scalars", "influence_dir", "default_report_path", "HELPFUL", "HARMFUL", "SIGN_CONVENTION"]
+
+
+def influence_dir(trainer: "pl.Trainer") -> str:
+    """``influence/`` under the trainer's log directory, where the results file and the HTML report go by
+    default. A collective (``trainer.log_dir`` broadcasts from rank zero): call it on every rank."""
+    return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence")
 
 
 def default_report_path(trainer: "pl.Trainer") -> str:
     """``influence/report.html`` under the trainer's log directory (beside the saved results). A collective
-    (``trainer.log_dir`` broadcasts from rank zero): call it on every rank."""
-    return os.path.join(trainer.log_dir or trainer.default_root_dir, "influence", "report.html")
+    (:func:`influence_dir`): call it on every rank."""
+    return os.path.join(influence_dir(trainer), "report.html")
 
 
 def report_influence(
