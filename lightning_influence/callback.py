@@ -129,8 +129,8 @@ class InfluenceCallbackBase:
         top_k: examples per query in reports.
         self_influence: also compute ``I_up,loss(z, z)`` for every training example (likely mislabelled).
             Free with ``"arnoldi"``, ``"ekfac"`` or ``"kfac"`` (in the scoring pass); with ``"lissa"`` or
-            ``"cg"`` every training gradient is solved as a right-hand side, usually several times the
-            cost of everything else (logged at setup).
+            ``"cg"`` every training gradient is solved as a right-hand side, usually the largest part of
+            the cost (a line at setup says so; figures in the README).
         chunk_size: training examples per per-sample-gradient chunk (memory vs speed; results unchanged).
         query_batch_size: queries solved together (default all; results unchanged).
         dtype: ``torch.float32`` (default) or ``torch.float64`` for the influence maths, or their names
@@ -224,9 +224,9 @@ class InfluenceCallbackBase:
         if self.self_influence and self.solver.name in _SOLVED_SELF_INFLUENCE:
             rank_zero_info(
                 f"InfluenceCallback: self_influence=True with solver={self.solver.name!r} solves every training "
-                "example's gradient as a right-hand side, typically several times the cost of the rest of the "
-                "influence computation. solver='arnoldi' or 'ekfac' computes self-influence in the scoring pass "
-                "at almost no extra cost."
+                "example's gradient as a right-hand side: usually the largest part of the influence computation "
+                "(with 'cg' nearly all of it). solver='arnoldi' or 'ekfac' computes self-influence in the scoring "
+                "pass at almost no extra cost."
             )
         mine = trainer.callbacks.index(self) if self in trainer.callbacks else -1
         for i, cb in enumerate(trainer.callbacks):
