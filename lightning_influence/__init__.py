@@ -6,8 +6,8 @@ Scores follow Koh & Liang's sign: positive = harmful, negative = helpful.
 """
 
 from .damping import AutoDamping
-from .errors import (InfluenceConfigError, InfluenceRuntimeError, NegativeCurvatureError, ResultsFileError,
-                     SolverDivergedError)
+from .errors import (InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError, NegativeCurvatureError,
+                     ResultsFileError, SolverDivergedError)
 from .pipeline import DEFAULT_DAMPING, compute_influence
 from .results import InfluenceResults, Ranked
 from .solvers import ArnoldiSettings, CGSettings, EKFACSettings, ExactSettings, KFACSettings, LissaSettings, SolverSettings
@@ -23,6 +23,7 @@ __all__ = [
     "ExactSettings",
     "InfluenceCallback",
     "InfluenceConfigError",
+    "InfluenceInterrupted",
     "InfluenceResults",
     "InfluenceRuntimeError",
     "KFACSettings",

@@ -16,7 +16,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from .data import check_map_dataset
-from .errors import InfluenceConfigError
+from .errors import InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError
+from .guards import interruptible, preserved_rng
 from .objective import LossFn, select_params
 from .damping import AutoDamping, resolve_damping
 from .pipeline import DEFAULT_DAMPING, ProgressFn, compute_influence, preflight
@@ -137,6 +138,10 @@ class InfluenceCallbackBase:
             ``"float32"``/``"float64"``; half precision is refused.
         on_error: ``"warn"`` (default): a failure of the influence computation is reported as a warning
             and ``error`` is set, so training and its checkpoints are unaffected; ``"raise"`` re-raises.
+            Each output (results file, HTML report, W&B) fails on its own, the others are still written
+            and ``results`` is kept. A first Ctrl+C during the influence phase stops it (whatever
+            ``on_error``): ``error`` is an :class:`~lightning_influence.errors.InfluenceInterrupted` and
+            training goes on to end normally; a second Ctrl+C is handled as usual.
         save_results: write the results file (``influence/results.pt`` under the trainer's log dir),
             atomically: a failed write keeps the previous file.
         report: hand the results to the reporters (loggers, W&B, HTML).
@@ -146,11 +151,15 @@ class InfluenceCallbackBase:
     Where the data allow it, misconfiguration is refused before the first training step (in ``setup``
     and ``on_train_start``): parameters, the solver's size limit, the training and query data (format,
     labels, a finite loss on a few examples, ``query_indices`` in range) and whether the outputs can be
-    written.
+    written. The global random states are restored after the influence phase, so training and what
+    follows draw the same random numbers as without the callback.
 
     Attributes:
-        results: the :class:`InfluenceResults` after training (``None`` before, or on failure).
-        error: the exception that stopped the computation when ``on_error="warn"``.
+        results: the :class:`InfluenceResults` after training (``None`` before, or on failure of the
+            computation; kept when only an output failed).
+        error: the exception that stopped the computation, or the first output that failed, when
+            ``on_error="warn"``.
+        output_errors: ``{output: exception}`` for each output that could not be written.
         results_path: where global rank zero saved the results (set on every rank).
         outputs: what the reporters wrote (paths, W&B run and artifact), on global rank zero.
     """
@@ -214,6 +223,7 @@ class InfluenceCallbackBase:
         self.outputs: Dict[str, Any] = {}
         #: whether this fit started a training loop (None before setup): on_train_end runs only then
         self._trained: Optional[bool] = None
+        self.output_errors: Dict[str, BaseException] = {}
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -267,25 +277,31 @@ class InfluenceCallbackBase:
             rank_zero_info("InfluenceCallback: skipped under fast_dev_run (its checks ran before training); "
                            "influence is computed at the end of a full fit.")
             return
-        self.results, self.error, self.results_path, self.outputs = None, None, None, {}
-        try:
-            # collectives first, on every rank, before anything that could fail on one rank only
-            out_dir = self._out_dir(trainer)
-            train_loader = self._train_loader(trainer)
-            query_loader = self._query_loader(trainer)
-            assert query_loader is not None
-            self._note_limited_batches(trainer, train_loader)
-            self.results = self._compute(trainer, pl_module, train_loader, query_loader)
-            self._finish(trainer, pl_module, self.results, train_loader, query_loader, out_dir)
-        except Exception as err:  # noqa: BLE001 - contained on purpose, see on_error
-            self.error = err
-            if self.on_error == "raise":
-                raise
-            rank_zero_warn(
-                f"InfluenceCallback failed ({type(err).__name__}: {err}). Training, its weights and checkpoints "
-                "are unaffected; the exception is kept in InfluenceCallback.error. Pass on_error='raise' to "
-                "stop on it instead."
-            )
+        self.results, self.error, self.results_path, self.outputs, self.output_errors = None, None, None, {}, {}
+        with preserved_rng():
+            try:
+                with interruptible("the influence computation"):
+                    # collectives first, on every rank, before anything that could fail on one rank only
+                    out_dir = self._out_dir(trainer)
+                    train_loader = self._train_loader(trainer)
+                    query_loader = self._query_loader(trainer)
+                    assert query_loader is not None
+                    self._note_limited_batches(trainer, train_loader)
+                    self.results = self._compute(trainer, pl_module, train_loader, query_loader)
+                    self._finish(trainer, pl_module, self.results, train_loader, query_loader, out_dir)
+            except InfluenceInterrupted as err:
+                self.error = err
+                kept = " The results computed before it are in InfluenceCallback.results." if self.results else ""
+                rank_zero_warn(f"InfluenceCallback: {err}{kept} The interrupt is kept in InfluenceCallback.error.")
+            except Exception as err:  # noqa: BLE001 - contained on purpose, see on_error
+                self.error = err
+                if self.on_error == "raise":
+                    raise
+                rank_zero_warn(
+                    f"InfluenceCallback failed ({type(err).__name__}: {err}). Training, its weights and checkpoints "
+                    "are unaffected; the exception is kept in InfluenceCallback.error. Pass on_error='raise' to "
+                    "stop on it instead."
+                )
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._trained is not False:
@@ -457,26 +473,53 @@ class InfluenceCallbackBase:
         query_loader: DataLoader,
         out_dir: Optional[str],
     ) -> None:
-        """Write the results file and hand the results to the reporters on global rank zero; no collectives."""
+        """Write every output on global rank zero (no collectives); each fails on its own (its own warning,
+        or one error naming them all for ``on_error="raise"`` once all were tried), and ``results`` stays
+        in ``self.results``."""
+        failures: Dict[str, BaseException] = {}
         if self.save_results and out_dir is not None:
             self.results_path = os.path.join(out_dir, "results.pt")
             if trainer.is_global_zero:
-                os.makedirs(out_dir, exist_ok=True)
-                results.save(self.results_path)
+                try:
+                    os.makedirs(out_dir, exist_ok=True)
+                    results.save(self.results_path)
+                except Exception as err:  # noqa: BLE001 - the other outputs still go out
+                    failures["results file"], self.results_path = err, None
         if self.report and trainer.is_global_zero:
             from .reporting import report_influence
 
             report_path = self.report_path if self.report_path is not None else os.path.join(out_dir or ".", "report.html")
-            self.outputs = report_influence(
-                trainer,
-                pl_module,
-                results,
-                train_dataset=train_loader.dataset,
-                query_dataset=query_loader.dataset,
-                results_path=self.results_path,
-                report_path=report_path,
-                render_example=self.render_example,
-                top_k=self.top_k,
+            try:
+                self.outputs = report_influence(
+                    trainer,
+                    pl_module,
+                    results,
+                    train_dataset=train_loader.dataset,
+                    query_dataset=query_loader.dataset,
+                    results_path=self.results_path,
+                    report_path=report_path,
+                    render_example=self.render_example,
+                    top_k=self.top_k,
+                )
+            except Exception as err:  # noqa: BLE001
+                failures["report"] = err
+            else:
+                failures.update(self.outputs.get("errors") or {})
+        self.output_errors = failures
+        if not failures:
+            return
+        self.error = next(iter(failures.values()))
+        if self.on_error == "raise":
+            listed = "; ".join(f"{what}: {type(err).__name__}: {err}" for what, err in failures.items())
+            raise InfluenceRuntimeError(
+                f"InfluenceCallback could not write {len(failures)} output(s) ({listed}). The results are in "
+                "InfluenceCallback.results."
+            ) from self.error
+        for what, err in failures.items():
+            rank_zero_warn(
+                f"InfluenceCallback could not write the {what} ({type(err).__name__}: {err}). The other outputs "
+                "were still written, the results are in InfluenceCallback.results, and the exception is in "
+                "InfluenceCallback.output_errors."
             )
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["InfluenceConfigError", "InfluenceRuntimeError", "NegativeCurvatureError", "ResultsFileError",
-           "SolverDivergedError"]
+__all__ = ["InfluenceConfigError", "InfluenceInterrupted", "InfluenceRuntimeError", "NegativeCurvatureError",
+           "ResultsFileError", "SolverDivergedError"]
 
 
 class InfluenceConfigError(ValueError):
@@ -28,3 +28,8 @@ class ResultsFileError(InfluenceRuntimeError):
     truncated, corrupted). The message names the file and the cause; a failed write leaves the previous
     file untouched."""
 
+
+class InfluenceInterrupted(KeyboardInterrupt):
+    """Ctrl+C during the influence phase. :class:`~lightning_influence.callback.InfluenceCallback` stops
+    the influence computation only (training, weights and checkpoints are kept) and records it as its
+    ``error``; a second Ctrl+C is handled as usual."""

@@ -21,6 +21,7 @@ from .data import Collate, ExampleSource
 from .diagnostics import Diagnostic, combine_scalars
 from .errors import InfluenceConfigError, InfluenceRuntimeError
 from .functional import batch_size_of
+from .guards import preserved_rng
 from .objective import IGNORE_INDEX, LossFn, Objective
 from .problem import InfluenceProblem
 from .results import InfluenceResults, diagnostics_layout
@@ -86,10 +87,10 @@ def preflight(
     """The cheap checks of :func:`compute_influence`, for running before training starts: parameters,
     the solver's size limit, the training dataset (format, labels and a finite per-example loss on a few
     examples) and, when ``query_dataset`` is given, the queries (the explicit ``query_indices`` in range,
-    the batch format, labels and loss on the first few of them, or of the dataset). The model is left
-    as it was."""
+    the batch format, labels and loss on the first few of them, or of the dataset). Random states and
+    the model are left as they were."""
     dtype = resolve_dtype(dtype)
-    with frozen_module(model):
+    with preserved_rng(), frozen_module(model):
         objective, _ = _bind(model, train_dataset, loss_fn, params, collate_fn, dtype)
         if solver is not None:
             resolve_solver(solver).check_size(objective.num_params, dtype)
@@ -189,7 +190,9 @@ def compute_influence(
     """Influence of every training example on chosen query examples (Koh & Liang, 2017).
 
     The model stays where it is (its device is the device of the computation) and is never modified;
-    it is evaluated in eval mode with autocast off, in ``dtype``.
+    it is evaluated in eval mode with autocast off, in ``dtype``. The global random states (torch,
+    CUDA, NumPy, Python ``random``) are restored afterwards: the caller's random numbers continue as if
+    this had not run.
 
     Args:
         model: the trained model (any ``nn.Module``, e.g. a LightningModule).
@@ -241,7 +244,7 @@ def compute_influence(
     report = progress or (lambda phase, done, total: None)
     timings: Dict[str, float] = {}
 
-    with frozen_module(model):
+    with preserved_rng(), frozen_module(model):
         objective, train = _bind(model, train_dataset, loss_fn, params, collate_fn, dtype)
         settings.check_size(objective.num_params, dtype)  # before any pass over the data
         n = len(train)

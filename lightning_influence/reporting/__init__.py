@@ -70,7 +70,10 @@ def report_influence(
 
     Returns:
         ``{"scalars": {...}, "html_path": str | None, "wandb_run_dir": str | None, "wandb_run_id": ...,
-        "wandb_artifact": "name:latest" | None, "wandb_keys": [...]}``; ``{}`` on other ranks.
+        "wandb_artifact": "name:latest" | None, "wandb_keys": [...], "errors": {...}}``; ``{}`` on other
+        ranks. Each output fails on its own: ``errors`` maps the outputs that failed (``"logger
+        scalars"``, ``"report content"``, ``"HTML report"``, ``"W&B"``) to their exceptions, and the
+        others are still written.
     """
     path = os.fspath(report_path) if report_path is not None else (default_report_path(trainer) if html else None)
     if not trainer.is_global_zero:
@@ -78,29 +81,45 @@ def report_influence(
     from .wandb import find_wandb_logger
 
     wandb_logger = find_wandb_logger(trainer) if wandb else None
+    errors: Dict[str, BaseException] = {}
     out: Dict[str, Any] = {
-        "scalars": log_scalars(trainer, results, skip=[wandb_logger] if wandb_logger is not None else []),
+        "scalars": {},
         "html_path": None,
         "wandb_run_dir": None,
         "wandb_run_id": None,
         "wandb_artifact": None,
         "wandb_keys": [],
+        "errors": errors,
     }
-    views = query_views(results, top_k)
-    suspect_entries = suspects(results, self_influence_k if self_influence_k is not None else max(top_k, 10))
-    train = ExampleCatalog(train_dataset, render_example, classes)
-    query = ExampleCatalog(query_dataset, render_example, classes)
+    try:
+        out["scalars"] = log_scalars(trainer, results, skip=[wandb_logger] if wandb_logger is not None else [])
+    except Exception as err:  # noqa: BLE001 - each output fails on its own
+        errors["logger scalars"] = err
+    try:
+        views = query_views(results, top_k)
+        suspect_entries = suspects(results, self_influence_k if self_influence_k is not None else max(top_k, 10))
+        train = ExampleCatalog(train_dataset, render_example, classes)
+        query = ExampleCatalog(query_dataset, render_example, classes)
+    except Exception as err:  # noqa: BLE001
+        errors["report content"] = err
+        return out
 
     if html:
         links = {"results": results_path} if results_path else None
-        out["html_path"] = write_html(path, render_html(results, views, suspect_entries, train, query, links=links))
+        try:
+            out["html_path"] = write_html(path, render_html(results, views, suspect_entries, train, query, links=links))
+        except Exception as err:  # noqa: BLE001
+            errors["HTML report"] = err
     if wandb_logger is not None:
         from .wandb import log_to_wandb
 
-        out.update(
-            log_to_wandb(
-                trainer, wandb_logger, results, views, suspect_entries, train, query,
-                results_path=results_path, html_path=out["html_path"],
+        try:
+            out.update(
+                log_to_wandb(
+                    trainer, wandb_logger, results, views, suspect_entries, train, query,
+                    results_path=results_path, html_path=out["html_path"],
+                )
             )
-        )
+        except Exception as err:  # noqa: BLE001
+            errors["W&B"] = err
     return out
