@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from .data import check_map_dataset
+from .distributed import Communicator
 from .errors import InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError
 from .guards import interruptible, preserved_rng
 from .objective import LossFn, select_params
@@ -23,6 +24,7 @@ from .damping import AutoDamping, resolve_damping
 from .pipeline import DEFAULT_DAMPING, ProgressFn, compute_influence, preflight
 from .results import InfluenceResults
 from .solvers import SolverSettings, resolve_solver
+from .strategy import check_strategy, communicator_for
 from .validation import check_positive_int, check_run_arguments, check_writable_file
 
 __all__ = ["InfluenceCallback", "InfluenceCallbackBase", "optimizer_damping", "optimizer_l2"]
@@ -229,6 +231,7 @@ class InfluenceCallbackBase:
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer)  # a sharded or unknown multi-process strategy is refused before training
         select_params(pl_module, self.params)  # raises if nothing trainable matches
         self._trained = False
         if self.self_influence and self.solver.name in _SOLVED_SELF_INFLUENCE:
@@ -283,11 +286,13 @@ class InfluenceCallbackBase:
                 with interruptible("the influence computation"):
                     # collectives first, on every rank, before anything that could fail on one rank only
                     out_dir = self._out_dir(trainer)
-                    train_loader = self._train_loader(trainer)
-                    query_loader = self._query_loader(trainer)
-                    assert query_loader is not None
-                    self._note_limited_batches(trainer, train_loader)
-                    self.results = self._compute(trainer, pl_module, train_loader, query_loader)
+                    comm = communicator_for(trainer)
+                    with comm.agreement():  # a failure on one rank raises on every rank
+                        train_loader = self._train_loader(trainer)
+                        query_loader = self._query_loader(trainer)
+                        assert query_loader is not None
+                        self._note_limited_batches(trainer, train_loader)
+                        self.results = self._compute(trainer, pl_module, train_loader, query_loader, comm)
                     self._finish(trainer, pl_module, self.results, train_loader, query_loader, out_dir)
             except InfluenceInterrupted as err:
                 self.error = err
@@ -398,7 +403,12 @@ class InfluenceCallbackBase:
         )
 
     def _compute(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", train_loader: DataLoader, query_loader: DataLoader
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        train_loader: DataLoader,
+        query_loader: DataLoader,
+        comm: Optional[Communicator] = None,
     ) -> InfluenceResults:
         damping, reason = self._resolve_damping(trainer, pl_module)
         results = compute_influence(
@@ -418,6 +428,7 @@ class InfluenceCallbackBase:
             query_batch_size=self.query_batch_size,
             dtype=self.dtype,
             progress=self._progress(trainer),
+            comm=comm,
         )
         results.settings.update(
             damping_source=reason,
