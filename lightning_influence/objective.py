@@ -196,12 +196,13 @@ class Objective:
             out = self.loss(self.space.unflatten(self.theta if theta is None else theta), batch)
         return out
 
-    def outputs(self, batch: Any) -> Optional[Tensor]:
-        """The model's outputs for the inputs of an ``(inputs, targets)`` batch, or ``None`` on the
-        ``influence_loss`` path (where the batch format is the user's)."""
+    def outputs(self, batch: Any, theta: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The model's outputs for the inputs of an ``(inputs, targets)`` batch at ``theta`` (default: the
+        trained values), or ``None`` on the ``influence_loss`` path (where the batch format is the user's)."""
         if self.uses_hook:
             return None
-        params = {n[len("inner.") :]: t for n, t in self.space.unflatten(self.theta).items()}
+        flat = self.theta if theta is None else theta
+        params = {n[len("inner.") :]: t for n, t in self.space.unflatten(flat).items()}
         with torch.no_grad():
             return functional_call(self.module, {**self._inner_frozen, **params}, (batch[0],), strict=False)
 

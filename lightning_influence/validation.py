@@ -68,16 +68,18 @@ def _is_integer(v: Any) -> bool:
     return isinstance(v, np.integer)
 
 
-def check_query_indices(query_indices: Any, name: str = "query_indices") -> Optional[Tuple[int, ...]]:
+def check_query_indices(query_indices: Any, name: str = "query_indices", where: str = "the query dataset",
+                        duplicates: str = "warn") -> Optional[Tuple[int, ...]]:
     """Positions in the query dataset as a tuple of ints, or ``None``.
 
     Accepts a sequence of integers, or a 1-D integer tensor or NumPy array. Refuses strings, floats
     (``1.7`` is not silently ``1``), booleans, nested or 2-D inputs, empty and negative positions.
-    Duplicates are allowed with a warning (each is solved again, giving the same row twice).
+    Duplicates are allowed with a warning (each is solved again, giving the same row twice), or refused
+    with ``duplicates="error"``. ``name`` and ``where`` (the dataset the positions index) word the messages.
     """
     if query_indices is None:
         return None
-    fix = f"pass positions in the query dataset, e.g. {name}=[0, 5, 17], a 1-D integer tensor or array, or None"
+    fix = f"pass positions in {where}, e.g. {name}=[0, 5, 17], a 1-D integer tensor or array, or None"
     if isinstance(query_indices, (str, bytes)):
         raise InfluenceConfigError(f"{name}={query_indices!r} is a string; {fix}.")
     if hasattr(query_indices, "ndim") and hasattr(query_indices, "dtype"):  # tensor or array
@@ -113,6 +115,9 @@ def check_query_indices(query_indices: Any, name: str = "query_indices") -> Opti
             if i in seen and i not in dups:
                 dups.append(i)
             seen.add(i)
+        if duplicates == "error":
+            raise InfluenceConfigError(f"{name} repeats the positions {dups[:10]}; each example can be removed only "
+                                       "once. Drop the duplicates.")
         warnings.warn(
             f"{name} repeats the positions {dups[:10]}: each repeat is solved again and gives the same row of "
             "scores. Drop the duplicates unless you want them.",
