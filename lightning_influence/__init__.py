@@ -5,6 +5,7 @@ influence on chosen validation predictions. :func:`compute_influence` does the s
 Scores follow Koh & Liang's sign: positive = harmful, negative = helpful.
 """
 
+from .counterfactual import Counterfactual, PredictedMetrics
 from .damping import AutoDamping
 from .errors import (InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError, NegativeCurvatureError,
                      ResultsFileError, SolverDivergedError)
@@ -18,6 +19,7 @@ __all__ = [
     "ArnoldiSettings",
     "AutoDamping",
     "CGSettings",
+    "Counterfactual",
     "EKFACSettings",
     "DEFAULT_DAMPING",
     "ExactSettings",
@@ -29,6 +31,7 @@ __all__ = [
     "KFACSettings",
     "LissaSettings",
     "NegativeCurvatureError",
+    "PredictedMetrics",
     "Ranked",
     "ResultsFileError",
     "SolverDivergedError",

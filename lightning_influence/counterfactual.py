@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import jvp
 from torch.utils.data import Dataset
 
-from .checks import is_int
+from .checks import check_positive_int, is_int
 from .damping import AutoDamping, resolve_damping
 from .data import Collate, ExampleSource
 from .diagnostics import Diagnostic
@@ -142,6 +142,7 @@ class Counterfactual:
         grad_chunk_size: Optional[int] = None,
         rhs_batch_size: Optional[int] = None,
     ) -> None:
+        check_positive_int("rhs_batch_size", rhs_batch_size, allow_none=True)
         args = check_run_arguments(params=params, chunk_size=chunk_size, grad_chunk_size=grad_chunk_size,
                                    query_batch_size=rhs_batch_size, dtype=dtype)
         settings = resolve_solver(solver)
@@ -273,7 +274,7 @@ class Counterfactual:
         source = ExampleSource(val_dataset, collate_fn, objective.prepare_batch, what="validation")
         loss_fn = objective.loss
         space = self.problem.space
-        means = [MeanMetric().set_dtype(theta.dtype).to(theta.device) for _ in range(3)]
+        means = [MeanMetric().to(theta.device).set_dtype(theta.dtype) for _ in range(3)]  # .to() resets the dtype
         accuracy: Optional[List[Any]] = None
         classify = not objective.uses_hook
         with preserved_rng(), frozen_module(self.model):
