@@ -279,28 +279,38 @@ def test_single_examples_against_retraining(small_logreg: Problem):
     assert min(cosines) >= 0.99, cosines  # measured 0.99994 .. 0.99998
 
 
+@pytest.fixture(scope="module")
+def logreg_groups(logreg: Problem):
+    """Scores for the highest-loss validation query (``compute_influence``) and a CG counterfactual."""
+    res = compute_influence(logreg.model, logreg.train, logreg.val, num_queries=1, solver="cg", damping=logreg.damping,
+                            dtype=torch.float64)
+    cf = Counterfactual(logreg.model, logreg.train, solver=CGSettings(tol=1e-10), damping=logreg.damping,
+                        dtype=torch.float64)
+    return res, cf
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size, bound", [(5, 0.99), (20, 0.98), (50, 0.97)])
-def test_groups_against_retraining(logreg: Problem, size: int, bound: float):
+def test_groups_against_retraining(logreg: Problem, logreg_groups, size: int, bound: float):
     """The ``size`` most harmful and most helpful examples for the highest-loss validation query (from
     ``compute_influence``), removed together. Measured (1,347 digits, λ = 0.01): cosine 0.998/0.999 at 5,
     0.995/0.993 at 20, 0.992/0.986 at 50; norm ratio predicted/actual 0.86 → 0.71 (removing examples
     also removes their curvature, which the first-order step does not see)."""
     p = logreg
-    res = compute_influence(p.model, p.train, p.val, num_queries=1, solver="cg", damping=p.damping,
-                            dtype=torch.float64)
-    cf = Counterfactual(p.model, p.train, solver=CGSettings(tol=1e-10), damping=p.damping, dtype=torch.float64)
+    res, cf = logreg_groups
     for group in (res.top_harmful(0, k=size).indices.tolist(), res.top_helpful(0, k=size).indices.tolist()):
         _, actual = retrained(p, group)
         predicted = cf.flatten(cf.parameter_change(group))
-        assert cosine(predicted, actual) >= bound
-        assert 0.6 < float(predicted.norm() / actual.norm()) < 1.0
+        assert cosine(predicted, actual) >= bound, cosine(predicted, actual)
+        assert 0.6 < float(predicted.norm() / actual.norm()) < 1.0, float(predicted.norm() / actual.norm())
 
 
 @pytest.mark.slow
 def test_validation_loss_change_against_retraining(logreg: Problem):
-    """Predicted change of the mean validation loss (the model at θ̂ + Δθ) against retraining, for the 20
-    training examples with the largest effect on it: sign agreement and correlation over the examples."""
+    """Predicted change of the mean validation loss (the model at θ̂ + Δθ) against retraining, for the 10
+    training examples whose removal raises it most and the 10 that lower it most (first order): sign
+    agreement and correlation over the 20. Measured: Pearson 0.99993, every sign right, Σ|actual|/Σ|predicted|
+    1.04; the first-order ∇L_valᵀΔθ within 7 % of the loss evaluated at θ̂ + Δθ."""
     p = logreg
     cf = Counterfactual(p.model, p.train, solver=ExactSettings(block=1024), damping=p.damping, dtype=torch.float64)
     base = mean_ce(p.model, p.val)
@@ -310,7 +320,8 @@ def test_validation_loss_change_against_retraining(logreg: Problem):
     w, b = theta[:640].view(10, 64), theta[640:]
     (g,) = torch.autograd.grad(F.cross_entropy(xv @ w.T + b, yv), theta)
     each = cf.flatten(cf.parameter_change(list(range(cf.num_train)), group=False), 1)
-    top = torch.argsort((each @ g).abs(), descending=True)[:20].tolist()
+    order = torch.argsort(each @ g)
+    top = order[:10].tolist() + order[-10:].tolist()
     predicted, first_order, actual = [], [], []
     for i in top:
         m = cf.predicted_metrics([i], p.val)
@@ -320,6 +331,7 @@ def test_validation_loss_change_against_retraining(logreg: Problem):
         actual.append(mean_ce(retrained(p, [i])[0], p.val) - base)
     pred_t, act_t = torch.tensor(predicted), torch.tensor(actual)
     r = float(torch.corrcoef(torch.stack([pred_t, act_t]))[0, 1])
-    assert r >= 0.95, r
-    assert float((torch.sign(pred_t) == torch.sign(act_t)).double().mean()) >= 0.9
+    assert r >= 0.99, r
+    assert bool((torch.sign(pred_t) == torch.sign(act_t)).all())
+    assert 0.9 < float(act_t.abs().sum() / pred_t.abs().sum()) < 1.2
     assert torch.allclose(torch.tensor(first_order), pred_t, rtol=0.1, atol=1e-6)
