@@ -125,6 +125,14 @@ class Counterfactual:
             ``params`` selects the parameters that change, every other parameter and buffer stays as trained.
         rhs_batch_size: right-hand sides solved together (default: all at once); the results do not
             depend on it.
+
+    Example::
+
+        cf = Counterfactual(model, train_ds, solver="cg", damping=weight_decay)
+        harmful = compute_influence(model, train_ds, val_ds, num_queries=1).top_harmful(0, k=10).indices
+        delta = cf.parameter_change(harmful)          # {name: Tensor shaped like the parameter}
+        fixed = cf.model_without(harmful)             # a new module at θ̂ + Δθ
+        cf.predicted_metrics(harmful, val_ds).loss_change   # < 0: removing them is predicted to help
     """
 
     def __init__(
@@ -296,7 +304,8 @@ class Counterfactual:
                     continue
                 if accuracy is None:
                     accuracy = [MulticlassAccuracy(num_classes=out_before.shape[1], ignore_index=IGNORE_INDEX,
-                                                   average="micro").to(theta.device) for _ in range(2)]
+                                                   average="micro").to(theta.device).set_dtype(theta.dtype)
+                                for _ in range(2)]
                 accuracy[0].update(out_before, targets)
                 accuracy[1].update(out_after, targets)
         acc = [float(a.compute()) for a in accuracy] if classify and accuracy is not None else [None, None]
