@@ -80,13 +80,15 @@ def flat(model: nn.Module) -> torch.Tensor:
 
 
 def markdown(rows: List[Dict[str, object]]) -> str:
-    def cell(v: object) -> str:
+    def cell(v: object, column: str) -> str:
+        if column == "cosine":
+            return f"{v:.5f}"
         if isinstance(v, float):
             return f"{v:.4f}" if abs(v) >= 0.1 or v == 0 else f"{v:.3g}"
         return str(v)
 
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r[c], c) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
