@@ -167,7 +167,8 @@ class Counterfactual:
     def from_fitted(cls, model: nn.Module, problem: InfluenceProblem, inverse: InverseHVP,
                     rhs_batch_size: Optional[int] = None) -> "Counterfactual":
         """Reuse a problem and an inverse from the public phases (:func:`~lightning_influence.pipeline.bind`,
-        :func:`~lightning_influence.pipeline.fit_inverse`) of ``model``: no second fit."""
+        :func:`~lightning_influence.pipeline.fit_inverse`) of ``model``: no second fit. With a problem
+        split over several processes, every process must make the same calls (the solves all-reduce)."""
         if inverse.problem is not problem:
             raise InfluenceConfigError("inverse was fitted to another problem; pass the problem it was fitted to "
                                        "(inverse.problem).")
