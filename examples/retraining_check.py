@@ -146,7 +146,7 @@ def _plot_pillow(rows: List[Dict[str, object]], path: Path) -> None:
         return (m + (w - 2 * m) * (math.log(k) - math.log(ks[0])) / span, h - m - (h - 2 * m) * (c - lo) / (1 - lo))
 
     d.rectangle([m, m, w - m, h - m], outline="black")
-    d.text((m, 15), f"cosine(predicted, retrained Δθ) vs k (log); y from {lo:.3f} to 1", fill="black")
+    d.text((m, 15), f"cosine(predicted, retrained parameter change) vs k (log); y from {lo:.3f} to 1", fill="black")
     for g, colour in (("harmful", "red"), ("helpful", "blue")):
         pts = [xy(int(r["size"]), float(r["cosine"])) for r in rows if r["group"] == g]
         d.line(pts, fill=colour, width=2)
