@@ -193,6 +193,7 @@ class InfluenceCallbackBase:
         history_paths: ``{epoch: path}`` of the per-epoch results files (``every_n_epochs`` runs).
         error: the exception that stopped the latest run, or the first output that failed, when
             ``on_error="warn"``.
+        errors: ``{epoch: exception}``, ``error`` of every run of the fit that had one.
         output_errors: ``{output: exception}`` for each output of the latest run that could not be written.
         results_path: where global rank zero saved the latest run's results (set on every rank).
         outputs: what the reporters wrote for the latest run (paths, W&B run and artifact), on global
@@ -272,6 +273,7 @@ class InfluenceCallbackBase:
         self.on_results = on_results
         self.history: Dict[int, InfluenceResults] = {}
         self.history_paths: Dict[int, str] = {}
+        self.errors: Dict[int, BaseException] = {}
         self._fingerprint: Optional[Dict[str, Any]] = None  # {"epoch", "global_step", "checksum"} of the last run
         self._last_epoch: Optional[int] = None  # the last epoch whose on_train_epoch_end ran
         self._restored = False  # load_state_dict ran for this fit: keep the history
@@ -391,6 +393,7 @@ class InfluenceCallbackBase:
         """A new fit starts with an empty history, unless a checkpoint just restored one."""
         if not self._restored:
             self.history, self.history_paths, self._fingerprint = {}, {}, None
+        self.errors = {}
         self._restored, self._last_epoch, self._limit_noted = False, None, False
 
     def _weights_fingerprint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int) -> Dict[str, Any]:
@@ -408,6 +411,13 @@ class InfluenceCallbackBase:
         """One influence run for the weights after ``epoch``: compute (or, at the end, reuse the last epoch
         run), keep it in ``history``, write its outputs, call ``on_results``; failures follow ``on_error``."""
         self.results, self.error, self.results_path, self.outputs, self.output_errors = None, None, None, {}, {}
+        try:
+            self._run_guarded(trainer, pl_module, epoch, final)
+        finally:
+            if self.error is not None:
+                self.errors[epoch] = self.error
+
+    def _run_guarded(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int, final: bool) -> None:
         with preserved_rng():
             try:
                 with interruptible("the influence computation"):
