@@ -4,7 +4,7 @@ Run as a script, never imported by pytest: DDP starts the other rank by re-runni
 pytest it would re-run pytest. ``tests/test_distributed.py`` runs it in a subprocess. Each rank writes
 what it saw to ``<out>/rank<r>.json``::
 
-    python tests/ddp_fit.py OUT [--namespace lightning.pytorch] [--logger wandb|csv]
+    python tests/ddp_fit.py OUT [--namespace lightning.pytorch] [--logger wandb|csv] [--every-n-epochs K]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--namespace", default="pytorch_lightning", choices=["pytorch_lightning", "lightning.pytorch"])
     parser.add_argument("--logger", default="wandb", choices=["wandb", "csv"])
+    parser.add_argument("--every-n-epochs", type=int, default=None)
     args = parser.parse_args()
 
     pl = importlib.import_module(args.namespace)
@@ -68,7 +69,9 @@ def main() -> int:
         logger = pl.loggers.WandbLogger(project="influence-ddp", save_dir=args.out, offline=True)
     else:
         logger = pl.loggers.CSVLogger(args.out)
-    cb = InfluenceCallback(num_queries=3, solver="exact", top_k=3, self_influence=True)
+    calls = []
+    cb = InfluenceCallback(num_queries=3, solver="exact", top_k=3, self_influence=True, every_n_epochs=args.every_n_epochs,
+                           on_results=lambda trainer, module, results: calls.append(results.settings["epoch"]))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_epochs=2, logger=logger, callbacks=[cb], default_root_dir=args.out,
         strategy=strategies.DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60)),
@@ -84,6 +87,10 @@ def main() -> int:
         "shape": None if cb.results is None else list(cb.results.scores.shape),
         "results_path": cb.results_path,
         "outputs": {k: v for k, v in cb.outputs.items() if isinstance(v, str)},
+        "history": sorted(cb.history),
+        "history_paths": {str(e): p for e, p in cb.history_paths.items()},
+        "on_results": calls,
+        "errors": {str(e): f"{type(x).__name__}: {x}" for e, x in cb.errors.items()},
     }
     with open(os.path.join(args.out, f"rank{trainer.global_rank}.json"), "w") as fh:
         json.dump(seen, fh)

@@ -66,3 +66,19 @@ def test_ddp_fit_writes_results_report_and_wandb_tables(tmp_path):
     assert len(run.table("influence/self_influence").rows) == 10
     assert run.artifact_of_type("influence-scores").files["results.pt"]
     assert run.config["influence/num_train_total"] == 96
+
+
+def test_ddp_fit_with_every_n_epochs(tmp_path):
+    """Influence after every epoch on both ranks: the same history everywhere, on_results on every rank, the
+    per-epoch files written once by rank zero, and the end reusing the last epoch's run on both ranks."""
+    output = run_ddp(tmp_path, "--every-n-epochs", "1", "--logger", "csv")
+    assert "InfluenceCallback failed" not in output, output[-4000:]
+    r0, r1 = ranks(tmp_path)
+    assert (r0["errors"], r1["errors"]) == ({}, {})
+    assert r0["history"] == r1["history"] == [0, 1]
+    assert r0["on_results"] == r1["on_results"] == [0, 1]  # the end reused epoch 1's run: no third call
+    assert r0["history_paths"] == r1["history_paths"]
+    for epoch, path in r0["history_paths"].items():
+        assert path == str(tmp_path / "lightning_logs" / "version_0" / "influence" / f"results_epoch{epoch}.pt")
+        assert InfluenceResults.load(path).scores.shape == (3, 96)
+    assert os.path.isfile(r0["results_path"])
