@@ -174,8 +174,9 @@ class InfluenceCallbackBase:
 
     The callback's ``state_dict`` (saved in Lightning checkpoints) holds ``history`` as plain tensors
     and data (:meth:`InfluenceResults.to_state`: per run ``scores`` ``[Q, N]``, ``self_influence``
-    ``[N]``, a few ``[Q]`` vectors, settings and diagnostics; about ``4·(Q+1)·N`` bytes per run in
-    float32, e.g. 16 queries × 50,000 examples: 3.4 MB per run), the results files' paths and the
+    ``[N]``, the ``[N]`` int64 training indices, a few ``[Q]`` vectors, settings and diagnostics: about
+    ``(4·(Q+1) + 8)·N`` bytes per run in float32, e.g. 16 queries × 50,000 examples: 3.8 MB per run;
+    ``(8·(Q+1) + 8)·N`` in float64), the results files' paths and the
     fingerprint of the weights the last run saw. A fit resumed with ``ckpt_path=`` gets them back; a
     fresh fit starts with an empty ``history``.
 
@@ -337,8 +338,7 @@ class InfluenceCallbackBase:
             return
         if (self._last_epoch + 1) % self.every_n_epochs != 0:
             return
-        if self.query_dataloader is None and self._query_loader(trainer, required=False) is None \
-                and self._queries_may_come_later(trainer):
+        if self.query_dataloader is None and trainer.val_dataloaders is None and self._queries_may_come_later(trainer):
             rank_zero_info(f"InfluenceCallback: no influence at the end of epoch {self._last_epoch}: Lightning has "
                            "not loaded the validation data yet (check_val_every_n_epoch > 1); pass "
                            "query_dataloader= to have queries at every epoch.")

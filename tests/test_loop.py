@@ -312,6 +312,34 @@ def test_limited_batches_in_the_loop(tmp_path, data):
     assert all(r.num_train == len(data[0]) for r in cb.history.values())
 
 
+def test_epochs_before_the_first_validation_are_skipped_with_a_line(tmp_path, data, caplog):
+    """check_val_every_n_epoch=2: Lightning loads the validation data (the queries) at epoch 1's validation."""
+    import logging
+
+    cb = InfluenceCallback(num_queries=2, solver="exact", params=["net.bias"], every_n_epochs=1, on_error="raise")
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(tmp_path, max_epochs=3, check_val_every_n_epoch=2, callbacks=[cb]).fit(LitClassifier(),
+                                                                                             *loaders(*data))
+    assert sorted(cb.history) == [1, 2] and cb.errors == {}
+    assert [m for m in caplog.messages if "no influence at the end of epoch" in m] == [
+        "InfluenceCallback: no influence at the end of epoch 0: Lightning has not loaded the validation data yet "
+        "(check_val_every_n_epoch > 1); pass query_dataloader= to have queries at every epoch."]
+
+
+def test_checkpoint_state_size_is_what_the_docstring_says(data):
+    """Per run about (4·(Q+1) + 8)·N bytes (float32 scores and self-influence, int64 train indices)."""
+    import io
+
+    res = compute_influence(nn.Linear(64, 10), data[0], data[1], num_queries=16, solver="exact", damping=0.1,
+                            self_influence=True)
+    cb = InfluenceCallback()
+    cb.history = {0: res, 1: copy.deepcopy(res)}  # distinct storages (torch.save shares equal ones)
+    buf = io.BytesIO()
+    torch.save(cb.state_dict(), buf)
+    n, q = len(data[0]), 16
+    assert 2 * (4 * (q + 1) + 8) * n < buf.tell() < 2 * (4 * (q + 1) + 8) * n + 64 * 1024
+
+
 # ---------------------------------------------------------------- the report across epochs
 def _results(scores, self_influence=None, queries=(0, 1), step=0) -> InfluenceResults:
     s = torch.tensor(scores, dtype=torch.float32)
@@ -365,8 +393,10 @@ def test_html_shows_the_top_examples_across_epochs(history):
 
 
 # ---------------------------------------------------------------- precision and devices
-@pytest.mark.parametrize("precision", ["bf16-mixed", "64-true"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "64-true"])
 def test_training_precision_does_not_change_the_maths(tmp_path, data, precision):
+    """Training under autocast or in float64, influence in float32 with autocast off: the scores of
+    compute_influence on the trained model. (On the CPU Lightning runs "16-mixed" as "bf16-mixed".)"""
     torch.manual_seed(0)
     model = LitClassifier(nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10)), lr=0.2)
     cb = InfluenceCallback(num_queries=3, solver="exact", damping=0.5, self_influence=True, every_n_epochs=1,
