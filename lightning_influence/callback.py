@@ -15,6 +15,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from .checks import is_int
 from .data import check_map_dataset
 from .errors import InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError
 from .guards import interruptible, preserved_rng
@@ -24,7 +25,6 @@ from .persistence import tensor_checksum
 from .pipeline import DEFAULT_DAMPING, ProgressFn, compute_influence, preflight
 from .results import InfluenceResults
 from .solvers import SolverSettings, resolve_solver
-from .checks import is_int
 from .validation import check_positive_int, check_run_arguments, check_writable_file
 
 __all__ = ["InfluenceCallback", "InfluenceCallbackBase", "OnResults", "optimizer_damping", "optimizer_l2"]
@@ -645,6 +645,8 @@ class InfluenceCallbackBase:
                     results.save(self.results_path)
                 except Exception as err:  # noqa: BLE001 - the other outputs still go out
                     failures["results file"], self.results_path = err, None
+                    if epoch is not None:
+                        self.history_paths.pop(epoch, None)
         if self.report and trainer.is_global_zero and epoch is not None:
             from .reporting import report_epoch
 
