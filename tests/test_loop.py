@@ -136,7 +136,13 @@ def test_end_reuses_the_last_epoch_run_when_the_weights_are_unchanged(tmp_path, 
     assert counter.calls == 2 and cb.results is cb.history[1]
     assert cb.results_path.endswith("influence/results.pt") and os.path.isfile(cb.results_path)
     assert torch.equal(InfluenceResults.load(cb.results_path).scores, cb.history[1].scores)
-    assert os.path.isfile(cb.outputs["html_path"])
+    with open(cb.outputs["html_path"], encoding="utf-8") as fh:
+        html = fh.read()
+    top = rankings(cb.history, k=cb.top_k)
+    for epoch in (0, 1):
+        harmful = next(r for r in top if (r.epoch, r.kind, r.query_id) == (epoch, "harmful", None))
+        row = html[html.index(f'<tr data-epoch="{epoch}">'):]
+        assert f'data-kind="harmful" data-ids="{",".join(map(str, harmful.train_ids))}"' in row.split("</tr>")[0]
 
 
 class ShiftAtEnd(pl.Callback):
