@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from .checks import is_int
 from .data import check_map_dataset
+from .distributed import Communicator
 from .errors import InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError
 from .guards import interruptible, preserved_rng
 from .objective import LossFn, select_params
@@ -25,6 +26,7 @@ from .persistence import tensor_checksum
 from .pipeline import DEFAULT_DAMPING, ProgressFn, compute_influence, preflight
 from .results import InfluenceResults
 from .solvers import SolverSettings, resolve_solver
+from .strategy import check_strategy, communicator_for
 from .validation import check_positive_int, check_run_arguments, check_writable_file
 
 __all__ = ["InfluenceCallback", "InfluenceCallbackBase", "OnResults", "optimizer_damping", "optimizer_l2"]
@@ -287,6 +289,7 @@ class InfluenceCallbackBase:
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer)  # a sharded or unknown multi-process strategy is refused before training
         select_params(pl_module, self.params)  # raises if nothing trainable matches
         self._trained = False
         if self.self_influence and self.solver.name in _SOLVED_SELF_INFLUENCE:
@@ -427,22 +430,26 @@ class InfluenceCallbackBase:
                     fingerprint = (self._weights_fingerprint(trainer, pl_module, epoch)
                                    if not final or epoch in self.history else None)
                     reuse = fingerprint is not None and final and self._reusable(trainer, fingerprint)
-                    train_loader = self._train_loader(trainer)
-                    query_loader = self._query_loader(trainer)
-                    assert query_loader is not None
-                    if reuse:
-                        self.results = self.history[epoch]
-                    else:
-                        if not self._limit_noted:
-                            self._note_limited_batches(trainer, train_loader)
-                            self._limit_noted = True
-                        self.results = self._compute(trainer, pl_module, train_loader, query_loader)
-                        self.results.settings.update(epoch=int(epoch), run="end of training" if final else "epoch end")
-                        self.history[epoch], self._fingerprint = self.results, fingerprint
+                    comm = communicator_for(trainer)
+                    with comm.agreement():  # a failure on one rank raises on every rank
+                        train_loader = self._train_loader(trainer)
+                        query_loader = self._query_loader(trainer)
+                        assert query_loader is not None
+                        if reuse:
+                            self.results = self.history[epoch]
+                        else:
+                            if not self._limit_noted:
+                                self._note_limited_batches(trainer, train_loader)
+                                self._limit_noted = True
+                            self.results = self._compute(trainer, pl_module, train_loader, query_loader, comm)
+                            self.results.settings.update(epoch=int(epoch),
+                                                         run="end of training" if final else "epoch end")
+                            self.history[epoch], self._fingerprint = self.results, fingerprint
                     self._finish(trainer, pl_module, self.results, train_loader, query_loader, out_dir,
                                  epoch=None if final else epoch)
                     if self.on_results is not None and not reuse:
-                        self.on_results(trainer, pl_module, self.results)
+                        with comm.agreement():  # the user's code fails on one rank: every rank stops together
+                            self.on_results(trainer, pl_module, self.results)
             except InfluenceInterrupted as err:
                 self.error = err
                 kept = " The results computed before it are in InfluenceCallback.results." if self.results else ""
@@ -453,7 +460,7 @@ class InfluenceCallbackBase:
                     raise
                 where = "when training ended" if final else f"at the end of epoch {epoch}"
                 rank_zero_warn(
-                    f"InfluenceCallback failed {where} ({type(err).__name__}: {err}). Training, its weights and "
+                    f"InfluenceCallback failed ({type(err).__name__}: {err}) {where}. Training, its weights and "
                     "checkpoints are unaffected; the exception is kept in InfluenceCallback.error. Pass "
                     "on_error='raise' to stop on it instead."
                 )
@@ -553,7 +560,12 @@ class InfluenceCallbackBase:
         )
 
     def _compute(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", train_loader: DataLoader, query_loader: DataLoader
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        train_loader: DataLoader,
+        query_loader: DataLoader,
+        comm: Optional[Communicator] = None,
     ) -> InfluenceResults:
         damping, reason = self._resolve_damping(trainer, pl_module)
         results = compute_influence(
@@ -573,6 +585,7 @@ class InfluenceCallbackBase:
             query_batch_size=self.query_batch_size,
             dtype=self.dtype,
             progress=self._progress(trainer),
+            comm=comm,
         )
         results.settings.update(
             damping_source=reason,

@@ -44,6 +44,8 @@ class ExampleSource:
         collate_fn: how a list of examples becomes a batch (default: PyTorch's ``default_collate``).
         prepare: applied to every collated batch (move to device, cast) before the maths sees it.
         indices: optional subset of dataset positions, in this order.
+        allow_empty: accept an empty ``indices`` (a process's shard when there are more processes than
+            examples).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class ExampleSource:
         prepare: Optional[Callable[[Any], Any]] = None,
         indices: Optional[Sequence[int]] = None,
         what: str = "training",
+        allow_empty: bool = False,
     ) -> None:
         n = check_map_dataset(dataset, what)
         self.dataset = dataset
@@ -62,7 +65,7 @@ class ExampleSource:
             self.indices = torch.arange(n)
         else:
             self.indices = torch.as_tensor(list(indices), dtype=torch.long).reshape(-1)
-            if self.indices.numel() == 0:
+            if self.indices.numel() == 0 and not allow_empty:
                 raise InfluenceConfigError(f"no {what} indices were given.")
             bad = self.indices[(self.indices < 0) | (self.indices >= n)]
             if bad.numel():

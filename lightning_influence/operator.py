@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .data import ExampleSource
+from .distributed import Communicator, local_communicator, shard_bounds
 from .functional import ParamSpace, PerExampleLoss, batch_hvp, batch_size_of, per_sample_grads
 
 __all__ = ["HessianOperator"]
@@ -24,8 +25,11 @@ class HessianOperator:
         loss: per-example loss ``loss(params, batch) -> Tensor[B]``.
         space: layout of the flat parameter vector.
         theta: trained parameters ``[P]``.
-        data: the training examples (already prepared for ``theta``'s device and dtype).
+        data: the training examples (already prepared for ``theta``'s device and dtype): all of them, or
+            this process's shard of them when ``comm`` spans several processes.
         chunk_size: examples per HVP when sweeping the whole training set.
+        comm: the processes sharing the training set (default: this one alone).
+        num_total: ``n``, the training examples of all shards (default ``len(data)``).
     """
 
     def __init__(
@@ -35,9 +39,13 @@ class HessianOperator:
         theta: Tensor,
         data: ExampleSource,
         chunk_size: int = 256,
+        comm: Optional[Communicator] = None,
+        num_total: Optional[int] = None,
     ) -> None:
         self.loss, self.space, self.theta, self.data = loss, space, theta, data
         self.chunk_size = int(chunk_size)
+        self.comm = local_communicator(comm)
+        self._num_total = len(data) if num_total is None else int(num_total)
         self.hvp_calls = 0  # number of batched HVP evaluations (one per batch per call)
         #: right-hand sides vmapped together inside one HVP (``None``: all); see :meth:`tune_tangent_chunk`
         self.tangent_chunk: Optional[int] = None
@@ -48,7 +56,8 @@ class HessianOperator:
 
     @property
     def num_examples(self) -> int:
-        return len(self.data)
+        """``n``: training examples of all shards."""
+        return self._num_total
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,18 +106,46 @@ class HessianOperator:
         return per_sample_grads(self.loss, self.space, self.theta, batch)
 
     def full_hvp(self, vectors: Tensor) -> Tensor:
-        """``H V`` for the whole training set: ``Σ_chunks (b/n) H_chunk V``, in dataset order."""
+        """``H V`` for the whole training set: ``Σ_chunks (b/n) H_chunk V``, in dataset order (this
+        process's shard, all-reduced)."""
         out = torch.zeros_like(vectors)
         n = self.num_examples
         for _, batch in self.data.chunks(self.chunk_size):
             b = batch_size_of(batch)
             out.add_(self.batch_hvp(batch, vectors), alpha=b / n)
-        return out
+        return self.comm.all_reduce_sum(out)
+
+    def _local_batch_sizes(self, batch_size: int) -> List[int]:
+        """Each rank's part of a minibatch of ``batch_size`` (at most its shard's size)."""
+        comm, n = self.comm, self.num_examples
+        batch_size = min(int(batch_size), n)
+        sizes = []
+        for r in range(comm.world_size):
+            lo, hi = shard_bounds(n, r, comm.world_size)
+            part = shard_bounds(batch_size, r, comm.world_size)
+            sizes.append(min(part[1] - part[0], hi - lo))
+        return sizes
 
     def minibatches(self, batch_size: int, seed: int) -> Iterator[Any]:
-        """Endless random minibatches of training examples, determined by ``seed``."""
-        gen = torch.Generator().manual_seed(int(seed))
-        return self.data.minibatches(batch_size, gen)
+        """Endless random minibatches of training examples, determined by ``seed``; use with
+        :meth:`minibatch_hvp`. Over several processes each draws its part from its own shard (``None``
+        when it has none), so that a minibatch holds ``batch_size`` examples in all."""
+        comm = self.comm
+        gen = torch.Generator().manual_seed(int(seed) + 1_000_003 * comm.rank)
+        local = self._local_batch_sizes(batch_size)[comm.rank]
+        if local == 0:
+            return iter(lambda: None, object())
+        return self.data.minibatches(local, gen)
+
+    def minibatch_hvp(self, batch: Any, vectors: Tensor) -> Tensor:
+        """``H_B V`` for a minibatch from :meth:`minibatches`: the Hessian of the mean loss over every
+        process's part (one process: :meth:`batch_hvp`)."""
+        if not self.comm.distributed:
+            return self.batch_hvp(batch, vectors)
+        mine = 0 if batch is None else batch_size_of(batch)
+        part = self.batch_hvp(batch, vectors).mul_(mine) if mine else torch.zeros_like(vectors)
+        summed = self.comm.all_reduce_sum(torch.cat([part.reshape(-1), part.new_tensor([mine])]))
+        return summed[:-1].reshape_as(vectors) / summed[-1]
 
     def dense(self, block: int = 512) -> Tensor:
         """The explicit Hessian ``[P, P]`` of the mean training loss, built from HVPs with identity

@@ -3,12 +3,28 @@ without a Trainer. The callback is a thin layer over it.
 
 Data flow: query gradients ``G [Q, P]`` → ``S = (H + λI)⁻¹ G`` (batched over queries) → streamed
 training gradients ``g_B [B, P]`` → ``scores[:, B] = −S g_Bᵀ``.
+
+The public phases, which :func:`compute_influence` composes (call them inside :func:`frozen_module`):
+
+1. :func:`bind`: the objective (loss as a function of the attributed parameters) and the training
+   examples, checked on a few examples: an :class:`~lightning_influence.problem.InfluenceProblem`.
+2. :func:`query_gradients`: the queries (given, or the highest-loss ones), their gradients, losses and
+   predictions.
+3. :func:`fit_inverse`: the solver fitted to the problem (``settings.fit(problem, damping)``), then
+   :func:`solve_queries`: ``s_test`` for every query, batched.
+4. :func:`~lightning_influence.scoring.score_shard`: the scores of one shard of the training set
+   (:func:`~lightning_influence.scoring.influence_scores` gathers every shard).
+5. :func:`self_influence_scores`: ``I_up,loss(z_i, z_i)`` for every training example.
+
+With a :class:`~lightning_influence.distributed.Communicator` over ``W`` processes the same calls on
+every process split the work (see :mod:`lightning_influence.distributed`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -19,17 +35,19 @@ from torch.utils.data import Dataset
 from .damping import AutoDamping, resolve_damping
 from .data import Collate, ExampleSource
 from .diagnostics import Diagnostic, combine_scalars
+from .distributed import Communicator, local_communicator
 from .errors import InfluenceConfigError, InfluenceRuntimeError
 from .functional import batch_size_of
 from .guards import preserved_rng
 from .objective import IGNORE_INDEX, LossFn, Objective
 from .problem import InfluenceProblem
 from .results import InfluenceResults, diagnostics_layout
-from .scoring import checked_grads, influence_scores, self_influence as _self_influence
-from .solvers import FactoredInverse, SolverSettings, resolve_solver
-from .validation import check_run_arguments, resolve_dtype, warn_num_queries
+from .scoring import checked_grads, influence_scores, score_shard, self_influence as _solved_self_influence
+from .solvers import FactoredInverse, InverseHVP, SolverSettings, resolve_solver
+from .validation import RunArguments, check_run_arguments, warn_num_queries
 
-__all__ = ["compute_influence", "ProgressFn", "DEFAULT_DAMPING"]
+__all__ = ["DEFAULT_DAMPING", "ProgressFn", "QueryGradients", "SolvedQueries", "bind", "compute_influence",
+           "fit_inverse", "frozen_module", "preflight", "query_gradients", "self_influence_scores", "solve_queries"]
 
 #: ``progress(phase, done, total)``, called as each phase advances; phases are ``"query_gradients"``,
 #: ``"solve"``, ``"scoring"`` and ``"self_influence"``.
@@ -37,17 +55,6 @@ ProgressFn = Callable[[str, int, int], None]
 
 #: Damping used when the model was trained without a coupled L2 penalty (Hessian units).
 DEFAULT_DAMPING = 1e-3
-#: memory for one chunk of per-example gradients ``[B, P]``: the chunk shrinks as the model grows
-GRAD_CHUNK_BYTES = 256 * 2**20
-
-
-def grad_chunk_size(chunk_size: int, num_params: int, dtype: torch.dtype) -> int:
-    """Examples per per-example-gradient chunk: ``chunk_size``, or fewer so that ``[B, P]`` stays within
-    :data:`GRAD_CHUNK_BYTES` (at least 1)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return int(max(1, min(chunk_size, GRAD_CHUNK_BYTES // max(1, num_params * itemsize))))
-
-
 @contextlib.contextmanager
 def frozen_module(module: nn.Module) -> Iterator[None]:
     """Eval mode and autocast off for the duration; every
@@ -89,11 +96,11 @@ def preflight(
     examples) and, when ``query_dataset`` is given, the queries (the explicit ``query_indices`` in range,
     the batch format, labels and loss on the first few of them, or of the dataset). Random states and
     the model are left as they were."""
-    dtype = resolve_dtype(dtype)
+    args = check_run_arguments(params=params, dtype=dtype)
     with preserved_rng(), frozen_module(model):
-        objective, _ = _bind(model, train_dataset, loss_fn, params, collate_fn, dtype)
+        objective = bind(model, train_dataset, args, loss_fn=loss_fn, collate_fn=collate_fn).objective
         if solver is not None:
-            resolve_solver(solver).check_size(objective.num_params, dtype)
+            resolve_solver(solver).check_size(objective.num_params, args.dtype)
         if query_dataset is not None:
             queries = ExampleSource(query_dataset, query_collate_fn, objective.prepare_batch,
                                     indices=query_indices, what="query")
@@ -105,22 +112,34 @@ def preflight(
             objective.check_per_example(batch)
 
 
-def _bind(
+def bind(
     model: nn.Module,
     train_dataset: Dataset,
-    loss_fn: Optional[LossFn],
-    params: Optional[Union[str, Sequence[str]]],
-    collate_fn: Optional[Collate],
-    dtype: torch.dtype,
-) -> Tuple[Objective, ExampleSource]:
-    """Objective and training examples, checked on a few examples (call inside :func:`frozen_module`)."""
-    objective = Objective(model, params=params, loss_fn=loss_fn, dtype=dtype)
+    args: Optional[RunArguments] = None,
+    *,
+    loss_fn: Optional[LossFn] = None,
+    collate_fn: Optional[Collate] = None,
+    comm: Optional[Communicator] = None,
+) -> InfluenceProblem:
+    """Phase 1: the objective and the training examples as an :class:`InfluenceProblem`, checked on a
+    few examples (format, labels, a finite per-example loss). Call inside :func:`frozen_module`.
+
+    Args:
+        model: the trained model; ``args.params`` selects the attributed parameters, ``args.dtype`` the
+            dtype of the maths.
+        train_dataset: map-style training dataset (column ``i`` of the scores is its example ``i``).
+        args: the checked run arguments (default: :func:`check_run_arguments` defaults).
+        loss_fn / collate_fn: as in :func:`compute_influence`.
+        comm: the processes sharing the work; each holds a contiguous shard of the training set.
+    """
+    args = args or check_run_arguments()
+    objective = Objective(model, params=args.params, loss_fn=loss_fn, dtype=args.dtype)
     train = ExampleSource(train_dataset, collate_fn, objective.prepare_batch, what="training")
     positions = torch.arange(min(len(train), PREFLIGHT_EXAMPLES))
     batch = train.batch(positions)
     objective.check_targets(batch, positions.tolist(), "training")
     objective.check_per_example(batch)
-    return objective, train
+    return InfluenceProblem(objective, train, args.forward_chunk, args.grad_chunk_for(objective.num_params), comm)
 
 
 def _checked_losses(objective: Objective, source: ExampleSource, start: int, batch: Any, what: str) -> Tensor:
@@ -139,11 +158,12 @@ def _checked_losses(objective: Objective, source: ExampleSource, start: int, bat
         ) from err
 
 
-def check_finite_losses(objective: Objective, source: ExampleSource, chunk_size: int) -> None:
-    """One forward pass over ``source``; raises naming the first example whose label is out of range or
-    whose loss is NaN/inf."""
-    for start, batch in source.chunks(chunk_size):
-        bad = (~torch.isfinite(_checked_losses(objective, source, start, batch, "training"))).nonzero()
+def check_finite_losses(problem: InfluenceProblem) -> None:
+    """One forward pass over this process's shard of the training set; raises naming the first example
+    whose label is out of range or whose loss is NaN/inf."""
+    source = problem.shard
+    for start, batch in source.chunks(problem.chunk_size):
+        bad = (~torch.isfinite(_checked_losses(problem.objective, source, start, batch, "training"))).nonzero()
         if bad.numel():
             i = int(source.indices[start + int(bad[0])])
             raise InfluenceRuntimeError(
@@ -183,9 +203,11 @@ def compute_influence(
     collate_fn: Optional[Collate] = None,
     query_collate_fn: Optional[Collate] = None,
     chunk_size: int = 256,
+    grad_chunk_size: Optional[int] = None,
     query_batch_size: Optional[int] = None,
     dtype: Union[torch.dtype, str] = torch.float32,
     progress: Optional[ProgressFn] = None,
+    comm: Optional[Communicator] = None,
 ) -> InfluenceResults:
     """Influence of every training example on chosen query examples (Koh & Liang, 2017).
 
@@ -221,20 +243,26 @@ def compute_influence(
             ``lambda_max_estimate``.
         self_influence: also compute ``I_up,loss(z_i, z_i)`` for every training example.
         collate_fn / query_collate_fn: how examples become batches (default ``default_collate``).
-        chunk_size: training examples per per-sample-gradient chunk and per full-data HVP chunk.
+        chunk_size: training examples per forward pass and per full-data HVP chunk.
+        grad_chunk_size: training examples per per-example-gradient chunk ``[B, P]`` (default:
+            ``chunk_size``, or fewer so that the chunk stays within 256 MiB).
         query_batch_size: right-hand sides solved together (default: all queries at once); does not
             change the results.
         dtype: dtype of the influence maths: ``torch.float32`` (default) or ``torch.float64`` (for
             references), or their names ``"float32"``/``"float64"``; half precision is refused.
         progress: optional ``progress(phase, done, total)`` hook.
+        comm: the processes sharing the work (default: this one alone). Every process makes the same
+            call; each scores its shard of the training set, full-data passes are all-reduced and every
+            process returns the same results (see :mod:`lightning_influence.distributed`). A failure on
+            one process raises on every process.
 
     Returns:
         :class:`InfluenceResults` with scores ``[Q, N]`` (positive = harmful, negative = helpful).
     """
     t_start = time.perf_counter()
     args = check_run_arguments(num_queries=num_queries, query_indices=query_indices, params=params,
-                               chunk_size=chunk_size, query_batch_size=query_batch_size, dtype=dtype)
-    query_indices, dtype = args.query_indices, args.dtype
+                               chunk_size=chunk_size, grad_chunk_size=grad_chunk_size,
+                               query_batch_size=query_batch_size, dtype=dtype)
     settings = resolve_solver(solver)
     damping_spec = resolve_damping(damping)
     if train_dataset is None:
@@ -244,108 +272,55 @@ def compute_influence(
     report = progress or (lambda phase, done, total: None)
     timings: Dict[str, float] = {}
 
-    with preserved_rng(), frozen_module(model):
-        objective, train = _bind(model, train_dataset, loss_fn, params, collate_fn, dtype)
-        settings.check_size(objective.num_params, dtype)  # before any pass over the data
-        n = len(train)
-        check_finite_losses(objective, train, chunk_size)
-        qdata = train_dataset if query_dataset is None else query_dataset
-        qcollate = query_collate_fn or (collate_fn if query_dataset is None else None)
-        if query_indices is None:
-            candidates = ExampleSource(qdata, qcollate, objective.prepare_batch, what="query")
-            query_indices = select_queries(objective, candidates, num_queries, chunk_size).tolist()
-        queries = ExampleSource(qdata, qcollate, objective.prepare_batch, indices=query_indices, what="query")
-        q = len(queries)
+    comm = local_communicator(comm)
+    with preserved_rng(), frozen_module(model), comm.agreement():
+        problem = bind(model, train_dataset, args, loss_fn=loss_fn, collate_fn=collate_fn, comm=comm)
+        settings.check_size(problem.num_params, args.dtype)  # before any pass over the data
+        check_finite_losses(problem)
 
-        # 1. query gradients, losses, predictions
         t0 = time.perf_counter()
-        grads: List[Tensor] = []
-        losses: List[Tensor] = []
-        preds: List[Tensor] = []
-        targets: List[Tensor] = []
-        ignored: List[int] = []
-        for start, batch in queries.chunks(chunk_size):
-            ignored += objective.check_targets(batch, queries.indices[start : start + batch_size_of(batch)].tolist(),
-                                               "query")
-            grads.append(checked_grads(objective.loss, objective.space, objective.theta, batch, "query", start,
-                                       indices=queries.indices))
-            losses.append(objective.losses(batch))
-            out = objective.outputs(batch)
-            if out is not None and out.dim() == 2:
-                preds.append(out.argmax(dim=1))
-            if not objective.uses_hook and isinstance(batch[1], Tensor) and batch[1].dim() == 1:
-                targets.append(batch[1])
-            report("query_gradients", start + grads[-1].shape[0], q)
-        if ignored:
-            warnings.warn(
-                f"query examples {ignored[:10]} have the label {IGNORE_INDEX} (cross-entropy's ignore_index): their "
-                "loss and gradient are zero, so their rows of scores are all 0. Choose other query_indices.",
-                UserWarning,
-                stacklevel=2,
-            )
-        g_query = torch.cat(grads)
+        queries = query_gradients(problem, query_dataset, query_indices=args.query_indices,
+                                  num_queries=args.num_queries, query_collate_fn=query_collate_fn,
+                                  collate_fn=collate_fn, progress=report)
         timings["query_gradients"] = time.perf_counter() - t0
 
-        # 2. s_test = (H + λI)⁻¹ ∇L(z_q), batched over queries; the solver resolves the damping by its rule
         t0 = time.perf_counter()
-        problem = InfluenceProblem(objective, train, chunk_size, grad_chunk_size(chunk_size, objective.num_params, dtype))
-        inverse = settings.fit(problem, damping_spec)
+        inverse = fit_inverse(problem, settings, damping_spec)
         timings["solver_setup"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        qb = query_batch_size or q
-        s_parts, solve_chunks = [], []
-        for s in range(0, q, qb):
-            res = inverse.solve(g_query[s : s + qb])
-            s_parts.append(res.solution)
-            solve_chunks.append((s, s + res.solution.shape[0], res.diagnostics))
-            report("solve", min(s + qb, q), q)
-        s_test = torch.cat(s_parts)
+        solved = solve_queries(inverse, queries.grads, args.query_batch_size, report)
         timings["solve"] = time.perf_counter() - t0
 
-        # 3. scores, streamed over the training set; self-influence in the same pass for a factored inverse
+        # scores, streamed over the training set; self-influence in the same pass for a factored inverse
         t0 = time.perf_counter()
-        done = [0]
-
-        def scoring_progress(b: int) -> None:
-            done[0] += b
-            report("scoring", done[0], n)
-
+        n = problem.num_examples
         factored = isinstance(inverse, FactoredInverse)
-        self_diags: List[List[Diagnostic]] = []
-
-        def quadratic(g: Tensor) -> Tensor:
-            values, diags = inverse.quadratic(g)
-            self_diags.append(diags)
-            return values
-
-        scores, self_inf = influence_scores(problem, s_test, scoring_progress,
+        quadratic = _Quadratic(inverse)  # self-influence in the scoring pass (factored inverse)
+        scores, self_inf = influence_scores(problem, solved.s_test, _counter(report, "scoring", n),
                                             quadratic if self_influence and factored else None)
         timings["scoring"] = time.perf_counter() - t0
+        self_diags = combine_scalars(quadratic.diagnostics)
 
-        # 4. self-influence of an iterative solver: its training gradients solved as batches of right-hand sides
         if self_influence and not factored:
             t0 = time.perf_counter()
-            done[0] = 0
-
-            def self_progress(b: int) -> None:
-                done[0] += b
-                report("self_influence", done[0], n)
-
-            self_inf = _self_influence(problem, quadratic, query_batch_size or chunk_size, self_progress)
+            self_inf, self_diags = self_influence_scores(problem, inverse, args.query_batch_size or args.forward_chunk,
+                                                         report)
             timings["self_influence"] = time.perf_counter() - t0
 
     timings["total"] = time.perf_counter() - t_start
+    objective = problem.objective
     run_settings: Dict[str, Any] = {
         **settings.to_dict(),
         **inverse.damping_record,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": str(args.dtype).replace("torch.", ""),
         "params": list(objective.param_names),
         "num_params": objective.num_params,
         "num_train_total": n,
-        "num_queries": q,
-        "chunk_size": chunk_size,
+        "num_queries": len(queries.indices),
+        "chunk_size": args.forward_chunk,
         "grad_chunk_size": problem.grad_chunk_size,
-        "query_batch_size": qb,
+        "query_batch_size": solved.batch_size,
+        "processes": problem.comm.world_size,
         "loss": "influence_loss" if objective.uses_hook else getattr(objective.loss_fn, "__name__", "loss_fn"),
         "fisher": objective.fisher,
         "device": str(objective.device),
@@ -353,20 +328,178 @@ def compute_influence(
     diagnostics = diagnostics_layout(
         settings.name,
         inverse.setup,
-        solve_chunks,
-        combine_scalars(self_diags),
+        solved.chunks,
+        self_diags,
         [Diagnostic("hvp_calls", inverse.hvp_calls, "HVPs in all",
                     "batched Hessian-vector products over the whole run (setup, solves, self-influence)", "sum")],
     )
     return InfluenceResults(
         scores=scores.cpu(),
-        query_indices=torch.as_tensor(list(query_indices), dtype=torch.long),
-        train_indices=train.indices.clone(),
-        query_losses=torch.cat(losses).cpu(),
+        query_indices=queries.indices.clone(),
+        train_indices=problem.train.indices.clone(),
+        query_losses=queries.losses.cpu(),
         self_influence=None if self_inf is None else self_inf.cpu(),
-        query_targets=torch.cat(targets).cpu() if len(targets) == len(losses) and targets else None,
-        query_predictions=torch.cat(preds).cpu() if len(preds) == len(losses) and preds else None,
+        query_targets=None if queries.targets is None else queries.targets.cpu(),
+        query_predictions=None if queries.predictions is None else queries.predictions.cpu(),
         settings=run_settings,
         diagnostics=diagnostics,
         timings=timings,
     )
+
+
+# ---------------------------------------------------------------------------------------------- phases
+@dataclass(frozen=True)
+class QueryGradients:
+    """Phase 2's output: the queries and what the maths and the reports need of them.
+
+    Attributes:
+        indices: dataset positions of the queries ``[Q]``.
+        grads: ``∇L(z_q, θ̂)`` ``[Q, P]`` (the attributed parameters, flat).
+        losses: ``L(z_q, θ̂)`` ``[Q]``.
+        predictions: argmax of 2-D outputs ``[Q]``, or ``None``.
+        targets: 1-D integer labels ``[Q]`` of ``(inputs, targets)`` batches, or ``None``.
+    """
+
+    indices: Tensor
+    grads: Tensor
+    losses: Tensor
+    predictions: Optional[Tensor]
+    targets: Optional[Tensor]
+
+
+def query_gradients(
+    problem: InfluenceProblem,
+    query_dataset: Optional[Dataset] = None,
+    *,
+    query_indices: Optional[Sequence[int]] = None,
+    num_queries: int = 16,
+    query_collate_fn: Optional[Collate] = None,
+    collate_fn: Optional[Collate] = None,
+    progress: Optional[ProgressFn] = None,
+) -> QueryGradients:
+    """Phase 2: the queries (``query_indices`` of ``query_dataset``, or its ``num_queries`` highest-loss
+    examples) with their gradients, losses and predictions. ``query_dataset`` defaults to the training
+    set (then ``collate_fn`` collates it). The same on every process (no collectives)."""
+    objective = problem.objective
+    qdata = problem.train.dataset if query_dataset is None else query_dataset
+    qcollate = query_collate_fn or (collate_fn if query_dataset is None else None)
+    chunk = problem.chunk_size
+    if query_indices is None:
+        candidates = ExampleSource(qdata, qcollate, objective.prepare_batch, what="query")
+        query_indices = select_queries(objective, candidates, num_queries, chunk).tolist()
+    queries = ExampleSource(qdata, qcollate, objective.prepare_batch, indices=query_indices, what="query")
+    q = len(queries)
+    report = progress or (lambda phase, done, total: None)
+    grads: List[Tensor] = []
+    losses: List[Tensor] = []
+    preds: List[Tensor] = []
+    targets: List[Tensor] = []
+    ignored: List[int] = []
+    for start, batch in queries.chunks(chunk):
+        ignored += objective.check_targets(batch, queries.indices[start : start + batch_size_of(batch)].tolist(),
+                                           "query")
+        grads.append(checked_grads(objective.loss, objective.space, objective.theta, batch, "query", start,
+                                   indices=queries.indices))
+        losses.append(objective.losses(batch))
+        out = objective.outputs(batch)
+        if out is not None and out.dim() == 2:
+            preds.append(out.argmax(dim=1))
+        if not objective.uses_hook and isinstance(batch[1], Tensor) and batch[1].dim() == 1:
+            targets.append(batch[1])
+        report("query_gradients", start + grads[-1].shape[0], q)
+    if ignored:
+        warnings.warn(
+            f"query examples {ignored[:10]} have the label {IGNORE_INDEX} (cross-entropy's ignore_index): their "
+            "loss and gradient are zero, so their rows of scores are all 0. Choose other query_indices.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return QueryGradients(
+        indices=queries.indices.clone(),
+        grads=torch.cat(grads),
+        losses=torch.cat(losses),
+        predictions=torch.cat(preds) if len(preds) == len(losses) and preds else None,
+        targets=torch.cat(targets) if len(targets) == len(losses) and targets else None,
+    )
+
+
+def fit_inverse(
+    problem: InfluenceProblem,
+    solver: Union[str, SolverSettings] = "lissa",
+    damping: Union[float, str, AutoDamping] = DEFAULT_DAMPING,
+) -> InverseHVP:
+    """Phase 3: the solver fitted to the problem, ``(H + λI)⁻¹`` ready to apply; the solver resolves
+    ``damping`` by its own rule (the λ used is in ``inverse.damping_record``)."""
+    return resolve_solver(solver).fit(problem, resolve_damping(damping))
+
+
+@dataclass(frozen=True)
+class SolvedQueries:
+    """``s_test = (H + λI)⁻¹ ∇L(z_q)`` ``[Q, P]``, the query batch size and each batch's
+    ``(start, stop, diagnostics)``."""
+
+    s_test: Tensor
+    batch_size: int
+    chunks: List[Tuple[int, int, List[Diagnostic]]]
+
+
+def solve_queries(inverse: InverseHVP, grads: Tensor, query_batch_size: Optional[int] = None,
+                  progress: Optional[ProgressFn] = None) -> SolvedQueries:
+    """Phase 3 (continued): ``s_test`` for every row of ``grads`` ``[Q, P]``, ``query_batch_size`` rows
+    at a time (default all; the results do not depend on it)."""
+    q = grads.shape[0]
+    qb = query_batch_size or q
+    parts, chunks = [], []
+    for s in range(0, q, qb):
+        res = inverse.solve(grads[s : s + qb])
+        parts.append(res.solution)
+        chunks.append((s, s + res.solution.shape[0], res.diagnostics))
+        if progress:
+            progress("solve", min(s + qb, q), q)
+    return SolvedQueries(torch.cat(parts), qb, chunks)
+
+
+def self_influence_scores(problem: InfluenceProblem, inverse: InverseHVP, batch_size: Optional[int] = None,
+                          progress: Optional[ProgressFn] = None) -> Tuple[Tensor, List[Diagnostic]]:
+    """Phase 5: ``I_up,loss(z_i, z_i) = −∇L(z_i)ᵀ(H + λI)⁻¹∇L(z_i)`` for every training example ``[N]``
+    (≤ 0; the most negative are the likeliest mislabelled or atypical), and the solver's diagnostics of
+    those solves. A factored inverse does it in one streamed pass over this process's shard, gathered;
+    an iterative one solves the gradients as batches of ``batch_size`` right-hand sides (default
+    ``problem.chunk_size``), every process walking the whole training set with the HVPs split by shard."""
+    n = problem.num_examples
+    quadratic = _Quadratic(inverse)
+    if isinstance(inverse, FactoredInverse):
+        empty = torch.zeros(0, problem.num_params, dtype=problem.dtype, device=problem.device)
+        _, values = score_shard(problem, empty, _counter(progress, "self_influence", n), quadratic)
+        assert values is not None
+        values = problem.comm.gather_columns(values)
+    else:
+        values = _solved_self_influence(problem, quadratic, batch_size or problem.chunk_size,
+                                        _counter(progress, "self_influence", n))
+    return values, combine_scalars(quadratic.diagnostics)
+
+
+class _Quadratic:
+    """``inverse.quadratic`` as a plain function of the gradients, keeping each call's diagnostics."""
+
+    def __init__(self, inverse: InverseHVP) -> None:
+        self.inverse = inverse
+        self.diagnostics: List[List[Diagnostic]] = []
+
+    def __call__(self, g: Tensor) -> Tensor:
+        values, diags = self.inverse.quadratic(g)
+        self.diagnostics.append(diags)
+        return values
+
+
+def _counter(progress: Optional[ProgressFn], phase: str, total: int) -> Optional[Callable[[int], None]]:
+    """A ``progress(examples_done_now)`` counter reporting ``(phase, done, total)``."""
+    if progress is None:
+        return None
+    done = [0]
+
+    def step(b: int) -> None:
+        done[0] += b
+        progress(phase, done[0], total)
+
+    return step

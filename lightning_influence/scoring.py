@@ -14,7 +14,7 @@ from .functional import ParamSpace, PerExampleLoss, batch_size_of, per_sample_gr
 if TYPE_CHECKING:  # pragma: no cover
     from .problem import InfluenceProblem
 
-__all__ = ["checked_grads", "influence_scores", "self_influence", "top_k"]
+__all__ = ["checked_grads", "influence_scores", "score_shard", "self_influence", "top_k"]
 
 #: ``quadratic(G [B, P]) -> [B]``: ``gᵢᵀ (H + λI)⁻¹ gᵢ`` per row
 Quadratic = Callable[[Tensor], Tensor]
@@ -58,13 +58,27 @@ def influence_scores(
         ``([Q, N] scores, [N] self-influence or None)`` on ``s_test``'s device, in the training set's
         order. Positive scores = harmful (upweighting ``z_i`` raises the query loss), negative = helpful.
     """
-    n = problem.num_examples
-    scores = torch.empty(s_test.shape[0], n, dtype=s_test.dtype, device=s_test.device)
-    self_inf = torch.empty(n, dtype=s_test.dtype, device=s_test.device) if quadratic is not None else None
+    scores, self_inf = score_shard(problem, s_test, progress, quadratic)
+    comm = problem.comm
+    return comm.gather_columns(scores), None if self_inf is None else comm.gather_columns(self_inf)
+
+
+def score_shard(
+    problem: "InfluenceProblem",
+    s_test: Tensor,
+    progress: Progress = None,
+    quadratic: Optional[Quadratic] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`influence_scores` for this process's shard of the training set only (no collectives):
+    ``([Q, N_shard] scores, [N_shard] self-influence or None)``, columns ``problem.shard_bounds``."""
+    lo, hi = problem.shard_bounds
+    scores = torch.empty(s_test.shape[0], hi - lo, dtype=s_test.dtype, device=s_test.device)
+    self_inf = torch.empty(hi - lo, dtype=s_test.dtype, device=s_test.device) if quadratic is not None else None
     for start, batch, g in problem.grad_chunks():
-        scores[:, start : start + g.shape[0]] = -(s_test @ g.T)
+        cols = slice(start - lo, start - lo + g.shape[0])
+        scores[:, cols] = -(s_test @ g.T)
         if quadratic is not None:
-            self_inf[start : start + g.shape[0]] = -quadratic(g)
+            self_inf[cols] = -quadratic(g)
         del g
         if progress:
             progress(batch_size_of(batch))
@@ -78,6 +92,10 @@ def self_influence(problem: "InfluenceProblem", quadratic: Quadratic, chunk_size
 
     For positive definite ``H + λI`` the values are ≤ 0; the most negative ones (largest magnitude) are the
     examples the model depends on most to fit themselves: likely mislabelled or atypical.
+
+    Over several processes every one walks the whole training set in the same chunks (the right-hand
+    sides must be the same everywhere), and the solver splits each solve's Hessian-vector products by
+    shard.
     """
     out = torch.empty(problem.num_examples, dtype=problem.dtype, device=problem.device)
     for start, batch in problem.train.chunks(chunk_size):

@@ -156,36 +156,67 @@ def warn_num_queries(num_queries: int, available: int, name: str = "num_queries"
 
 @dataclass(frozen=True)
 class RunArguments:
-    """The checked run arguments common to the callback and :func:`compute_influence`."""
+    """The checked run arguments common to the callback and :func:`compute_influence`, built once by
+    :func:`check_run_arguments`.
+
+    Attributes:
+        num_queries: highest-loss queries to pick when ``query_indices`` is ``None``.
+        query_indices: dataset positions of the queries, or ``None``.
+        params: names or prefixes of the attributed parameters (``None``: all trainable).
+        forward_chunk: examples per forward pass and per full-data HVP chunk (the public ``chunk_size``).
+        grad_chunk: examples per per-example-gradient chunk ``[B, P]``; ``None``: ``forward_chunk``, or
+            fewer so that the chunk stays within :data:`GRAD_CHUNK_BYTES` (see :meth:`grad_chunk_for`).
+        query_batch_size: right-hand sides solved together (``None``: all queries at once).
+        dtype: dtype of the influence maths (float32 or float64).
+
+    HVP tangents (right-hand sides vmapped together inside one Hessian-vector product) are bounded by the
+    iterative solvers' own ``tangent_chunk`` setting.
+    """
 
     num_queries: int
     query_indices: Optional[Tuple[int, ...]]
     params: Optional[Union[str, Sequence[str]]]
-    chunk_size: int
+    forward_chunk: int
+    grad_chunk: Optional[int]
     query_batch_size: Optional[int]
     dtype: torch.dtype
+
+    def grad_chunk_for(self, num_params: int) -> int:
+        """Examples per per-example-gradient chunk for ``num_params`` parameters: ``grad_chunk`` when
+        given, else ``forward_chunk`` capped so that ``[B, P]`` fits :data:`GRAD_CHUNK_BYTES` (at least 1)."""
+        if self.grad_chunk is not None:
+            return self.grad_chunk
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return int(max(1, min(self.forward_chunk, GRAD_CHUNK_BYTES // max(1, num_params * itemsize))))
+
+
+#: memory for one chunk of per-example gradients ``[B, P]`` when ``grad_chunk`` is not given
+GRAD_CHUNK_BYTES = 256 * 2**20
 
 
 def check_run_arguments(
     *,
-    num_queries: int,
-    query_indices: Any,
-    params: Any,
-    chunk_size: int,
-    query_batch_size: Optional[int],
-    dtype: Any,
+    num_queries: int = 16,
+    query_indices: Any = None,
+    params: Any = None,
+    chunk_size: int = 256,
+    grad_chunk_size: Optional[int] = None,
+    query_batch_size: Optional[int] = None,
+    dtype: Any = torch.float32,
 ) -> RunArguments:
     """Check the arguments shared by the callback and :func:`compute_influence`; raise
     :class:`~lightning_influence.errors.InfluenceConfigError` naming the first bad one and its fix."""
     check_positive_int("num_queries", num_queries)
     check_positive_int("chunk_size", chunk_size)
+    check_positive_int("grad_chunk_size", grad_chunk_size, allow_none=True)
     check_positive_int("query_batch_size", query_batch_size, allow_none=True)
     check_params(params)
     return RunArguments(
         num_queries=num_queries,
         query_indices=check_query_indices(query_indices),
         params=params,
-        chunk_size=chunk_size,
+        forward_chunk=chunk_size,
+        grad_chunk=grad_chunk_size,
         query_batch_size=query_batch_size,
         dtype=resolve_dtype(dtype),
     )

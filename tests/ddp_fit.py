@@ -4,7 +4,13 @@ Run as a script, never imported by pytest: DDP starts the other rank by re-runni
 pytest it would re-run pytest. ``tests/test_distributed.py`` runs it in a subprocess. Each rank writes
 what it saw to ``<out>/rank<r>.json``::
 
-    python tests/ddp_fit.py OUT [--namespace lightning.pytorch] [--logger wandb|csv] [--every-n-epochs K]
+    python tests/ddp_fit.py OUT [--namespace lightning.pytorch] [--logger wandb|csv] [--solver exact]
+        [--fail-rank R] [--every-n-epochs K] [--on-error warn|raise] [--validate-after] [--compare-solvers exact,cg,...]
+
+``--fail-rank R`` makes the exact solver's solve raise on rank ``R`` only (after the collective Hessian
+pass); ``--compare-solvers`` then runs, on every rank after the fit, ``compute_influence`` split over the
+strategy's processes for each listed solver, and on rank zero the same call in one process, and writes
+``compare<rank>.json`` (largest relative difference, Pearson r, seconds, examples scored per rank).
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--namespace", default="pytorch_lightning", choices=["pytorch_lightning", "lightning.pytorch"])
     parser.add_argument("--logger", default="wandb", choices=["wandb", "csv"])
+    parser.add_argument("--solver", default="exact")
+    parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--on-error", default="warn", choices=["warn", "raise"])
+    parser.add_argument("--validate-after", action="store_true")
+    parser.add_argument("--compare-solvers", default="")
     parser.add_argument("--every-n-epochs", type=int, default=None)
     args = parser.parse_args()
 
@@ -69,8 +80,18 @@ def main() -> int:
         logger = pl.loggers.WandbLogger(project="influence-ddp", save_dir=args.out, offline=True)
     else:
         logger = pl.loggers.CSVLogger(args.out)
+    if args.fail_rank is not None:
+        from lightning_influence.solvers.exact import ExactSolver
+
+        def failing_solve(self, rhs, _solve=ExactSolver.solve):
+            if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == args.fail_rank:
+                raise RuntimeError(f"injected failure on rank {args.fail_rank}")
+            return _solve(self, rhs)
+
+        ExactSolver.solve = failing_solve
     calls = []
-    cb = InfluenceCallback(num_queries=3, solver="exact", top_k=3, self_influence=True, every_n_epochs=args.every_n_epochs,
+    cb = InfluenceCallback(num_queries=3, solver=args.solver, top_k=3, self_influence=True, on_error=args.on_error,
+                           every_n_epochs=args.every_n_epochs,
                            on_results=lambda trainer, module, results: calls.append(results.settings["epoch"]))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_epochs=2, logger=logger, callbacks=[cb], default_root_dir=args.out,
@@ -79,7 +100,12 @@ def main() -> int:
     )
     torch.manual_seed(0)
     train, val = data()
-    trainer.fit(Classifier(), DataLoader(train, batch_size=16), DataLoader(val, batch_size=16))
+    model = Classifier()
+    trainer.fit(model, DataLoader(train, batch_size=16), DataLoader(val, batch_size=16))
+    if args.validate_after:
+        trainer.validate(model, DataLoader(val, batch_size=16), verbose=False)
+    if args.compare_solvers:
+        compare(trainer, model, cb, train, val, args.compare_solvers.split(","), args.out)
     seen = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -99,6 +125,44 @@ def main() -> int:
 
         wandb.finish()
     return 0
+
+
+def compare(trainer, model, cb, train, val, solvers, out) -> None:
+    """Every rank: ``compute_influence`` over the strategy's processes; rank zero: also in one process."""
+    from lightning_influence import compute_influence
+    from lightning_influence.strategy import communicator_for
+
+    import time
+
+    kw = dict(query_indices=cb.results.query_indices.tolist(), damping=cb.results.settings["damping"],
+              self_influence=True, chunk_size=16)
+    report = {}
+    for solver in solvers:
+        scored = {}
+        t0 = time.perf_counter()
+        split = compute_influence(model, train, val, solver=solver, comm=communicator_for(trainer),
+                                  progress=lambda phase, done, total: scored.__setitem__(phase, done), **kw)
+        t_split = time.perf_counter() - t0
+        entry = {"seconds_split": t_split, "processes": split.settings["processes"],
+                 "scored_here": scored.get("scoring"), "shape": list(split.scores.shape)}
+        if trainer.is_global_zero:
+            t0 = time.perf_counter()
+            one = compute_influence(model, train, val, solver=solver, **kw)
+            entry["seconds_one"] = time.perf_counter() - t0
+
+            def rel(a, b):
+                return float((a - b).abs().max() / b.abs().max())
+
+            def pearson(a, b):
+                a, b = a.flatten().double(), b.flatten().double()
+                return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+            entry.update(scores_rel=rel(split.scores, one.scores), scores_r=pearson(split.scores, one.scores),
+                         self_rel=rel(split.self_influence, one.self_influence),
+                         self_r=pearson(split.self_influence, one.self_influence))
+        report[solver] = entry
+    with open(os.path.join(out, f"compare{trainer.global_rank}.json"), "w") as fh:
+        json.dump(report, fh)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ class _Rng:
     def __init__(self, problem: "InfluenceProblem", seed: int) -> None:
         dev = problem.device
         self._fork = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
-        self._seed = seed
+        self._seed = seed + 1_000_003 * problem.comm.rank  # each process's shard draws its own labels
 
     def __enter__(self) -> None:
         self._fork.__enter__()
@@ -193,6 +193,11 @@ class KroneckerInverse(FactoredInverse):
                     tokens[k] += g2.shape[0]
                 if plan.diagonal:
                     d_sum.add_(diagonal_grads(obj, plan, batch).square().sum(0))
+        # this process's shard so far: sum the statistics of every shard (one collective)
+        counts = torch.tensor([n_seen, *tokens], dtype=dtype, device=device)
+        *sums, d_sum, counts = problem.comm.all_reduce_sum_all([*a_sum, *s_sum, d_sum, counts])
+        a_sum, s_sum = sums[: len(layers)], sums[len(layers):]
+        n_seen, tokens = int(counts[0].item()), [int(c) for c in counts[1:].tolist()]
         factor_seconds = time.perf_counter() - t0
         diagonal = d_sum / n_seen
         q_a, q_s, d_a, d_s = [], [], [], []
@@ -218,6 +223,8 @@ class KroneckerInverse(FactoredInverse):
                         # rotate first: Q_Sᵀ G Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ
                         for blk in per_example_blocks(a @ q_a[k], g @ q_s[k]):
                             lam_sum[k].add_(blk.square().sum(0))
+            *lam_sum, n2_sum = problem.comm.all_reduce_sum_all([*lam_sum, torch.tensor([n2], dtype=dtype, device=device)])
+            n2 = int(n2_sum.item())
             eigenvalues = [lam / n2 for lam in lam_sum]
             correct_seconds = time.perf_counter() - t1
         for k in range(len(layers)):

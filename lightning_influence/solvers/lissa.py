@@ -301,7 +301,7 @@ class LissaSolver(InverseHVP):
     def _system(self, batch: Any, y: Tensor) -> Tensor:
         """``M_B y = S (H_B + λI) S y`` per row (``(H_B + λI) y`` without a preconditioner)."""
         x = self._precondition(y)
-        return self._precondition(self.operator.batch_hvp(batch, x) + self.damping * x)
+        return self._precondition(self.operator.minibatch_hvp(batch, x) + self.damping * x)
 
     def _full_system(self, y: Tensor) -> Tensor:
         """``M y = S (H + λI) S y`` per row on the whole training set (one full-data pass)."""
@@ -316,9 +316,9 @@ class LissaSolver(InverseHVP):
         n = op.num_examples
         signs = rademacher(n, k, seed, op.dtype, op.device)  # [n, K]
         sketch = torch.zeros(k, op.num_params, dtype=op.dtype, device=op.device)
-        for start, batch in op.data.chunks(self.problem.grad_chunk_size):
-            g = op.example_grads(batch)
+        for start, _, g in self.problem.grad_chunks():  # this process's shard; summed over shards below
             sketch.addmm_(signs[start : start + g.shape[0]].T, g)
+        sketch = self.problem.comm.all_reduce_sum(sketch)
         if not bool(torch.isfinite(sketch).all()):
             raise InfluenceRuntimeError("a training example has a NaN/inf gradient at the trained weights; check the data.")
         return sketch / math.sqrt(n)
@@ -361,8 +361,10 @@ class LissaSolver(InverseHVP):
             if not any(d.name == "tangent_chunk" for d in self.setup) and q > 8:  # once, on the first chunk
                 tune0 = self.operator.hvp_calls
                 batch = next(self.operator.minibatches(self.batch_size, _repeat_seed(st.seed, 40_000)))
-                # all-at-once is only a candidate for a moderate Q: its tangent activations grow with Q
-                chosen = self.operator.tune_tangent_chunk(batch, rhs[:64], allow_all=q <= 64)
+                # all-at-once is only a candidate for a moderate Q: its tangent activations grow with Q;
+                # timed on this process's part of a minibatch (none: an empty shard), so ranks may differ
+                chosen = (q if batch is None else
+                          self.operator.tune_tangent_chunk(batch, rhs[:64], allow_all=q <= 64))
                 self.setup.append(_d("tangent_chunk", chosen, "right-hand sides per vmap",
                                      "the fastest chunk timed on the first solve (speed and memory only)"))
                 self.setup.append(_d("tuning_hvps", self.operator.hvp_calls - tune0, "tuning HVPs",
