@@ -7,7 +7,7 @@ implies, error containment and the hand-off to reporters. The maths lives in :mo
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -15,19 +15,26 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from .checks import is_int
 from .data import check_map_dataset
 from .distributed import Communicator
 from .errors import InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError
 from .guards import interruptible, preserved_rng
 from .objective import LossFn, select_params
 from .damping import AutoDamping, resolve_damping
+from .persistence import tensor_checksum
 from .pipeline import DEFAULT_DAMPING, ProgressFn, compute_influence, preflight
 from .results import InfluenceResults
 from .solvers import SolverSettings, resolve_solver
 from .strategy import check_strategy, communicator_for
 from .validation import check_positive_int, check_run_arguments, check_writable_file
 
-__all__ = ["InfluenceCallback", "InfluenceCallbackBase", "optimizer_damping", "optimizer_l2"]
+__all__ = ["InfluenceCallback", "InfluenceCallbackBase", "OnResults", "optimizer_damping", "optimizer_l2"]
+
+#: ``on_results(trainer, pl_module, results)``, called after each influence computation on every rank
+OnResults = Callable[["pl.Trainer", "pl.LightningModule", InfluenceResults], None]
+#: version of what :meth:`InfluenceCallbackBase.state_dict` returns
+_STATE_FORMAT = 1
 
 #: optimizers whose ``weight_decay`` adds ``wd·θ`` to the gradient (an L2 term ``wd/2·‖θ‖²`` in the loss)
 _COUPLED_L2 = ("SGD", "Adam", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD")
@@ -104,9 +111,11 @@ class InfluenceCallbackBase:
     **positive = harmful** (removing the example would lower the query's loss), **negative = helpful**.
     ``H`` is the Hessian of the mean training loss at the trained weights; ``λ`` is the damping.
 
-    It runs in ``on_train_end``, on the device Lightning trained on, in ``dtype`` with autocast off,
-    with the module in eval mode; the module's weights, mode and ``requires_grad`` flags are unchanged
-    afterwards. Training examples are indexed by their position in the training *dataset*.
+    It runs in ``on_train_end`` (and, with ``every_n_epochs``, in ``on_train_epoch_end``), on the device
+    Lightning trained on, in ``dtype`` with autocast off, with the module in eval mode; the module's
+    weights, gradients, modes and ``requires_grad`` flags, the optimizer's state and the global random
+    states are unchanged afterwards, so training goes on exactly as without the callback. Training
+    examples are indexed by their position in the training *dataset*.
 
     Args:
         num_queries: how many validation examples to explain; by default those with the highest loss.
@@ -149,6 +158,29 @@ class InfluenceCallbackBase:
         report: hand the results to the reporters (loggers, W&B, HTML).
         report_path: path of the HTML report (default: ``influence/report.html`` under the log dir).
         render_example: ``render_example(example) -> value`` for report previews (e.g. a ``wandb.Image``).
+        every_n_epochs: also compute influence at the end of every ``k``-th training epoch (epochs
+            ``k-1, 2k-1, …``, 0-based), in ``on_train_epoch_end``: after that epoch's validation, so the
+            default queries come from the validation loader, and before ``ModelCheckpoint`` saves, so
+            its checkpoint holds the run. ``None`` (default): only when training ends. Each run is kept
+            in ``history`` and written to ``influence/results_epoch{k}.pt``; its scalars go to every
+            logger at that step (with ``influence/epoch``), and from the second run on the W&B run gets
+            the ``influence/over_epochs`` table. The end-of-training run still happens and writes
+            ``results.pt``, the HTML report (with an "Across epochs" section) and the W&B tables; it
+            reuses the last epoch's results instead of recomputing when the weights are bit-identical to
+            those that run saw (same global step and state-dict checksum; an averaging callback that swaps
+            weights in at the end makes it recompute).
+        on_results: ``on_results(trainer, pl_module, results)``, called after each computation (every
+            epoch run and the end-of-training run, not for reused results), on every rank, once the
+            outputs are written: to act inside the loop, e.g. down-weight the self-influence suspects for
+            the next epochs. An exception in it is handled as a failure of the computation (``on_error``).
+
+    The callback's ``state_dict`` (saved in Lightning checkpoints) holds ``history`` as plain tensors
+    and data (:meth:`InfluenceResults.to_state`: per run ``scores`` ``[Q, N]``, ``self_influence``
+    ``[N]``, the ``[N]`` int64 training indices, a few ``[Q]`` vectors, settings and diagnostics: about
+    ``(4·(Q+1) + 8)·N`` bytes per run in float32, e.g. 16 queries × 50,000 examples: 3.8 MB per run;
+    ``(8·(Q+1) + 8)·N`` in float64), the results files' paths and the
+    fingerprint of the weights the last run saw. A fit resumed with ``ckpt_path=`` gets them back; a
+    fresh fit starts with an empty ``history``.
 
     Where the data allow it, misconfiguration is refused before the first training step (in ``setup``
     and ``on_train_start``): parameters, the solver's size limit, the training and query data (format,
@@ -157,13 +189,18 @@ class InfluenceCallbackBase:
     follows draw the same random numbers as without the callback.
 
     Attributes:
-        results: the :class:`InfluenceResults` after training (``None`` before, or on failure of the
-            computation; kept when only an output failed).
-        error: the exception that stopped the computation, or the first output that failed, when
+        results: the :class:`InfluenceResults` of the latest run: after training, the end-of-training
+            run's (``None`` before, or on failure of the computation; kept when only an output failed).
+        history: ``{epoch: InfluenceResults}`` of every run of the fit, keyed by the 0-based epoch whose
+            trained weights it explains (the end-of-training run under the last epoch trained).
+        history_paths: ``{epoch: path}`` of the per-epoch results files (``every_n_epochs`` runs).
+        error: the exception that stopped the latest run, or the first output that failed, when
             ``on_error="warn"``.
-        output_errors: ``{output: exception}`` for each output that could not be written.
-        results_path: where global rank zero saved the results (set on every rank).
-        outputs: what the reporters wrote (paths, W&B run and artifact), on global rank zero.
+        errors: ``{epoch: exception}``, ``error`` of every run of the fit that had one.
+        output_errors: ``{output: exception}`` for each output of the latest run that could not be written.
+        results_path: where global rank zero saved the latest run's results (set on every rank).
+        outputs: what the reporters wrote for the latest run (paths, W&B run and artifact), on global
+            rank zero.
     """
 
     def __init__(
@@ -186,6 +223,8 @@ class InfluenceCallbackBase:
         report: bool = True,
         report_path: Optional[Union[str, os.PathLike]] = None,
         render_example: Optional[Callable[[Any], Any]] = None,
+        every_n_epochs: Optional[int] = None,
+        on_results: Optional[OnResults] = None,
     ) -> None:
         args = check_run_arguments(num_queries=num_queries, query_indices=query_indices, params=params,
                                    chunk_size=chunk_size, query_batch_size=query_batch_size, dtype=dtype)
@@ -202,6 +241,16 @@ class InfluenceCallbackBase:
             raise InfluenceConfigError(f"loss_fn={loss_fn!r} is not callable; pass loss_fn(outputs, targets) -> Tensor[B].")
         if render_example is not None and not callable(render_example):
             raise InfluenceConfigError("render_example must be callable: render_example(example) -> value.")
+        if every_n_epochs is not None and not (is_int(every_n_epochs) and every_n_epochs >= 1):
+            raise InfluenceConfigError(
+                f"every_n_epochs={every_n_epochs!r} must be a positive integer k (influence at the end of every k-th "
+                "training epoch, and when training ends) or None (only when training ends)."
+            )
+        if on_results is not None and not callable(on_results):
+            raise InfluenceConfigError(
+                f"on_results={on_results!r} is not callable; pass a function on_results(trainer, pl_module, results) "
+                "or None."
+            )
         self.solver: SolverSettings = resolve_solver(solver)
         self.num_queries = num_queries
         self.query_indices = None if args.query_indices is None else list(args.query_indices)
@@ -223,6 +272,15 @@ class InfluenceCallbackBase:
         self.error: Optional[BaseException] = None
         self.results_path: Optional[str] = None
         self.outputs: Dict[str, Any] = {}
+        self.every_n_epochs = every_n_epochs
+        self.on_results = on_results
+        self.history: Dict[int, InfluenceResults] = {}
+        self.history_paths: Dict[int, str] = {}
+        self.errors: Dict[int, BaseException] = {}
+        self._fingerprint: Optional[Dict[str, Any]] = None  # {"epoch", "global_step", "checksum"} of the last run
+        self._last_epoch: Optional[int] = None  # the last epoch whose on_train_epoch_end ran
+        self._restored = False  # load_state_dict ran for this fit: keep the history
+        self._limit_noted = False
         #: whether this fit started a training loop (None before setup): on_train_end runs only then
         self._trained: Optional[bool] = None
         self.output_errors: Dict[str, BaseException] = {}
@@ -254,6 +312,7 @@ class InfluenceCallbackBase:
         # Checks that need the dataloaders; they run before any training step so that a bad
         # configuration costs nothing.
         self._trained = True
+        self._start_history()
         train_loader = self._train_loader(trainer)
         loader = self._query_loader(trainer, required=not self._queries_may_come_later(trainer))
         if loader is not None:
@@ -273,6 +332,22 @@ class InfluenceCallbackBase:
                   query_indices=self.query_indices, num_queries=self.num_queries)
         self._check_outputs_writable(trainer)
 
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Lightning 2.x calls this after the epoch's validation (run inside the epoch loop) and before
+        # ModelCheckpoint's own on_train_epoch_end (monitoring callbacks go last): the queries' loader
+        # exists, and a checkpoint saved now includes this run in state_dict().
+        self._last_epoch = int(trainer.current_epoch)
+        if self.every_n_epochs is None or trainer.fast_dev_run or getattr(trainer, "interrupted", False):
+            return
+        if (self._last_epoch + 1) % self.every_n_epochs != 0:
+            return
+        if self.query_dataloader is None and trainer.val_dataloaders is None and self._queries_may_come_later(trainer):
+            rank_zero_info(f"InfluenceCallback: no influence at the end of epoch {self._last_epoch}: Lightning has "
+                           "not loaded the validation data yet (check_val_every_n_epoch > 1); pass "
+                           "query_dataloader= to have queries at every epoch.")
+            return
+        self._run(trainer, pl_module, self._last_epoch, final=False)
+
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if getattr(trainer, "interrupted", False):
             return
@@ -280,20 +355,101 @@ class InfluenceCallbackBase:
             rank_zero_info("InfluenceCallback: skipped under fast_dev_run (its checks ran before training); "
                            "influence is computed at the end of a full fit.")
             return
+        epoch = self._last_epoch if self._last_epoch is not None else max(int(trainer.current_epoch) - 1, 0)
+        self._run(trainer, pl_module, epoch, final=True)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a Lightning checkpoint keeps of the callback: ``history`` (each run as
+        :meth:`InfluenceResults.to_state`, plain tensors and data), ``history_paths`` and the fingerprint
+        of the weights the last run saw; see the class docstring for the size."""
+        return {
+            "format": _STATE_FORMAT,
+            "history": {int(e): r.to_state() for e, r in self.history.items()},
+            "history_paths": {int(e): str(p) for e, p in self.history_paths.items()},
+            "fingerprint": None if self._fingerprint is None else dict(self._fingerprint),
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (on ``trainer.fit(..., ckpt_path=...)``): ``history``,
+        ``history_paths`` and, as ``results``, the latest run of the history.
+
+        Raises:
+            InfluenceConfigError: the state is not an InfluenceCallback state of this version.
+        """
+        if not isinstance(state_dict, Mapping) or state_dict.get("format") != _STATE_FORMAT:
+            got = state_dict.get("format") if isinstance(state_dict, Mapping) else type(state_dict).__name__
+            raise InfluenceConfigError(
+                f"the checkpoint's InfluenceCallback state has format {got!r}; this version reads format "
+                f"{_STATE_FORMAT}. Resume without it (remove the callback's entry from the checkpoint's "
+                "'callbacks') or recompute."
+            )
+        self.history = {
+            int(e): InfluenceResults.from_state(s, f"the checkpoint's InfluenceCallback history (epoch {e})")
+            for e, s in state_dict.get("history", {}).items()
+        }
+        self.history_paths = {int(e): str(p) for e, p in state_dict.get("history_paths", {}).items()}
+        self._fingerprint = state_dict.get("fingerprint")
+        self.results = self.history[max(self.history)] if self.history else None
+        self._restored = True
+
+    def _start_history(self) -> None:
+        """A new fit starts with an empty history, unless a checkpoint just restored one."""
+        if not self._restored:
+            self.history, self.history_paths, self._fingerprint = {}, {}, None
+        self.errors = {}
+        self._restored, self._last_epoch, self._limit_noted = False, None, False
+
+    def _weights_fingerprint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int) -> Dict[str, Any]:
+        """The epoch, global step and a checksum of the module's state dict (weights and buffers)."""
+        return {"epoch": int(epoch), "global_step": int(trainer.global_step),
+                "checksum": tensor_checksum(dict(pl_module.state_dict()))}
+
+    def _reusable(self, trainer: "pl.Trainer", fingerprint: Dict[str, Any]) -> bool:
+        """Whether the end-of-training run can reuse the last epoch run: same epoch, step and weights.
+        Decided on global rank zero and broadcast, so that every rank takes the same path."""
+        same = (self._fingerprint == fingerprint and fingerprint["epoch"] in self.history)
+        return bool(trainer.strategy.broadcast(same, src=0))
+
+    def _run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int, final: bool) -> None:
+        """One influence run for the weights after ``epoch``: compute (or, at the end, reuse the last epoch
+        run), keep it in ``history``, write its outputs, call ``on_results``; failures follow ``on_error``."""
         self.results, self.error, self.results_path, self.outputs, self.output_errors = None, None, None, {}, {}
+        try:
+            self._run_guarded(trainer, pl_module, epoch, final)
+        finally:
+            if self.error is not None:
+                self.errors[epoch] = self.error
+
+    def _run_guarded(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", epoch: int, final: bool) -> None:
         with preserved_rng():
             try:
                 with interruptible("the influence computation"):
                     # collectives first, on every rank, before anything that could fail on one rank only
                     out_dir = self._out_dir(trainer)
+                    # the fingerprint is a checksum of every weight: taken only where it can be used
+                    fingerprint = (self._weights_fingerprint(trainer, pl_module, epoch)
+                                   if not final or epoch in self.history else None)
+                    reuse = fingerprint is not None and final and self._reusable(trainer, fingerprint)
                     comm = communicator_for(trainer)
                     with comm.agreement():  # a failure on one rank raises on every rank
                         train_loader = self._train_loader(trainer)
                         query_loader = self._query_loader(trainer)
                         assert query_loader is not None
-                        self._note_limited_batches(trainer, train_loader)
-                        self.results = self._compute(trainer, pl_module, train_loader, query_loader, comm)
-                    self._finish(trainer, pl_module, self.results, train_loader, query_loader, out_dir)
+                        if reuse:
+                            self.results = self.history[epoch]
+                        else:
+                            if not self._limit_noted:
+                                self._note_limited_batches(trainer, train_loader)
+                                self._limit_noted = True
+                            self.results = self._compute(trainer, pl_module, train_loader, query_loader, comm)
+                            self.results.settings.update(epoch=int(epoch),
+                                                         run="end of training" if final else "epoch end")
+                            self.history[epoch], self._fingerprint = self.results, fingerprint
+                    self._finish(trainer, pl_module, self.results, train_loader, query_loader, out_dir,
+                                 epoch=None if final else epoch)
+                    if self.on_results is not None and not reuse:
+                        with comm.agreement():  # the user's code fails on one rank: every rank stops together
+                            self.on_results(trainer, pl_module, self.results)
             except InfluenceInterrupted as err:
                 self.error = err
                 kept = " The results computed before it are in InfluenceCallback.results." if self.results else ""
@@ -302,10 +458,11 @@ class InfluenceCallbackBase:
                 self.error = err
                 if self.on_error == "raise":
                     raise
+                where = "when training ended" if final else f"at the end of epoch {epoch}"
                 rank_zero_warn(
-                    f"InfluenceCallback failed ({type(err).__name__}: {err}). Training, its weights and checkpoints "
-                    "are unaffected; the exception is kept in InfluenceCallback.error. Pass on_error='raise' to "
-                    "stop on it instead."
+                    f"InfluenceCallback failed ({type(err).__name__}: {err}) {where}. Training, its weights and "
+                    "checkpoints are unaffected; the exception is kept in InfluenceCallback.error. Pass "
+                    "on_error='raise' to stop on it instead."
                 )
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -483,20 +640,38 @@ class InfluenceCallbackBase:
         train_loader: DataLoader,
         query_loader: DataLoader,
         out_dir: Optional[str],
+        epoch: Optional[int] = None,
     ) -> None:
         """Write every output on global rank zero (no collectives); each fails on its own (its own warning,
         or one error naming them all for ``on_error="raise"`` once all were tried), and ``results`` stays
-        in ``self.results``."""
+        in ``self.results``. ``epoch``: a run inside the loop (``results_epoch{k}.pt``, the loggers'
+        scalars and the W&B over-epochs table, :func:`~lightning_influence.reporting.report_epoch`);
+        ``None``: the end-of-training outputs."""
         failures: Dict[str, BaseException] = {}
         if self.save_results and out_dir is not None:
-            self.results_path = os.path.join(out_dir, "results.pt")
+            self.results_path = os.path.join(out_dir, "results.pt" if epoch is None else f"results_epoch{epoch}.pt")
+            if epoch is not None:
+                self.history_paths[epoch] = self.results_path
             if trainer.is_global_zero:
                 try:
                     os.makedirs(out_dir, exist_ok=True)
                     results.save(self.results_path)
                 except Exception as err:  # noqa: BLE001 - the other outputs still go out
                     failures["results file"], self.results_path = err, None
-        if self.report and trainer.is_global_zero:
+                    if epoch is not None:
+                        self.history_paths.pop(epoch, None)
+        if self.report and trainer.is_global_zero and epoch is not None:
+            from .reporting import report_epoch
+
+            try:
+                self.outputs = report_epoch(trainer, results, epoch=epoch, history=self.history,
+                                            train_dataset=train_loader.dataset, top_k=self.top_k,
+                                            render_example=self.render_example)
+            except Exception as err:  # noqa: BLE001
+                failures["report"] = err
+            else:
+                failures.update(self.outputs.get("errors") or {})
+        elif self.report and trainer.is_global_zero:
             from .reporting import report_influence
 
             report_path = self.report_path if self.report_path is not None else os.path.join(out_dir or ".", "report.html")
@@ -511,6 +686,8 @@ class InfluenceCallbackBase:
                     report_path=report_path,
                     render_example=self.render_example,
                     top_k=self.top_k,
+                    history=self.history,
+                    history_paths=self.history_paths,
                 )
             except Exception as err:  # noqa: BLE001
                 failures["report"] = err

@@ -324,18 +324,55 @@ class InfluenceResults:
         return -self.scores / float(self.settings.get("num_train_total", self.num_train))
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the results with ``torch.save`` (tensors on the CPU, plain-data settings, a checksum of
-        the tensors), atomically: a failed write leaves an existing file at ``path`` untouched.
-
-        Raises:
-            ResultsFileError: the file could not be written (the message gives the errno and free space).
-        """
+    def to_state(self) -> Dict[str, Any]:
+        """The results as plain data: every field (tensors detached, on the CPU; settings, diagnostics and
+        timings as they are), ``format_version`` and a ``checksum`` of the tensors. What :meth:`save`
+        writes and the callback's ``state_dict`` stores; :meth:`from_state` reads it back."""
         state = {f.name: getattr(self, f.name) for f in fields(self)}
         state = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in state.items()}
         state["format_version"] = _FORMAT_VERSION
         state["checksum"] = tensor_checksum(tensors_of(state))
-        atomic_save(state, path)
+        return state
+
+    @classmethod
+    def from_state(cls, state: Any, source: str = "the results state") -> "InfluenceResults":
+        """Results from :meth:`to_state`'s plain data (not modified), checked as :meth:`load` checks a file;
+        ``source`` names where the state came from in error messages.
+
+        Raises:
+            InfluenceConfigError: not an InfluenceResults state of the current format.
+            ResultsFileError: tensors not matching their checksum, unknown fields, wrong shapes or NaN/inf.
+        """
+        state = dict(state) if isinstance(state, Mapping) else state
+        version = state.pop("format_version", None) if isinstance(state, dict) else None
+        if version is None:
+            raise InfluenceConfigError(f"{source} is not an InfluenceResults file (no format_version).")
+        if version != _FORMAT_VERSION:
+            raise InfluenceConfigError(
+                f"{source} is an InfluenceResults file of format {version}; this version of "
+                f"lightning-influence reads format {_FORMAT_VERSION} only. Recompute the results."
+            )
+        checksum = state.pop("checksum", None)  # absent in files written before checksums
+        if checksum is not None and checksum != tensor_checksum(tensors_of(state)):
+            raise ResultsFileError(
+                f"{source} is corrupted: its tensors do not match the checksum written with them "
+                "(bytes changed on disk or in transfer). Recompute the results."
+            )
+        unknown = sorted(set(state) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ResultsFileError(f"{source} has unknown fields {unknown}; it is not an InfluenceResults file.")
+        check_results_state(state, source)
+        return cls(**state)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the results with ``torch.save`` (:meth:`to_state`: tensors on the CPU, plain-data
+        settings, a checksum of the tensors), atomically: a failed write leaves an existing file at
+        ``path`` untouched.
+
+        Raises:
+            ResultsFileError: the file could not be written (the message gives the errno and free space).
+        """
+        atomic_save(self.to_state(), path)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> "InfluenceResults":
@@ -347,26 +384,7 @@ class InfluenceResults:
             ResultsFileError: the file is missing, empty, truncated or corrupted (unreadable, its tensors
                 not matching their stored checksum, wrong shapes, NaN/inf scores).
         """
-        state = load_state(path, map_location)
-        version = state.pop("format_version", None) if isinstance(state, dict) else None
-        if version is None:
-            raise InfluenceConfigError(f"{os.fspath(path)} is not an InfluenceResults file (no format_version).")
-        if version != _FORMAT_VERSION:
-            raise InfluenceConfigError(
-                f"{os.fspath(path)} is an InfluenceResults file of format {version}; this version of "
-                f"lightning-influence reads format {_FORMAT_VERSION} only. Recompute the results."
-            )
-        checksum = state.pop("checksum", None)  # absent in files written before checksums
-        if checksum is not None and checksum != tensor_checksum(tensors_of(state)):
-            raise ResultsFileError(
-                f"{os.fspath(path)} is corrupted: its tensors do not match the checksum written with them "
-                "(bytes changed on disk or in transfer). Recompute the results."
-            )
-        unknown = sorted(set(state) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ResultsFileError(f"{os.fspath(path)} has unknown fields {unknown}; it is not an InfluenceResults file.")
-        check_results_state(state, os.fspath(path))
-        return cls(**state)
+        return cls.from_state(load_state(path, map_location), os.fspath(path))
 
     def to_dataframe(self) -> "pd.DataFrame":
         """Long-form table, one row per (query, training example): ``query_index``, ``train_index``,

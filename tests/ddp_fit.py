@@ -5,7 +5,7 @@ pytest it would re-run pytest. ``tests/test_distributed.py`` runs it in a subpro
 what it saw to ``<out>/rank<r>.json``::
 
     python tests/ddp_fit.py OUT [--namespace lightning.pytorch] [--logger wandb|csv] [--solver exact]
-        [--fail-rank R] [--on-error warn|raise] [--validate-after] [--compare-solvers exact,cg,...]
+        [--fail-rank R] [--every-n-epochs K] [--fail-on-results R] [--on-error warn|raise] [--validate-after] [--compare-solvers exact,cg,...]
 
 ``--fail-rank R`` makes the exact solver's solve raise on rank ``R`` only (after the collective Hessian
 pass); ``--compare-solvers`` then runs, on every rank after the fit, ``compute_influence`` split over the
@@ -49,6 +49,8 @@ def main() -> int:
     parser.add_argument("--on-error", default="warn", choices=["warn", "raise"])
     parser.add_argument("--validate-after", action="store_true")
     parser.add_argument("--compare-solvers", default="")
+    parser.add_argument("--every-n-epochs", type=int, default=None)
+    parser.add_argument("--fail-on-results", type=int, default=None, help="on_results raises on this rank at epoch 0")
     args = parser.parse_args()
 
     pl = importlib.import_module(args.namespace)
@@ -88,7 +90,15 @@ def main() -> int:
             return _solve(self, rhs)
 
         ExactSolver.solve = failing_solve
-    cb = InfluenceCallback(num_queries=3, solver=args.solver, top_k=3, self_influence=True, on_error=args.on_error)
+    calls = []
+
+    def on_results(trainer, module, results):
+        calls.append(results.settings["epoch"])
+        if trainer.global_rank == args.fail_on_results and results.settings["epoch"] == 0:
+            raise RuntimeError(f"on_results failed on rank {args.fail_on_results}")
+
+    cb = InfluenceCallback(num_queries=3, solver=args.solver, top_k=3, self_influence=True, on_error=args.on_error,
+                           every_n_epochs=args.every_n_epochs, on_results=on_results)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_epochs=2, logger=logger, callbacks=[cb], default_root_dir=args.out,
         strategy=strategies.DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60)),
@@ -109,6 +119,10 @@ def main() -> int:
         "shape": None if cb.results is None else list(cb.results.scores.shape),
         "results_path": cb.results_path,
         "outputs": {k: v for k, v in cb.outputs.items() if isinstance(v, str)},
+        "history": sorted(cb.history),
+        "history_paths": {str(e): p for e, p in cb.history_paths.items()},
+        "on_results": calls,
+        "errors": {str(e): f"{type(x).__name__}: {x}" for e, x in cb.errors.items()},
     }
     with open(os.path.join(args.out, f"rank{trainer.global_rank}.json"), "w") as fh:
         json.dump(seen, fh)

@@ -139,3 +139,32 @@ def test_sharded_strategies_are_refused_before_training():
     check_strategy(SimpleNamespace(strategy=object.__new__(pl.strategies.DDPStrategy), world_size=2))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False)
     assert communicator_for(trainer) is SOLO
+
+
+def test_ddp_fit_with_every_n_epochs(tmp_path):
+    """Influence after every epoch on both ranks: the same history everywhere, on_results on every rank, the
+    per-epoch files written once by rank zero, and the end reusing the last epoch's run on both ranks."""
+    output = run_ddp(tmp_path, "--every-n-epochs", "1", "--logger", "csv")
+    assert "InfluenceCallback failed" not in output, output[-4000:]
+    r0, r1 = ranks(tmp_path)
+    assert (r0["errors"], r1["errors"]) == ({}, {})
+    assert r0["history"] == r1["history"] == [0, 1]
+    assert r0["on_results"] == r1["on_results"] == [0, 1]  # the end reused epoch 1's run: no third call
+    assert r0["history_paths"] == r1["history_paths"]
+    for epoch, path in r0["history_paths"].items():
+        assert path == str(tmp_path / "lightning_logs" / "version_0" / "influence" / f"results_epoch{epoch}.pt")
+        assert InfluenceResults.load(path).scores.shape == (3, 96)
+    assert os.path.isfile(r0["results_path"])
+
+
+def test_on_results_failing_on_one_rank_is_reported_on_every_rank(tmp_path):
+    """on_results raises on rank 1 at epoch 0: under on_error='warn' rank 0 learns it at once (the callback's
+    failure agreement), both keep training in step, and epoch 1 is computed on both."""
+    output = run_ddp(tmp_path, "--every-n-epochs", "1", "--logger", "csv", "--fail-on-results", "1")
+    r0, r1 = ranks(tmp_path)
+    assert r1["errors"] == {"0": "RuntimeError: on_results failed on rank 1"}
+    assert list(r0["errors"]) == ["0"] and r0["errors"]["0"].startswith("PeerFailedError")
+    assert "on_results failed on rank 1" in r0["errors"]["0"]
+    assert "InfluenceCallback failed (PeerFailedError" in output and "at the end of epoch 0" in output
+    assert r0["history"] == r1["history"] == [0, 1] and r0["on_results"] == r1["on_results"] == [0, 1]
+    assert (r0["error"], r1["error"]) == (None, None)  # the last run (the end, reusing epoch 1) went well

@@ -85,6 +85,7 @@ trainer:
         top_k: 3
         self_influence: true
         on_error: raise
+        every_n_epochs: 1
 """
 
 
@@ -107,6 +108,7 @@ def test_cli_yaml_config_and_full_wandb_report(ns, tmp_path, monkeypatch):
     cb = cbs[0]
     assert cb.error is None and cb.results is not None and cb.results.num_train == 120
     assert cb.self_influence and cb.top_k == 3 and cb.solver.name == "exact"  # init_args arrived
+    assert cb.every_n_epochs == 1 and list(cb.history) == [0] and cb.results is cb.history[0]
     run = OfflineRun.find(tmp_path, wait=10)
     assert cb.outputs["wandb_run_dir"] == run.run_dir
     assert len(run.table("influence/queries").rows) == 2
@@ -153,15 +155,24 @@ def test_wandb_logger_found_in_either_namespace(ns, tmp_path):
 
 @pytest.mark.parametrize("ns", list(CALLBACKS))
 def test_each_callback_runs_in_the_other_namespaces_trainer(ns, tmp_path):
+    """Including the training-loop runs and their history through a checkpoint of the other namespace."""
     pl = namespace(ns)
     other = next(c for n, c in CALLBACKS.items() if n != ns)
     module, _, name = other.rpartition(".")
-    cb = getattr(importlib.import_module(module), name)(num_queries=2, solver="exact", on_error="raise",
-                                                        params=["net.1.bias"])
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=pl.loggers.CSVLogger(str(tmp_path)),
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         default_root_dir=str(tmp_path), callbacks=[cb], limit_val_batches=1)
-    trainer.fit(digits_module(pl)(n_train=80))
-    assert cb.error is None and cb.results.scores.shape == (2, 80)
+
+    def fit(root, max_epochs, ckpt_path=None):
+        cb = getattr(importlib.import_module(module), name)(num_queries=2, solver="exact", on_error="raise",
+                                                            params=["net.1.bias"], every_n_epochs=1)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=pl.loggers.CSVLogger(str(root)),
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             default_root_dir=str(root), callbacks=[cb], limit_val_batches=1)
+        trainer.fit(digits_module(pl)(n_train=80), ckpt_path=ckpt_path)
+        return cb, trainer
+
+    cb, trainer = fit(tmp_path, 2)
+    assert cb.error is None and cb.results.scores.shape == (2, 80) and sorted(cb.history) == [0, 1]
     assert cb.results_path == str(tmp_path / "lightning_logs" / "version_0" / "influence" / "results.pt")
     assert (tmp_path / "lightning_logs" / "version_0" / "influence" / "report.html").is_file()
+    trainer.save_checkpoint(str(tmp_path / "two.ckpt"))
+    resumed, _ = fit(tmp_path / "resumed", 3, ckpt_path=str(tmp_path / "two.ckpt"))
+    assert sorted(resumed.history) == [0, 1, 2] and torch.equal(resumed.history[0].scores, cb.history[0].scores)

@@ -190,10 +190,15 @@ class OfflineRun:
             raise KeyError(f"{len(rows)} history rows hold {key!r}")
         return rows[0]
 
-    def table(self, key: str) -> Table:
-        """The table logged under ``key``, read from its ``run_table`` artifact; image cells become
-        :class:`ImageCell`."""
-        ref = self.row_with(key)[key]
+    def rows_with(self, key: str) -> List[Dict[str, Any]]:
+        """Every history row that holds ``key``, in order."""
+        return [r for r in self.history if key in r]
+
+    def table(self, key: str, occurrence: Optional[int] = None) -> Table:
+        """The table logged under ``key`` (in the single row that holds it, or in row ``occurrence`` of
+        :meth:`rows_with` when it was logged several times), read from its ``run_table`` artifact; image
+        cells become :class:`ImageCell`."""
+        ref = (self.row_with(key) if occurrence is None else self.rows_with(key)[occurrence])[key]
         if ref.get("_type") != "table-file":
             raise KeyError(f"{key!r} is a {ref.get('_type')}, not a table")
         client_id, _, entry = ref["artifact_path"].removeprefix("wandb-client-artifact://").partition("/")

@@ -8,12 +8,13 @@ import html
 import math
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..results import InfluenceResults
 from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryView, SeriesLine, series_lines
+from .evolution import KINDS, Ranking, rankings
 from .previews import ExampleCatalog
 from .scalars import format_value
 
@@ -44,6 +45,7 @@ table.diag td:first-child{font-family:inherit;color:inherit}
 figure.series{margin:10px 0}figure.series figcaption{max-width:640px;color:#667;font-size:13px}
 details{margin:8px 0}
 svg text{font-family:system-ui,sans-serif}
+table.grid td.ids{text-align:left}.tid.new{font-weight:bold}
 """
 
 
@@ -332,6 +334,65 @@ def _diagnostics_section(results: InfluenceResults) -> List[str]:
     return [p for p in parts if p]
 
 
+_KIND_TITLES = {"harmful": "top harmful", "helpful": "top helpful", "self_influence": "self-influence suspects"}
+
+
+def _ids_cell(r: Optional[Ranking]) -> str:
+    if r is None:
+        return '<td class="ids muted">n/a</td><td></td>'
+    spans = "".join(
+        f'<span class="tid{" new" if r.kept is not None and prev is None else ""}" data-train-id="{i}" '
+        f'title="score {_fmt(s)}{"" if prev is None else f", rank {prev} before"}">#{i}</span>{", " if n < len(r.train_ids) - 1 else ""}'
+        for n, (i, s, prev) in enumerate(zip(r.train_ids, r.scores, r.previous_ranks))
+    )
+    kept = "" if r.kept is None else f"{r.kept}/{len(r.train_ids)}"
+    return (f'<td class="ids" data-kind="{r.kind}" data-ids="{",".join(map(str, r.train_ids))}">{spans or "none"}</td>'
+            f'<td data-kept="{"" if r.kept is None else r.kept}">{kept}</td>')
+
+
+def _evolution_section(history: Mapping[int, InfluenceResults], k: int, suspects_k: Optional[int]) -> List[str]:
+    """How the top examples move across the runs of the fit (:mod:`.evolution`): one row per run with the
+    top harmful and helpful examples by mean score over its queries and the self-influence suspects, each
+    with how many were already listed by the previous run; the same per query in a collapsed table."""
+    ranked = rankings(history, k, suspects_k)
+    kinds = [kind for kind in KINDS if any(r.kind == kind for r in ranked)]
+    by: Dict[Tuple[int, str, Optional[int]], Ranking] = {(r.epoch, r.kind, r.query_id): r for r in ranked}
+    head = "<tr><th>epoch</th><th>step</th>" + "".join(
+        f"<th>{_KIND_TITLES[kind]}{' (mean over queries)' if kind != 'self_influence' else ''}</th><th>kept</th>"
+        for kind in kinds) + "</tr>"
+    rows = []
+    for epoch in sorted(history):
+        cells = "".join(_ids_cell(by.get((epoch, kind, None))) for kind in kinds)
+        step = int(history[epoch].settings.get("global_step", -1))
+        rows.append(f'<tr data-epoch="{epoch}"><td>{epoch}</td><td>{step}</td>{cells}</tr>')
+    parts = [
+        '<section id="over-epochs"><h2>Across epochs</h2>',
+        f'<p class="muted">{len(history)} influence runs during this fit (epochs are 0-based, each run after that '
+        "epoch's training steps). Harmful and helpful examples are ranked by their mean score over the run's "
+        "queries (the influence on the mean query loss); <b>bold</b> ids were not in the previous run's list, "
+        "and <i>kept</i> counts those that were. Hover an id for its score and previous rank.</p>",
+        f'<table class="grid" id="over-epochs-table">{head}{"".join(rows)}</table>',
+    ]
+    queries = sorted({r.query_id for r in ranked if r.query_id is not None})
+    if queries:
+        qrows = []
+        for q in queries:
+            for epoch in sorted(history):
+                if (epoch, "harmful", q) not in by:
+                    continue
+                cells = "".join(_ids_cell(by.get((epoch, kind, q))) for kind in ("harmful", "helpful"))
+                qrows.append(f'<tr data-query-id="{q}" data-epoch="{epoch}"><td>#{q}</td><td>{epoch}</td>{cells}</tr>')
+        qhead = ("<tr><th>query</th><th>epoch</th><th>top harmful</th><th>kept</th><th>top helpful</th>"
+                 "<th>kept</th></tr>")
+        parts.append(
+            "<details><summary>Per query (the default queries are each run's highest-loss validation examples; "
+            "pass query_indices= to follow the same queries in every run)</summary>"
+            f'<table class="grid" id="over-epochs-per-query">{qhead}{"".join(qrows)}</table></details>'
+        )
+    parts.append("</section>")
+    return parts
+
+
 def render_html(
     results: InfluenceResults,
     views: Sequence[QueryView],
@@ -340,9 +401,15 @@ def render_html(
     query: ExampleCatalog,
     title: str = "Influence report",
     links: Optional[Dict[str, str]] = None,
+    history: Optional[Mapping[int, InfluenceResults]] = None,
+    top_k: int = 10,
+    self_influence_k: Optional[int] = None,
 ) -> str:
     """The report as one HTML string: queries with previews and their top helpful / harmful examples,
-    score histograms, self-influence suspects, settings, timings and diagnostics."""
+    score histograms, self-influence suspects, settings, timings and diagnostics; with a ``history`` of
+    more than one run (``{epoch: results}``), a section on how the ``top_k`` top examples and the
+    ``self_influence_k`` suspects moved across those runs."""
+    evolution = history is not None and len(history) > 1
     s = results.settings
     head = (
         f"{results.num_queries} queries × {results.num_train} training examples · solver {html.escape(str(s.get('solver')))}"
@@ -355,7 +422,9 @@ def render_html(
         f"<header><h1>{html.escape(title)}</h1><p>{head}</p>",
         f'<p class="sign" id="sign-convention">{html.escape(SIGN_CONVENTION)}</p>',
         '<nav><a href="#queries">Queries</a><a href="#histograms">Score distribution</a>'
-        '<a href="#self-influence">Self-influence</a><a href="#settings">Settings</a>'
+        '<a href="#self-influence">Self-influence</a>'
+        + ('<a href="#over-epochs">Across epochs</a>' if evolution else "")
+        + '<a href="#settings">Settings</a>'
         + ('<a href="#solver-diagnostics">Solver diagnostics</a>' if _has_diagnostics(results) else "")
         + "</nav></header>",
         '<section id="queries"><h2>Queries</h2>',
@@ -380,6 +449,9 @@ def render_html(
             '<p class="muted">Self-influence was not computed (pass self_influence=True to InfluenceCallback).</p>'
         )
     parts.append("</section>")
+    if evolution:
+        assert history is not None
+        parts.extend(_evolution_section(history, top_k, self_influence_k))
 
     parts.append('<section id="settings"><h2>Settings</h2>')
     parts.append(_kv_table(dict(s), "settings-table"))

@@ -4,7 +4,7 @@ diagnostics flattened under ``influence/`` for run summaries and configs."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import pytorch_lightning as pl
 
@@ -134,10 +134,12 @@ def config_values(results: InfluenceResults) -> Dict[str, Any]:
     return out
 
 
-def log_scalars(trainer: "pl.Trainer", results: InfluenceResults, skip: Iterable[Any] = ()) -> Dict[str, float]:
-    """Log :func:`summary_scalars` to every logger of the trainer (but those in ``skip``) at the current
-    global step."""
-    metrics = summary_scalars(results)
+def log_scalars(
+    trainer: "pl.Trainer", results: InfluenceResults, skip: Iterable[Any] = (), extra: Optional[Dict[str, float]] = None
+) -> Dict[str, float]:
+    """Log :func:`summary_scalars` and ``extra`` to every logger of the trainer (but those in ``skip``) at
+    the current global step."""
+    metrics = {**summary_scalars(results), **(extra or {})}
     skipped = {id(s) for s in skip}
     for logger in trainer.loggers:
         if id(logger) in skipped:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from ..results import InfluenceResults
 from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryView, SeriesLine, series_lines
+from .evolution import kept_fractions, rankings
 from .previews import ExampleCatalog, Preview
 from .scalars import config_values, summary_scalars, summary_values
 
@@ -26,6 +27,10 @@ __all__ = [
     "find_wandb_logger",
     "WANDB_LOGGER_MODULES",
     "log_to_wandb",
+    "log_epoch_to_wandb",
+    "over_epochs_row",
+    "OVER_EPOCHS_COLUMNS",
+    "OVER_EPOCHS_KEY",
     "QUERY_COLUMNS",
     "EXAMPLE_COLUMNS",
     "SUSPECT_COLUMNS",
@@ -56,6 +61,13 @@ SUSPECT_COLUMNS = ["rank", "train_id", "self_influence", "label", "preview"]
 #: curve), ``chunk``/``first_query``/``last_query`` are empty for a series recorded outside the query solves
 SERIES_COLUMNS = ["series", "chunk", "first_query", "last_query", "curve", "x", "y"]
 SERIES_PREFIX = "influence/series/"
+#: how the top examples move across the runs of a fit (``every_n_epochs``), re-logged after every run with all
+#: runs so far: one row per ranked example; ``query_id`` empty = ranked by the mean score over the run's
+#: queries; ``kind`` harmful / helpful / self_influence; ``previous_rank`` its rank in the previous run's
+#: list of the same kind and query (empty: not listed); ``new`` whether it was not listed there
+OVER_EPOCHS_KEY = "influence/over_epochs"
+OVER_EPOCHS_COLUMNS = ["epoch", "global_step", "kind", "query_id", "rank", "train_id", "score", "label",
+                       "previous_rank", "new"]
 _MEANING = {"helpful": HELPFUL.split("(", 1)[1].rstrip(")"), "harmful": HARMFUL.split("(", 1)[1].rstrip(")")}
 
 
@@ -234,14 +246,22 @@ def log_to_wandb(
     *,
     results_path: Optional[str] = None,
     html_path: Optional[str] = None,
+    history: Optional[Mapping[int, InfluenceResults]] = None,
+    history_paths: Optional[Mapping[int, str]] = None,
+    top_k: int = 10,
 ) -> Dict[str, Any]:
     """Log tables, histograms, scalars (one row), summary, config and the ``influence-scores`` artifact to
-    ``logger``'s run. Returns the run directory, the artifact name and the logged keys."""
+    ``logger``'s run. With a ``history`` of more than one run (``{epoch: results}``), the row also holds
+    :data:`OVER_EPOCHS_KEY` and the kept fractions (:func:`over_epochs_row`), and the artifact the runs'
+    results files (``history_paths``, as ``epoch_<k>/results.pt``). Returns the run directory, the artifact
+    name and the logged keys."""
     import wandb
 
     run = logger.experiment
     step = int(trainer.global_step)
     row: Dict[str, Any] = dict(_tables(views, suspects, train, query))
+    if history is not None and len(history) > 1:
+        row.update(over_epochs_row(history, train, top_k, len(suspects) or None))
     series = series_lines(results)
     for name, lines in series.items():
         row[SERIES_PREFIX + name] = _series_chart(name, lines)
@@ -285,6 +305,9 @@ def log_to_wandb(
         artifact.add_file(path, name="results.pt")  # copied to wandb's staging area now
         if html_path is not None:
             artifact.add_file(html_path, name="report.html")
+        for epoch, epoch_path in sorted((history_paths or {}).items()):
+            if os.path.isfile(epoch_path):
+                artifact.add_file(epoch_path, name=f"epoch_{epoch}/results.pt")
         run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
     summary["influence/artifact"] = f"{artifact_name}:latest"
     run.summary.update(summary)
@@ -293,6 +316,64 @@ def log_to_wandb(
         "wandb_run_id": run.id,
         "wandb_artifact": f"{artifact_name}:latest",
         "wandb_keys": sorted(_logged_key(k, v) for k, v in row.items()),
+    }
+
+
+def over_epochs_row(
+    history: Mapping[int, InfluenceResults], train: ExampleCatalog, top_k: int, suspects_k: Optional[int] = None
+) -> Dict[str, Any]:
+    """:data:`OVER_EPOCHS_KEY`: a table of every run's rankings (:func:`.evolution.rankings`, at most
+    :data:`MAX_TABLE_ROWS` rows: the per-query rows go first when there are more), and the latest run's
+    kept fractions (``influence/over_epochs/<kind>_kept``, 0..1)."""
+    import wandb
+
+    ranked = rankings(history, top_k, suspects_k)
+    if sum(len(r.train_ids) for r in ranked) > MAX_TABLE_ROWS:
+        ranked = [r for r in ranked if r.query_id is None]
+        rank_zero_warn(
+            f"The {OVER_EPOCHS_KEY} table would exceed W&B's {MAX_TABLE_ROWS} rows; it keeps the rankings by mean "
+            "score over the queries and the self-influence suspects, without the per-query rankings (all of "
+            "them are in each run's results file)."
+        )
+    table = wandb.Table(columns=OVER_EPOCHS_COLUMNS)
+    rows = [
+        (r, rank, i, score, prev)
+        for r in ranked
+        for rank, (i, score, prev) in enumerate(zip(r.train_ids, r.scores, r.previous_ranks), start=1)
+    ]
+    for r, rank, i, score, prev in rows[-MAX_TABLE_ROWS:]:
+        table.add_data(r.epoch, r.global_step, r.kind, r.query_id, rank, i, score, train.label(i), prev,
+                       r.kept is not None and prev is None)
+    out: Dict[str, Any] = {OVER_EPOCHS_KEY: table}
+    out.update(kept_fractions(history, top_k, suspects_k))
+    return out
+
+
+def log_epoch_to_wandb(
+    trainer: "pl.Trainer",
+    logger: Any,
+    results: InfluenceResults,
+    epoch: int,
+    history: Mapping[int, InfluenceResults],
+    train: ExampleCatalog,
+    top_k: int = 10,
+    suspects_k: Optional[int] = None,
+) -> Dict[str, Any]:
+    """One run inside the training loop (``every_n_epochs``): one row with the run's summary scalars (the
+    same keys as the final report, so each is a curve over the steps), ``influence/epoch``, and, from the
+    second run on, :func:`over_epochs_row`. No previews, histograms or artifact: the final report has
+    them. Returns the run directory and the logged keys."""
+    run = logger.experiment
+    row: Dict[str, Any] = dict(summary_scalars(results))
+    row["influence/epoch"] = int(epoch)
+    if len(history) > 1:
+        row.update(over_epochs_row(history, train, top_k, suspects_k))
+    row["trainer/global_step"] = int(trainer.global_step)
+    run.log(row)
+    return {
+        "wandb_run_dir": os.path.dirname(os.path.abspath(run.dir)) if getattr(run, "dir", None) else None,
+        "wandb_run_id": run.id,
+        "wandb_keys": sorted(row),
     }
 
 
