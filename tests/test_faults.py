@@ -58,12 +58,12 @@ def test_results_file_failure_does_not_stop_the_report(tmp_path, data, monkeypat
 
 
 def test_report_failure_does_not_stop_the_results_file(tmp_path, data, monkeypatch):
-    import lightning_influence.reporting as reporting
+    import lightning_influence.reporting.html as html_module
 
     def broken(path, text):
         raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
 
-    monkeypatch.setattr(reporting, "write_html", broken)
+    monkeypatch.setattr(html_module, "write_html", broken)
     cb = InfluenceCallback(num_queries=2, solver="exact", damping=0.1)
     quiet_trainer(tmp_path, callbacks=[cb]).fit(LitClassifier(), *loaders(*data))
     assert list(cb.output_errors) == ["HTML report"]

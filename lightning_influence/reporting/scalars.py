@@ -4,15 +4,14 @@ diagnostics flattened under ``influence/`` for run summaries and configs."""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Sequence, Union
 
-import pytorch_lightning as pl
 
 from ..checks import is_real
 from ..diagnostics import Diagnostic
 from ..results import InfluenceResults
 
-__all__ = ["summary_scalars", "diagnostic_scalars", "summary_values", "config_values", "log_scalars", "nan_median",
+__all__ = ["summary_scalars", "diagnostic_scalars", "summary_values", "config_values", "nan_median",
            "format_value"]
 
 Scalar = Union[bool, int, float]
@@ -132,18 +131,3 @@ def config_values(results: InfluenceResults) -> Dict[str, Any]:
         if d.kind == "scalar" and isinstance(d.value, (str, bool, int, float)):
             out[f"influence/setup/{d.name}"] = _plain(d.value)
     return out
-
-
-def log_scalars(
-    trainer: "pl.Trainer", results: InfluenceResults, skip: Iterable[Any] = (), extra: Optional[Dict[str, float]] = None
-) -> Dict[str, float]:
-    """Log :func:`summary_scalars` and ``extra`` to every logger of the trainer (but those in ``skip``) at
-    the current global step."""
-    metrics = {**summary_scalars(results), **(extra or {})}
-    skipped = {id(s) for s in skip}
-    for logger in trainer.loggers:
-        if id(logger) in skipped:
-            continue
-        logger.log_metrics(metrics, step=trainer.global_step)
-        logger.save()
-    return metrics

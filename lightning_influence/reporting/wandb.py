@@ -1,5 +1,6 @@
-"""The W&B reporter: tables with example previews, histograms, summary, config and an artifact, logged to
-the run of the trainer's ``WandbLogger`` (``pytorch_lightning.loggers`` or ``lightning.pytorch.loggers``).
+"""The W&B output: tables with example previews, histograms, summary, config and an artifact, logged to a
+wandb run: the user's own, or that of the trainer's ``WandbLogger`` (``pytorch_lightning.loggers`` or
+``lightning.pytorch.loggers``). :class:`~lightning_influence.reporting.reporters.Wandb` is the reporter.
 
 ``wandb`` is imported only inside these functions, and only when such a logger exists; the user's run is
 neither re-initialised nor finished. Everything lands in one ``run.log`` call (one history row, with
@@ -236,14 +237,14 @@ def _histogram(values: Any) -> Any:
 
 
 def log_to_wandb(
-    trainer: "pl.Trainer",
-    logger: Any,
+    run: Any,
     results: InfluenceResults,
     views: Sequence[QueryView],
     suspects: Sequence[Entry],
     train: ExampleCatalog,
     query: ExampleCatalog,
     *,
+    step: int = 0,
     results_path: Optional[str] = None,
     html_path: Optional[str] = None,
     history: Optional[Mapping[int, InfluenceResults]] = None,
@@ -251,14 +252,13 @@ def log_to_wandb(
     top_k: int = 10,
 ) -> Dict[str, Any]:
     """Log tables, histograms, scalars (one row), summary, config and the ``influence-scores`` artifact to
-    ``logger``'s run. With a ``history`` of more than one run (``{epoch: results}``), the row also holds
+    ``run`` (a wandb run), at ``trainer/global_step = step``. With a ``history`` of more than one run (``{epoch: results}``), the row also holds
     :data:`OVER_EPOCHS_KEY` and the kept fractions (:func:`over_epochs_row`), and the artifact the runs'
     results files (``history_paths``, as ``epoch_<k>/results.pt``). Returns the run directory, the artifact
     name and the logged keys."""
     import wandb
 
-    run = logger.experiment
-    step = int(trainer.global_step)
+    step = int(step)
     row: Dict[str, Any] = dict(_tables(views, suspects, train, query))
     if history is not None and len(history) > 1:
         row.update(over_epochs_row(history, train, top_k, len(suspects) or None))
@@ -350,12 +350,12 @@ def over_epochs_row(
 
 
 def log_epoch_to_wandb(
-    trainer: "pl.Trainer",
-    logger: Any,
+    run: Any,
     results: InfluenceResults,
     epoch: int,
     history: Mapping[int, InfluenceResults],
     train: ExampleCatalog,
+    step: int = 0,
     top_k: int = 10,
     suspects_k: Optional[int] = None,
 ) -> Dict[str, Any]:
@@ -363,12 +363,11 @@ def log_epoch_to_wandb(
     same keys as the final report, so each is a curve over the steps), ``influence/epoch``, and, from the
     second run on, :func:`over_epochs_row`. No previews, histograms or artifact: the final report has
     them. Returns the run directory and the logged keys."""
-    run = logger.experiment
     row: Dict[str, Any] = dict(summary_scalars(results))
     row["influence/epoch"] = int(epoch)
     if len(history) > 1:
         row.update(over_epochs_row(history, train, top_k, suspects_k))
-    row["trainer/global_step"] = int(trainer.global_step)
+    row["trainer/global_step"] = int(step)
     run.log(row)
     return {
         "wandb_run_dir": os.path.dirname(os.path.abspath(run.dir)) if getattr(run, "dir", None) else None,
