@@ -617,20 +617,34 @@ class InfluenceCallbackBase:
 
     def _check_outputs_writable(self, trainer: "pl.Trainer") -> None:
         """Refuse, before training, outputs that cannot be written (a file where a folder must be, no
-        write permission)."""
+        write permission). Only global rank zero writes, so only it checks; its verdict is broadcast so
+        that every rank raises the same error (a rank alone raising would leave the others waiting in
+        training's first collective). The default paths resolve through ``trainer.log_dir``, a collective:
+        every rank resolves them."""
+        checks = []
         if self.save_results:
-            check_writable_file(self._results_file(trainer), "results file",
-                                "Give the Trainer a writable default_root_dir (or logger save_dir), or pass "
-                                "save_results=False to InfluenceCallback.")
+            checks.append((self._results_file(trainer), "results file",
+                           "Give the Trainer a writable default_root_dir (or logger save_dir), or pass "
+                           "save_results=False to InfluenceCallback."))
         if self.report:
             from .reporting import default_report_path
 
+            fix = "Pass report_path= a writable file path, or report=False."
             if self.report_path is not None:
-                check_writable_file(self.report_path, "report_path",
-                                    "Pass report_path= a writable file path, or report=False.")
+                checks.append((self.report_path, "report_path", fix))
             else:
-                check_writable_file(default_report_path(trainer), "HTML report",
-                                    "Pass report_path= a writable file path, or report=False.")
+                checks.append((default_report_path(trainer), "HTML report", fix))
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                for path, name, fix in checks:
+                    check_writable_file(path, name, fix)
+            except InfluenceConfigError as err:
+                problem = str(err)
+        if trainer.world_size > 1:
+            problem = trainer.strategy.broadcast(problem, src=0)
+        if problem is not None:
+            raise InfluenceConfigError(problem)
 
     def _finish(
         self,

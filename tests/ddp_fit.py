@@ -49,6 +49,7 @@ def main() -> int:
     parser.add_argument("--on-error", default="warn", choices=["warn", "raise"])
     parser.add_argument("--validate-after", action="store_true")
     parser.add_argument("--compare-solvers", default="")
+    parser.add_argument("--report-path", default=None)
     parser.add_argument("--every-n-epochs", type=int, default=None)
     parser.add_argument("--fail-on-results", type=int, default=None, help="on_results raises on this rank at epoch 0")
     args = parser.parse_args()
@@ -98,6 +99,7 @@ def main() -> int:
             raise RuntimeError(f"on_results failed on rank {args.fail_on_results}")
 
     cb = InfluenceCallback(num_queries=3, solver=args.solver, top_k=3, self_influence=True, on_error=args.on_error,
+                           report_path=args.report_path,
                            every_n_epochs=args.every_n_epochs, on_results=on_results)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_epochs=2, logger=logger, callbacks=[cb], default_root_dir=args.out,

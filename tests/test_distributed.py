@@ -168,3 +168,14 @@ def test_on_results_failing_on_one_rank_is_reported_on_every_rank(tmp_path):
     assert "InfluenceCallback failed (PeerFailedError" in output and "at the end of epoch 0" in output
     assert r0["history"] == r1["history"] == [0, 1] and r0["on_results"] == r1["on_results"] == [0, 1]
     assert (r0["error"], r1["error"]) == (None, None)  # the last run (the end, reusing epoch 1) went well
+
+
+def test_an_unwritable_report_stops_every_rank_before_training(tmp_path):
+    """Rank zero (the only writer) checks the outputs before training and broadcasts its verdict: every
+    rank raises the same error at once instead of one rank leaving the other in a training collective."""
+    (tmp_path / "a_directory").mkdir()
+    t0 = time.perf_counter()
+    output = run_ddp(tmp_path, "--logger", "csv", "--report-path", str(tmp_path / "a_directory"), ok=False)
+    assert time.perf_counter() - t0 < 60, output[-4000:]
+    for rank in (0, 1):
+        assert f"[rank{rank}]: lightning_influence.errors.InfluenceConfigError: report_path: " in output, output[-4000:]
