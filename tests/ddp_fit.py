@@ -39,6 +39,30 @@ def data():
     return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
 
 
+#: the Lightning namespace, fixed at import: a spawned rank re-imports this module (without running
+#: ``main``) to unpickle the model, so its class must live at module level
+NAMESPACE = "lightning.pytorch" if "lightning.pytorch" in sys.argv else "pytorch_lightning"
+_pl = importlib.import_module(NAMESPACE)
+
+
+class Classifier(_pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(DIM, CLASSES)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, weight_decay=1e-2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -50,6 +74,7 @@ def main() -> int:
     parser.add_argument("--validate-after", action="store_true")
     parser.add_argument("--compare-solvers", default="")
     parser.add_argument("--report-path", default=None)
+    parser.add_argument("--start-method", default="popen", choices=["popen", "spawn"])
     parser.add_argument("--every-n-epochs", type=int, default=None)
     parser.add_argument("--fail-on-results", type=int, default=None, help="on_results raises on this rank at epoch 0")
     args = parser.parse_args()
@@ -60,23 +85,6 @@ def main() -> int:
         from lightning_influence.lightning import InfluenceCallback
     else:
         from lightning_influence import InfluenceCallback
-
-    class Classifier(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Linear(DIM, CLASSES)
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def validation_step(self, batch, batch_idx):
-            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]), sync_dist=True)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.5, weight_decay=1e-2)
 
     if args.logger == "wandb":
         logger = pl.loggers.WandbLogger(project="influence-ddp", save_dir=args.out, offline=True)
@@ -100,10 +108,12 @@ def main() -> int:
 
     cb = InfluenceCallback(num_queries=3, solver=args.solver, top_k=3, self_influence=True, on_error=args.on_error,
                            report_path=args.report_path,
-                           every_n_epochs=args.every_n_epochs, on_results=on_results)
+                           every_n_epochs=args.every_n_epochs,
+                           on_results=None if args.start_method == "spawn" else on_results)  # spawn pickles it
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_epochs=2, logger=logger, callbacks=[cb], default_root_dir=args.out,
-        strategy=strategies.DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60)),
+        strategy=strategies.DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=60),
+                                        start_method=args.start_method),
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
     )
     torch.manual_seed(0)

@@ -179,3 +179,16 @@ def test_an_unwritable_report_stops_every_rank_before_training(tmp_path):
     assert time.perf_counter() - t0 < 60, output[-4000:]
     for rank in (0, 1):
         assert f"[rank{rank}]: lightning_influence.errors.InfluenceConfigError: report_path: " in output, output[-4000:]
+
+
+@pytest.mark.slow
+def test_ddp_spawn_splits_the_work_and_rank_zero_writes_the_results(tmp_path):
+    """Under ddp_spawn the ranks are worker processes: rank zero writes the results file (every training
+    example, in dataset order); the launching process gets the weights back but not the callback's
+    attributes (Lightning returns only the model), so it reads the results from that file."""
+    run_ddp(tmp_path, "--logger", "csv", "--start-method", "spawn")
+    (path,) = list(tmp_path.glob("lightning_logs/version_*/influence/results.pt"))
+    res = InfluenceResults.load(str(path))
+    assert res.scores.shape == (3, 96) and res.settings["processes"] == 2 and res.self_influence is not None
+    launcher = json.loads((tmp_path / "rank0.json").read_text())
+    assert launcher["error"] is None and launcher["shape"] is None
