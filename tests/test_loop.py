@@ -171,6 +171,13 @@ def test_every_second_epoch_and_the_end(tmp_path, data):
     assert sorted(cb.history) == [1, 2] and sorted(cb.history_paths) == [1]
     assert [cb.history[e].settings["run"] for e in (1, 2)] == ["epoch end", "end of training"]
     assert cb.history[2].settings["global_step"] == 9  # 3 batches × 3 epochs
+    # every logger gets each run's scalars with its epoch, at its step (here the CSV logger)
+    import csv
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(cb.results_path)), "metrics.csv")) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("influence/epoch")]
+    assert [(float(r["influence/epoch"]), int(r["step"])) for r in rows] == [(1.0, 6)]
+    assert float(rows[0]["influence/score_max"]) == pytest.approx(float(cb.history[1].scores.max()), rel=1e-6)
 
 
 def test_end_only_keeps_one_run_under_the_last_epoch(tmp_path, data):
