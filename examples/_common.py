@@ -154,8 +154,8 @@ def digits(dtype: torch.dtype = torch.float64, image: bool = False, n_train: int
 
 def flip_labels(y: Tensor, fraction: float, seed: int, second_choice: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Flip ``round(fraction · n)`` labels chosen at random (seeded). Each goes to a different random class, or
-    to ``second_choice[i]`` when given (e.g. a clean model's second most likely class: a harder, plausible
-    mistake). Returns the noisy labels and the sorted indices of the flipped examples."""
+    to ``second_choice[i]`` when given (which must differ from ``y[i]``; e.g. a clean model's most likely
+    wrong class: a harder, plausible mistake). Returns the noisy labels and the sorted indices of the flipped examples."""
     g = torch.Generator().manual_seed(seed)
     n = len(y)
     flipped = torch.randperm(n, generator=g)[: int(round(fraction * n))].sort().values

@@ -10,8 +10,9 @@ Settings (``--settings``, ``model:flips``):
 
 * ``logreg:random``: logistic regression, each flip to a random other class (the easy case: training loss
   already finds most flips).
-* ``logreg:second`` / ``mlp:second``: flips to the clean model's *second* most likely class for that
-  example, plausible mistakes that the model can fit, where training loss finds fewer.
+* ``logreg:second`` / ``mlp:second``: flips to the clean model's most likely *wrong* class for that example
+  (its second choice where it is right): plausible mistakes that the model can fit, where training loss
+  finds fewer.
 
     python examples/mislabelled.py                      # about 2 minutes on 2 CPU cores
     python examples/mislabelled.py --quick              # seconds: a smoke test
@@ -56,8 +57,10 @@ def run_setting(setting: str, args) -> dict:
     clean = C.train_model(kind, train, args.weight_decay, args.seed, adam_epochs=5 if args.quick else 60, lbfgs_iter=iters)
     second = None
     if flips == "second":
-        with torch.no_grad():
-            second = clean(train.tensors[0]).topk(2, dim=1).indices[:, 1]
+        with torch.no_grad():  # the clean model's most likely class other than the true one
+            logits = clean(train.tensors[0])
+            logits[torch.arange(len(logits)), train.tensors[1]] = -float("inf")
+            second = logits.argmax(1)
     y_true = train.tensors[1]
     y_noisy, flipped = C.flip_labels(y_true, args.noise, args.seed, second_choice=second)
     noisy_train = C.with_labels(train, y_noisy)
