@@ -32,6 +32,8 @@ def parser_for(doc: Optional[str], name: str) -> argparse.ArgumentParser:
     parser.add_argument("--no-wandb", action="store_true", help="write the PNGs and JSON only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split, label flips and training")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): a smoke test, not the README numbers")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these models are tiny, and extra threads only help on idle cores)")
     return parser
 
 

@@ -131,7 +131,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.solvers = [s for s in args.solvers if s in ("exact", "cg", "ekfac")]
     args.out_dir = C.prepare_output(args)
     args.weight_decay = {"logreg": args.wd_logreg, "cnn": args.wd_cnn}
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "weight_decay")}
     with C.wandb_run(args, "loo_retraining", config) as run:
