@@ -39,7 +39,9 @@ def parser_for(doc: Optional[str], name: str) -> argparse.ArgumentParser:
 
 def prepare_output(args: argparse.Namespace) -> Path:
     """Create ``args.out`` and point W&B at ``args.wandb_dir`` (default ``<out>/wandb``), offline unless the
-    caller's environment says otherwise. Returns the output folder, resolved."""
+    caller's environment says otherwise; set torch's CPU threads to ``args.threads``. Returns the output folder,
+    resolved."""
+    torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     wandb_dir = Path(args.wandb_dir).resolve() if args.wandb_dir else out / "wandb"
