@@ -52,7 +52,8 @@ def rankings(model, train, args) -> Dict[str, torch.Tensor]:
 
 def run_setting(setting: str, args) -> dict:
     kind, flips = setting.split(":")
-    train, test = C.digits(torch.float64, n_train=400 if args.quick else C.N_TRAIN, n_test=100 if args.quick else None)
+    train, test = C.digits(torch.float64, image=kind == "cnn", n_train=400 if args.quick else C.N_TRAIN,
+                           n_test=100 if args.quick else None)
     iters = 50 if args.quick else 1000
     clean = C.train_model(kind, train, args.weight_decay, args.seed, adam_epochs=5 if args.quick else 60, lbfgs_iter=iters)
     second = None
