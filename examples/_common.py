@@ -340,7 +340,8 @@ def lightning_fit(module: Any, train: TensorDataset, val: TensorDataset, epochs:
     pl.seed_everything(seed, verbose=False)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=list(callbacks),
                          default_root_dir=None if root is None else str(root), enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=False, log_every_n_steps=10)
+                         enable_model_summary=False, enable_progress_bar=False,
+                         log_every_n_steps=min(10, math.ceil(len(train) / batch_size)))
     g = torch.Generator().manual_seed(seed)
     trainer.fit(module, DataLoader(train, batch_size=batch_size, shuffle=True, generator=g),
                 DataLoader(val, batch_size=512))

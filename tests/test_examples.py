@@ -1,5 +1,5 @@
 """The reproduction scripts in ``examples/``: every ``--help``, and each ``--quick`` run (tiny sizes) writes its
-table, JSON, PNG and offline W&B run. Only the cheapest quick run is in the fast suite."""
+table, JSON, PNG and offline W&B run. Only the cheapest quick run (``clean_in_loop``) is in the fast suite."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def test_help(name, capsys):
     assert "usage:" in out and "--out" in out
 
 
+@pytest.mark.slow
 def test_mislabelled_quick(tmp_path, capsys):
     out = run_quick("mislabelled", tmp_path, capsys)
     data = json.loads((tmp_path / "out" / "mislabelled.json").read_text())
@@ -99,7 +100,6 @@ def test_explain_mistakes_quick(tmp_path, capsys):
     assert len(run.table("influence/queries").rows) == data["mistakes"]
 
 
-@pytest.mark.slow
 def test_clean_in_loop_quick(tmp_path, capsys):
     out = run_quick("clean_in_loop", tmp_path, capsys)
     data = json.loads((tmp_path / "out" / "clean_in_loop.json").read_text())
