@@ -92,15 +92,16 @@ def save_figure(fig: Any, path: Path, run: Any = None, key: Optional[str] = None
     return path
 
 
-def figure(ncols: int = 1, size: Tuple[float, float] = (4.6, 4.0)):
-    """A matplotlib figure with ``ncols`` axes side by side (Agg backend: no display needed)."""
+def figure(ncols: int = 1, size: Tuple[float, float] = (4.6, 4.0), nrows: int = 1):
+    """A matplotlib figure with ``nrows × ncols`` axes of ``size`` inches each, returned row by row (Agg
+    backend: no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(size[0] * ncols, size[1]), squeeze=False)
-    return fig, list(axes[0])
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    return fig, [ax for row in axes for ax in row]
 
 
 def save_json(path: Path, data: Any) -> Path:

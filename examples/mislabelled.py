@@ -112,13 +112,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     pct = [f"{f:.0%}" for f in args.fractions]
     with C.wandb_run(args, "mislabelled", config) as run:
         results = [run_setting(s, args) for s in args.settings]
-        fig, axes = C.figure(len(results), size=(4.2, 3.8))
-        for ax, r in zip(axes, results):
+        fig, axes = C.figure(len(results), size=(4.2, 3.6), nrows=2)
+        for ax, acc_ax, r in zip(axes, axes[len(results):], results):
             for m in METHODS:
                 ax.plot(args.fractions, r["found"][m], marker="o", label=m)
+                acc_ax.plot(args.fractions, r["accuracy"][m], marker="o", label=m)
             ax.set(title=r["setting"], xlabel="fraction of training data checked", ylabel="fraction of flips found",
                    ylim=(0, 1.02))
+            acc_ax.axhline(r["test_accuracy_clean"], color="grey", ls="--", lw=0.8, label="no flips")
+            acc_ax.axhline(r["test_accuracy_noisy"], color="grey", ls=":", lw=0.8, label="all flips kept")
+            acc_ax.set(xlabel="fraction of training data checked", ylabel="test accuracy after fixing")
             ax.legend()
+            acc_ax.legend(fontsize="small")
         C.save_figure(fig, out / "mislabelled.png", run, "mislabelled/curves")
         for r in results:
             rows = [[m, *r["found"][m]] for m in METHODS]
