@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
