@@ -96,7 +96,7 @@ def run_model(kind: str, args, run) -> List[list]:
             top = torch.argsort(predicted.abs(), descending=True)[: args.k]
             actual = torch.tensor([retrain.change(i) for i in top.tolist()], dtype=torch.float64)
         pearson, spearman = C.correlations(predicted[top], actual)
-        rows.append([kind, solver, pearson, spearman, round(t.seconds, 1), len(top), f"{res.damping:.3g}"])
+        rows.append([kind, solver, pearson, spearman, round(t.seconds, 2), len(top), f"{res.damping:.3g}"])
         panels.append((solver, predicted[top], actual, pearson))
         print(f"  {solver:8} Pearson {pearson:.3f}  Spearman {spearman:.3f}  ({t.seconds:.1f} s)", flush=True)
 
