@@ -289,10 +289,13 @@ def correlations(predicted: Tensor, actual: Tensor) -> Tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------- Lightning
-def lightning_classifier(kind: str = "cnn", lr: float = 3e-3, weight_decay: float = 1e-3):
-    """A LightningModule wrapping ``MODELS[kind]``: Adam with coupled L2 ``weight_decay`` (so the callback's
-    automatic damping starts at that decay), train/val loss and accuracy logged."""
+def lightning_classifier(kind: str = "cnn", lr: float = 3e-3, weight_decay: float = 1e-3, seed: int = 0):
+    """A LightningModule wrapping ``MODELS[kind]``, its weights drawn with ``seed``: Adam with coupled L2
+    ``weight_decay`` (so the callback's automatic damping starts at that decay), train/val loss and accuracy
+    logged."""
     import pytorch_lightning as pl
+
+    pl.seed_everything(seed, verbose=False)
 
     class DigitsClassifier(pl.LightningModule):
         def __init__(self) -> None:

@@ -31,7 +31,7 @@ ARMS = ["no cleaning", "drop suspects", "relabel suspects", "drop random"]
 
 
 def fit(args, train, test, seed: int, callbacks=()):
-    module = C.lightning_classifier(args.model, lr=args.lr, weight_decay=args.weight_decay)
+    module = C.lightning_classifier(args.model, lr=args.lr, weight_decay=args.weight_decay, seed=seed)
     C.lightning_fit(module, train, test, args.epochs, seed, callbacks=callbacks)
     return module
 

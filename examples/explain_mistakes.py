@@ -67,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                 name="explain_mistakes", save_dir=args.wandb_dir,
                                                                 offline=True)
     influence = InfluenceCallback(solver=args.solver, top_k=args.top, damping="auto")
-    module = C.lightning_classifier("cnn", weight_decay=args.weight_decay)
+    module = C.lightning_classifier("cnn", weight_decay=args.weight_decay, seed=args.seed)
     with C.Stopwatch() as t:
         C.lightning_fit(module, train, val, args.epochs, args.seed, logger=logger, root=out,
                         callbacks=[mistakes_as_queries(influence, val), influence])
