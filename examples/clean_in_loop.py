@@ -12,7 +12,7 @@ default), then retrain from scratch (same seed, same schedule) after
 and compare test accuracies (mean ± sd over the seeds). No ground truth is used for cleaning; it only
 measures how many suspects were flipped labels.
 
-    python examples/clean_in_loop.py               # about 4.5 minutes on 2 busy CPU cores
+    python examples/clean_in_loop.py               # about 30 s on 2 shared CPU cores
     python examples/clean_in_loop.py --quick       # seconds: a smoke test
 
 Prints the table, writes ``clean_in_loop.png``, ``clean_in_loop.json`` and an offline W&B run.

@@ -10,7 +10,7 @@ harmful training examples (positive scores: removing them would lower the query'
 ones, with their labels; then, over all mistakes, how often the top harmful examples carry the *predicted*
 label and the top helpful ones the *true* label.
 
-    python examples/explain_mistakes.py             # about 2 minutes on 2 busy CPU cores
+    python examples/explain_mistakes.py             # about 30 s on 2 shared CPU cores
     python examples/explain_mistakes.py --quick     # seconds: a smoke test
 """
 

@@ -13,7 +13,7 @@ with actual changes (Pearson and Spearman, torchmetrics).
   (L-BFGS iterations here). The same steps without removing anything give the baseline the change is
   measured against, so optimisation drift cancels.
 
-    python examples/loo_retraining.py                # about 15 minutes on 2 busy CPU cores (CNN: 10)
+    python examples/loo_retraining.py                # about 4 minutes on 2 shared CPU cores
     python examples/loo_retraining.py --quick        # seconds: a smoke test
     python examples/loo_retraining.py --models logreg --solvers exact cg
 

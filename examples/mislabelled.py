@@ -14,7 +14,7 @@ Settings (``--settings``, ``model:flips``):
   (its second choice where it is right): plausible mistakes that the model can fit, where training loss
   finds fewer.
 
-    python examples/mislabelled.py                      # about 7 minutes on 2 busy CPU cores
+    python examples/mislabelled.py                      # about 80 s on 2 shared CPU cores
     python examples/mislabelled.py --quick              # seconds: a smoke test
     python examples/mislabelled.py --settings mlp:random --solver ekfac
 
