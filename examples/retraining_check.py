@@ -9,25 +9,24 @@ L-BFGS on ``(1/n) Σ_{i∉G} L_i + (λ/2)‖θ‖²``), and the predicted change
 set's loss with the retrained model's.
 
     python examples/retraining_check.py             # about a minute on 2 CPU cores; W&B offline by default
-    python examples/retraining_check.py --help
+    python examples/retraining_check.py --quick     # seconds: a smoke test
 
-Prints a markdown table, writes a PNG of the curves and logs both to an offline W&B run. Nothing is
-downloaded.
+Prints a markdown table, writes it (``.md``, ``.json``) and a PNG of the curves under ``--out`` and logs both
+to an offline W&B run. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import time
-from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
+
+import _common as C
 
 COLUMNS = ["group", "size", "cosine", "norm_ratio", "query_dloss_first_order", "query_dloss_predicted",
            "query_dloss_retrained", "val_dloss_predicted", "val_dloss_retrained", "val_dacc_predicted",
@@ -37,34 +36,12 @@ HEADERS = ["group", "k", "cos(Δθ̂, Δθ)", "‖Δθ̂‖/‖Δθ‖", "Δ que
            "Δ val acc retrained"]
 
 
-def load_digits_split(n_train: int) -> tuple:
-    """Digits as 64 pixels in [0, 1] (float64): the first ``n_train`` for training, the rest for validation."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float64)
-    y = torch.tensor(y, dtype=torch.long)
-    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
-
-
-def fit(model: nn.Module, train: TensorDataset, weight_decay: float, drop: Sequence[int] = ()) -> nn.Module:
-    """Minimise ``(1/n) Σ_{i∉drop} CE_i + (wd/2)‖θ‖²`` (``n`` the full training set's size: removal as
-    upweighting by ``−1/n``) with full-batch L-BFGS, from the model's current parameters."""
-    x, y = train.tensors
-    keep = torch.ones(len(x), dtype=torch.bool)
-    keep[list(drop)] = False
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=1000, tolerance_grad=1e-10, tolerance_change=1e-16,
-                            history_size=50, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x[keep]), y[keep], reduction="sum") / len(x)
-        loss = loss + 0.5 * weight_decay * sum((p * p).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return model
+def retrained_without(model: nn.Module, train: TensorDataset, weight_decay: float, drop: Sequence[int]) -> nn.Module:
+    """A copy of ``model`` minimising ``(1/n) Σ_{i∉drop} CE_i + (wd/2)‖θ‖²`` (``n`` the full training set's
+    size: removal as upweighting by ``−1/n``), by full-batch L-BFGS warm-started at the trained weights."""
+    keep = torch.ones(len(train), dtype=torch.float64)
+    keep[list(drop)] = 0.0
+    return C.fit_lbfgs(copy.deepcopy(model), train, weight_decay, max_iter=1000, tol=1e-10, weights=keep)
 
 
 def evaluate(model: nn.Module, ds: TensorDataset) -> tuple:
@@ -79,32 +56,20 @@ def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def markdown(rows: List[Dict[str, object]]) -> str:
-    def cell(v: object, column: str) -> str:
-        if column == "cosine":
-            return f"{v:.5f}"
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) >= 0.1 or v == 0 else f"{v:.3g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(cell(r[c], c) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+def cell(v: object, column: str) -> object:
+    """Cosines to 5 decimals, small changes in 3 significant digits."""
+    if column == "cosine":
+        return f"{v:.5f}"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) >= 0.1 or v == 0 else f"{v:.3g}"
+    return v
 
 
-def plot(rows: List[Dict[str, object]], path: Path) -> None:
+def plot(rows: List[Dict[str, object]]):
     """Two panels against the group size: cosine of predicted and actual Δθ with the norm ratio, and the
-    query loss change (retrained, predicted at θ̂+Δθ̂, first order). matplotlib, or a plainer pillow chart."""
-    groups = ["harmful", "helpful"]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return _plot_pillow(rows, path)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for g, colour in zip(groups, ["tab:red", "tab:blue"]):
+    query loss change (retrained, predicted at θ̂+Δθ̂, first order)."""
+    fig, axes = C.figure(ncols=2, size=(5.5, 4.0))
+    for g, colour in (("harmful", "tab:red"), ("helpful", "tab:blue")):
         rs = [r for r in rows if r["group"] == g]
         k = [r["size"] for r in rs]
         axes[0].plot(k, [r["cosine"] for r in rs], "o-", color=colour, label=f"cosine, most {g}")
@@ -124,59 +89,28 @@ def plot(rows: List[Dict[str, object]], path: Path) -> None:
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_pillow(rows: List[Dict[str, object]], path: Path) -> None:
-    """Cosine against log group size, one polyline per direction (no matplotlib)."""
-    import math
-
-    from PIL import Image, ImageDraw
-
-    w, h, m = 640, 360, 50
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    ks = sorted({int(r["size"]) for r in rows})
-    lo = min(float(r["cosine"]) for r in rows) - 0.005
-    span = max(math.log(ks[-1]) - math.log(ks[0]), 1e-9)
-
-    def xy(k: int, c: float) -> tuple:
-        return (m + (w - 2 * m) * (math.log(k) - math.log(ks[0])) / span, h - m - (h - 2 * m) * (c - lo) / (1 - lo))
-
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    d.text((m, 15), f"cosine(predicted, retrained parameter change) vs k (log); y from {lo:.3f} to 1", fill="black")
-    for g, colour in (("harmful", "red"), ("helpful", "blue")):
-        pts = [xy(int(r["size"]), float(r["cosine"])) for r in rows if r["group"] == g]
-        d.line(pts, fill=colour, width=2)
-        d.text((pts[-1][0] - 60, pts[-1][1] + 5), g, fill=colour)
-    img.save(path)
+    return fig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = C.parser_for(__doc__, "retraining_check")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 5, 10, 20, 50], help="group sizes k")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="L2 coefficient λ (also the damping)")
-    parser.add_argument("--n-train", type=int, default=1347, help="training examples (the rest validate)")
     parser.add_argument("--solver", default="exact", choices=["exact", "cg", "lissa", "arnoldi", "ekfac", "kfac"],
                         help="inverse-HVP solver for the scores and the counterfactuals")
     parser.add_argument("--query", type=int, default=None,
                         help="validation index of the query (default: the highest-loss validation example)")
-    parser.add_argument("--out", default="out/retraining_check", help="folder for the PNG and the table")
-    parser.add_argument("--wandb-dir", default=None, help="W&B run folder (default: <out>)")
-    parser.add_argument("--no-wandb", action="store_true", help="skip W&B logging")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes = [1, 5]
+    out = C.prepare_output(args)
 
     from lightning_influence import Counterfactual, compute_influence
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     t_start = t0 = time.perf_counter()
-    train, val = load_digits_split(args.n_train)
-    model = fit(nn.Linear(64, 10).double(), train, args.weight_decay)
+    train, val = C.digits(torch.float64, n_train=300 if args.quick else C.N_TRAIN)
+    model = C.fit_lbfgs(C.logistic_regression().double(), train, args.weight_decay, max_iter=1000, tol=1e-10)
     n = len(train)
     print(f"trained logistic regression on {n} digits in {time.perf_counter() - t0:.1f} s")
 
@@ -199,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for k in args.sizes:
             drop = ranked.indices[:k].tolist()
             predicted = cf.flatten(cf.parameter_change(drop))
-            retrained = fit(copy.deepcopy(model), train, args.weight_decay, drop)
+            retrained = retrained_without(model, train, args.weight_decay, drop)
             actual = flat(retrained) - theta
             after_query, _ = evaluate(cf.model_without(drop), query_ds)
             metrics = cf.predicted_metrics(drop, val)
@@ -218,28 +152,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             })
             print(f"  most {group:7s} k={k:3d}: cosine {rows[-1]['cosine']:.4f}")
 
-    table = markdown(rows)
+    table = C.markdown_table(HEADERS, [[cell(r[c], c) for c in COLUMNS] for r in rows])
     print()
     print(f"Removing the query's most harmful / helpful training examples (n = {n}, λ = {args.weight_decay:g}, "
           f"solver {args.solver}; Δ = after − before, losses in nats, accuracy as a fraction):\n")
     print(table)
     (out / "retraining_check.md").write_text(table + "\n")
-    png = out / "retraining_check.png"
-    plot(rows, png)
+    C.save_json(out / "retraining_check.json", rows)
+    with C.wandb_run(args, "retraining_check", {**vars(args), "query": q, "num_train": n, **res.settings}) as run:
+        png = C.save_figure(plot(rows), out / "retraining_check.png", run, "retraining_check/plot")
+        C.log_table(run, "retraining_check/table", COLUMNS, [[r[c] for c in COLUMNS] for r in rows])
+        if run is not None:
+            for r in rows:
+                run.summary[f"retraining_check/cosine_{r['group']}_{r['size']}"] = r["cosine"]
     print(f"\nplot: {png}; {time.perf_counter() - t_start:.0f} s in all")
-
-    if not args.no_wandb:
-        os.environ.setdefault("WANDB_MODE", "offline")
-        import wandb
-
-        run = wandb.init(project="lightning-influence", job_type="retraining_check", dir=args.wandb_dir or str(out),
-                         config={**vars(args), "query": q, "num_train": n, **res.settings})
-        run.log({"retraining_check/table": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows]),
-                 "retraining_check/plot": wandb.Image(str(png))})
-        for r in rows:
-            run.summary[f"retraining_check/cosine_{r['group']}_{r['size']}"] = r["cosine"]
-        run.finish()
-        print(f"W&B run: {run.dir} ({os.environ['WANDB_MODE']})")
     return 0
 
 

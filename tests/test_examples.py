@@ -13,7 +13,7 @@ import pytest
 from .wandb_reader import OfflineRun
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = ["loo_retraining", "mislabelled", "explain_mistakes", "clean_in_loop"]
+SCRIPTS = ["loo_retraining", "mislabelled", "explain_mistakes", "clean_in_loop", "retraining_check"]
 
 
 @pytest.fixture(autouse=True)
@@ -109,3 +109,13 @@ def test_clean_in_loop_quick(tmp_path, capsys):
     assert (tmp_path / "out" / "clean_in_loop.png").stat().st_size > 0
     run = offline_run(tmp_path)
     assert len(run.table("clean_in_loop/table").rows) == 4
+
+
+@pytest.mark.slow
+def test_retraining_check_quick(tmp_path, capsys):
+    out = run_quick("retraining_check", tmp_path, capsys)
+    rows = json.loads((tmp_path / "out" / "retraining_check.json").read_text())
+    assert [(r["group"], r["size"]) for r in rows] == [("harmful", 1), ("harmful", 5), ("helpful", 1), ("helpful", 5)]
+    assert all(r["cosine"] > 0.99 for r in rows)  # a first-order prediction of retraining, logistic regression
+    assert "| harmful | 1 |" in out and (tmp_path / "out" / "retraining_check.png").stat().st_size > 0
+    assert len(offline_run(tmp_path).table("retraining_check/table").rows) == 4
