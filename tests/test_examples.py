@@ -17,13 +17,24 @@ SCRIPTS = ["loo_retraining", "mislabelled", "explain_mistakes", "clean_in_loop",
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    """The examples set torch's thread count (``--threads``); give the rest of the session its own back."""
+def _restore_process_state():
+    """The examples are scripts: they set torch's thread count (``--threads``), Lightning's logging levels
+    and warning filters (``quiet_lightning``) for the whole process. Give the rest of the session its own
+    back, or later tests that read Lightning's info lines and warnings see nothing."""
+    import logging
+    import warnings
+
     import torch
 
     threads = torch.get_num_threads()
+    names = ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    filters = list(warnings.filters)
     yield
     torch.set_num_threads(threads)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filters[:] = filters
 
 
 def load(name: str):

@@ -218,7 +218,16 @@ def test_fit_with_the_callback_draws_the_same_random_numbers(tmp_path, data):
 
 
 # ---------------------------------------------------------------- Ctrl+C
-def test_first_ctrl_c_stops_influence_only(tmp_path, data):
+@pytest.fixture
+def usual_ctrl_c():
+    """Python's usual SIGINT handler for the test: a runner started in the background by a shell without job
+    control inherits SIGINT ignored, and then Ctrl+C reaches no one (the guard leaves an ignored SIGINT alone)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_first_ctrl_c_stops_influence_only(tmp_path, data, usual_ctrl_c):
     cb = InfluenceCallback(num_queries=2, solver="exact", damping=0.1, chunk_size=16, on_error="raise")
     phases = []
 
@@ -245,7 +254,7 @@ def test_first_ctrl_c_stops_influence_only(tmp_path, data):
     assert signal.getsignal(signal.SIGINT) is handler
 
 
-def test_second_ctrl_c_is_handled_as_usual():
+def test_second_ctrl_c_is_handled_as_usual(usual_ctrl_c):
     handler = signal.getsignal(signal.SIGINT)
     seen = []
     with pytest.raises(KeyboardInterrupt) as second:
