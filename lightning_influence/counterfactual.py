@@ -206,17 +206,13 @@ class Counterfactual:
 
     def named(self, flat: Tensor) -> Dict[str, Tensor]:
         """Split flat vectors ``[..., P]`` into a dict keyed by parameter name, each ``[..., *shape]``."""
-        space = self.problem.space
-        parts = torch.split(flat, space.numels, dim=-1)
-        lead = flat.shape[:-1]
-        return {n: c.reshape(*lead, *s) for n, c, s in zip(self.param_names, parts, space.shapes)}
+        return dict(zip(self.param_names, self.problem.space.unflatten(flat).values()))
 
     def flatten(self, named: Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
         """Inverse of :meth:`named`: ``[..., P]`` from a dict of ``[..., *shape]`` with ``batch_dims``
         leading dimensions."""
-        first = named[self.param_names[0]]
-        lead = first.shape[:batch_dims]
-        return torch.cat([named[n].reshape(*lead, -1) for n in self.param_names], dim=-1)
+        space = self.problem.space
+        return space.flatten({s: named[n] for s, n in zip(space.names, self.param_names)}, batch_dims)
 
     # ------------------------------------------------------------------ the maths
     def params_influence(self, indices: Indices, group: bool = False) -> Dict[str, Tensor]:
@@ -348,9 +344,7 @@ class Counterfactual:
     def _grads(self, idx: Sequence[int], total: bool = False) -> Tensor:
         """``∇L(z_i, θ̂)`` for the examples ``idx`` ``[k, P]`` in that order, or their sum ``[1, P]``."""
         problem = self.problem
-        train = problem.train
-        source = ExampleSource(train.dataset, train.collate_fn, train.prepare,
-                               indices=train.indices[list(idx)].tolist(), what="training")
+        source = problem.train.subset(list(idx))
         parts: List[Tensor] = []
         for start, batch in source.chunks(problem.grad_chunk_size):
             g = checked_grads(problem.objective.loss, problem.space, problem.theta, batch, "training", start,

@@ -4,7 +4,7 @@ stochastic solvers. Index ``i`` always means position ``i`` of the dataset, what
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -61,6 +61,7 @@ class ExampleSource:
         self.dataset = dataset
         self.collate_fn: Collate = collate_fn or default_collate
         self.prepare = prepare or (lambda b: b)
+        self.what = what
         if indices is None:
             self.indices = torch.arange(n)
         else:
@@ -76,6 +77,13 @@ class ExampleSource:
 
     def __len__(self) -> int:
         return int(self.indices.numel())
+
+    def subset(self, positions: Union[torch.Tensor, Sequence[int]], allow_empty: bool = False) -> "ExampleSource":
+        """The same examples source restricted to ``positions`` (positions into ``self.indices``, in that
+        order): its indices are still dataset indices."""
+        picked = self.indices[torch.as_tensor(positions, dtype=torch.long)].tolist()
+        return ExampleSource(self.dataset, self.collate_fn, self.prepare, indices=picked, what=self.what,
+                             allow_empty=allow_empty)
 
     def batch(self, positions: torch.Tensor) -> Any:
         """Collate and prepare the examples at ``positions`` (positions into ``self.indices``)."""

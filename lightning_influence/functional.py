@@ -56,19 +56,21 @@ class ParamSpace:
     def num_params(self) -> int:
         return sum(self.numels)
 
-    def flatten(self, params: Mapping[str, Tensor]) -> Tensor:
-        """Concatenate a dict of tensors shaped like the parameters into a vector ``[P]``."""
-        return torch.cat([params[n].reshape(-1) for n in self.names])
+    def flatten(self, params: Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
+        """Concatenate a dict of tensors ``[*lead, *shape]`` (``batch_dims`` leading dimensions, the same
+        for every parameter) into ``[*lead, P]``; a vector ``[P]`` without leading dimensions."""
+        lead = params[self.names[0]].shape[:batch_dims]
+        return torch.cat([params[n].reshape(*lead, -1) for n in self.names], dim=-1)
 
     def flatten_batched(self, params: Mapping[str, Tensor]) -> Tensor:
         """Concatenate a dict of per-example tensors ``[B, *shape]`` into a matrix ``[B, P]``."""
-        first = params[self.names[0]]
-        return torch.cat([params[n].reshape(first.shape[0], -1) for n in self.names], dim=1)
+        return self.flatten(params, batch_dims=1)
 
     def unflatten(self, flat: Tensor) -> Dict[str, Tensor]:
-        """Split a vector ``[P]`` into a dict of views shaped like the parameters."""
-        chunks = torch.split(flat, self.numels)
-        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+        """Split ``[..., P]`` into a dict of ``[..., *shape]`` shaped like the parameters (views of a vector)."""
+        lead = flat.shape[:-1]
+        chunks = torch.split(flat, self.numels, dim=-1)
+        return {n: c.reshape(*lead, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
 
 
 def batch_in_dims(batch: Any) -> Any:

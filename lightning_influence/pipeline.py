@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,7 +42,7 @@ from .guards import preserved_rng
 from .objective import IGNORE_INDEX, LossFn, Objective
 from .problem import InfluenceProblem
 from .results import InfluenceResults, diagnostics_layout
-from .scoring import checked_grads, influence_scores, score_shard, self_influence as _solved_self_influence
+from .scoring import checked_grads, influence_scores, self_influence as _solved_self_influence
 from .solvers import FactoredInverse, InverseHVP, SolverSettings, resolve_solver
 from .validation import RunArguments, check_run_arguments, warn_num_queries
 
@@ -106,10 +106,7 @@ def preflight(
                                     indices=query_indices, what="query")
             if query_indices is None and num_queries is not None:
                 warn_num_queries(num_queries, len(queries))
-            positions = torch.arange(min(len(queries), PREFLIGHT_EXAMPLES))
-            batch = queries.batch(positions)
-            objective.check_targets(batch, queries.indices[positions].tolist(), "query")
-            objective.check_per_example(batch)
+            check_first_examples(objective, queries)
 
 
 def bind(
@@ -135,11 +132,17 @@ def bind(
     args = args or check_run_arguments()
     objective = Objective(model, params=args.params, loss_fn=loss_fn, dtype=args.dtype)
     train = ExampleSource(train_dataset, collate_fn, objective.prepare_batch, what="training")
-    positions = torch.arange(min(len(train), PREFLIGHT_EXAMPLES))
-    batch = train.batch(positions)
-    objective.check_targets(batch, positions.tolist(), "training")
-    objective.check_per_example(batch)
+    check_first_examples(objective, train)
     return InfluenceProblem(objective, train, args.forward_chunk, args.grad_chunk_for(objective.num_params), comm)
+
+
+def check_first_examples(objective: Objective, source: ExampleSource) -> None:
+    """The batch format, labels and a finite per-example loss of the first :data:`PREFLIGHT_EXAMPLES`
+    examples of ``source`` (errors name their dataset indices)."""
+    positions = torch.arange(min(len(source), PREFLIGHT_EXAMPLES))
+    batch = source.batch(positions)
+    objective.check_targets(batch, source.indices[positions].tolist(), source.what)
+    objective.check_per_example(batch)
 
 
 def _checked_losses(objective: Objective, source: ExampleSource, start: int, batch: Any, what: str) -> Tensor:
@@ -468,11 +471,10 @@ def self_influence_scores(problem: InfluenceProblem, inverse: InverseHVP, batch_
     ``problem.chunk_size``), every process walking the whole training set with the HVPs split by shard."""
     n = problem.num_examples
     quadratic = _Quadratic(inverse)
-    if isinstance(inverse, FactoredInverse):
-        empty = torch.zeros(0, problem.num_params, dtype=problem.dtype, device=problem.device)
-        _, values = score_shard(problem, empty, _counter(progress, "self_influence", n), quadratic)
+    if isinstance(inverse, FactoredInverse):  # no queries: the scoring pass computes the quadratic only
+        no_queries = torch.zeros(0, problem.num_params, dtype=problem.dtype, device=problem.device)
+        _, values = influence_scores(problem, no_queries, _counter(progress, "self_influence", n), quadratic)
         assert values is not None
-        values = problem.comm.gather_columns(values)
     else:
         values = _solved_self_influence(problem, quadratic, batch_size or problem.chunk_size,
                                         _counter(progress, "self_influence", n))

@@ -55,9 +55,7 @@ class InfluenceProblem:
         #: ``[start, stop)``: this process's contiguous shard, as positions in :attr:`train`
         self.shard_bounds = shard_bounds(len(train), self.comm.rank, self.comm.world_size)
         lo, hi = self.shard_bounds
-        self.shard = train if (lo, hi) == (0, len(train)) else ExampleSource(
-            train.dataset, train.collate_fn, train.prepare, indices=train.indices[lo:hi].tolist(), what="training",
-            allow_empty=True)
+        self.shard = train if (lo, hi) == (0, len(train)) else train.subset(range(lo, hi), allow_empty=True)
 
     def subsample(self, max_examples: int, seed: int) -> "InfluenceProblem":
         """The same problem on at most ``max_examples`` training examples drawn without replacement (from
@@ -68,10 +66,8 @@ class InfluenceProblem:
         if max_examples >= n:
             return self
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[: int(max_examples)]
-        src = self.train
-        sub = ExampleSource(src.dataset, src.collate_fn, src.prepare, indices=src.indices[pick.sort().values].tolist(),
-                            what="training")
-        return InfluenceProblem(self.objective, sub, self.chunk_size, self.grad_chunk_size, self.comm)
+        return InfluenceProblem(self.objective, self.train.subset(pick.sort().values), self.chunk_size,
+                                self.grad_chunk_size, self.comm)
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -63,6 +63,8 @@ class ReportContext:
     history_paths: Optional[Mapping[int, str]] = None
     epoch: Optional[int] = None
     outputs: Dict[str, Any] = field(default_factory=dict)
+    #: the views and suspects already computed, by (what, id of the results)
+    _cache: Dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def suspects_k(self) -> int:
@@ -89,10 +91,6 @@ class ReportContext:
         if key not in self._cache:
             self._cache[key] = suspects(results, self.suspects_k)
         return self._cache[key]
-
-    @cached_property
-    def _cache(self) -> Dict[Any, Any]:
-        return {}
 
 
 class Reporter(Protocol):
