@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 from bench_lissa import _problem, peak_rss_mb, spawn  # noqa: E402
-from peers import EXPLICIT, EXPLICIT_MAX_PARAMS, NOT_INSTALLABLE, PEERS, package_versions  # noqa: E402
+from peers import EXPLICIT, EXPLICIT_MAX_PARAMS, MODULES, NOT_INSTALLABLE, PEERS, package_versions  # noqa: E402
 
 MODELS = ("logreg", "mlp", "cnn")
 LABELS = {"logreg": "logreg", "mlp": "tanh MLP", "cnn": "ReLU CNN"}
@@ -145,7 +145,7 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
         t0 = time.perf_counter()
         scores, extra = reference_scores(model, train, val, queries, damping, job["method"])
     elif job["kind"] == "peer":
-        importlib.import_module(job["method"].split("-")[0])  # the package's import is not timed
+        importlib.import_module(MODULES[job["method"].split("-")[0]])  # the package's import is not timed
         if not list(model.children()):  # a bare nn.Linear: kronfluence and dattri's EK-FAC hook child modules
             model = torch.nn.Sequential(model)
         t0 = time.perf_counter()
@@ -232,6 +232,46 @@ def get_reference(model: str, q: int, args, threads: int) -> Tuple[Optional[torc
     return scores, {**info, "cached": False}
 
 
+def headline(measured: List[Dict[str, Any]], target: float = 0.99) -> List[str]:
+    """The headline tables: speed ratios at matched accuracy, from the measured rows.
+
+    * For every model and Q: the fastest of ours and the fastest peer whose median Pearson r reaches
+      ``target``, and the ratio of their wall times (> 1: ours is faster).
+    * For every peer row: the fastest of our rows at least as accurate (median r ≥ the peer's), and the
+      ratio peer wall / our wall; "none" when no row of ours reached the peer's accuracy.
+    """
+    if not measured:
+        return []
+    out = ["## Headline: wall-time ratios at matched accuracy", "",
+           f"Fastest method reaching median Pearson r ≥ {target} against the reference (ratio = peer s / ours s; "
+           "> 1 means ours is faster):", "",
+           "| model | Q | fastest of ours ≥ target | s | fastest peer ≥ target | s | ratio |", "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["model"], r["q"]) for r in measured}, key=lambda k: (MODELS.index(k[0]), k[1]))
+
+    def fastest(rows):
+        return min(rows, key=lambda r: r["wall"]) if rows else None
+
+    for m, q in keys:
+        here = [r for r in measured if (r["model"], r["q"]) == (m, q) and r["r_med"] >= target]
+        o, p = fastest([r for r in here if r["ours"]]), fastest([r for r in here if not r["ours"]])
+        ratio = f"{p['wall'] / o['wall']:.1f}×" if o and p else "–"
+        cell = lambda r: f"{r['method']} | {r['wall']:.1f}" if r else "none | –"  # noqa: E731
+        out.append(f"| {LABELS[m]} | {q} | {cell(o)} | {cell(p)} | {ratio} |")
+    out += ["", "Every peer row against the fastest row of ours at least as accurate (median r ≥ the peer's):", "",
+            "| model | Q | peer | peer r | peer s | ours (≥ r) | our r | our s | ratio |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in measured if not r["ours"]), key=lambda r: (MODELS.index(r["model"]), r["q"])):
+        o = fastest([x for x in measured if x["ours"] and (x["model"], x["q"]) == (r["model"], r["q"])
+                     and x["r_med"] >= r["r_med"]])
+        if o is None:
+            out.append(f"| {LABELS[r['model']]} | {r['q']} | {r['method']} | {r['r_med']:.4f} | {r['wall']:.1f} | "
+                       "none as accurate | | | |")
+        else:
+            out.append(f"| {LABELS[r['model']]} | {r['q']} | {r['method']} | {r['r_med']:.4f} | {r['wall']:.1f} | "
+                       f"{o['method']} | {o['r_med']:.4f} | {o['wall']:.1f} | {r['wall'] / o['wall']:.1f}× |")
+    return out + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker")
@@ -278,9 +318,19 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     refs_text = []
 
+    measured: List[Dict[str, Any]] = []  # rows with numbers, for the headline
+    gave_up: Dict[Tuple[str, str], str] = {}  # (model, method) -> why, once it timed out or failed at a smaller Q
+
+    def write(final: bool) -> None:  # after every row, so that a stopped run keeps what it measured
+        note = [] if final else ["* **partial**: the run was still going (or was stopped) when this was written", ""]
+        text = "\n".join(head + note + headline(measured) + refs_text + [""] + rows) + "\n"
+        with open(args.out, "w") as f:
+            f.write(text)
+
     def emit(row: str) -> None:
         rows.append(row)
         print(row, flush=True)
+        write(final=False)
 
     for m in args.models:
         dtype = DEFAULT_DTYPE[m] if args.dtype == "auto" else args.dtype
@@ -293,8 +343,9 @@ def main() -> None:
             how = ("exact dense solve, float64" if rinfo["kind"] == "exact" else
                    f"CG to 1e-6 in float64 ({rinfo.get('cg_iterations')} iterations)")
             cached = " (cached)" if rinfo.get("cached") else ""
-            refs_text.append(f"* reference {LABELS[m]}, Q={q}: {how}; {rinfo['wall_s']:.1f} s, "
-                             f"{rinfo['peak_mb']:.0f} MB peak{cached}")
+            cost = (f"{rinfo['wall_s']:.1f} s, {rinfo['peak_mb']:.0f} MB peak" if "wall_s" in rinfo else
+                    "cost not recorded (cached by bench_lissa.py)")
+            refs_text.append(f"* reference {LABELS[m]}, Q={q}: {how}; {cost}{cached}")
             jobs = [("peer", meth) for meth in args.methods] + [("ours", s) for s in ours]
             for kind, meth in jobs:
                 name = meth if kind == "peer" else f"ours: {meth}"
@@ -307,6 +358,9 @@ def main() -> None:
                 if kind == "peer" and meth in EXPLICIT and n_params[m] > EXPLICIT_MAX_PARAMS:
                     emit(f"| {label} | {q} | {name} | skipped: explicit {n_params[m]:,}² Hessian "
                          f"(> {EXPLICIT_MAX_PARAMS:,} params) |||||||| ")
+                    continue
+                if (m, name) in gave_up:
+                    emit(f"| {label} | {q} | {name} | skipped: {gave_up[(m, name)]} |||||||| ")
                     continue
                 out = os.path.join(CACHE, "scores_tmp.pt")
                 res = spawn({"kind": kind, "method": meth, "model": m, "dtype": dtype, "queries": list(range(q)),
@@ -323,16 +377,17 @@ def main() -> None:
                     what = "not available" if kind == "ours" else "failed"
                     err = res["error"].replace("|", "/")[:220]
                     emit(f"| {label} | {q} | {name} | {what}: {err} |||||||| ")
+                    gave_up[(m, name)] = f"{'timed out' if 'timeout' in err else 'failed'} at Q={q}"
                     continue
                 c = correlations(torch.load(out), ref)
                 os.remove(out)
+                measured.append({"model": m, "q": q, "method": name, "ours": kind == "ours", "wall": res["wall_s"],
+                                 "peak": res["peak_mb"], **c})
                 emit(f"| {label} | {q} | {name} | {c['r_med']:.4f} | {c['r_min']:.4f} | {c['rho_med']:.4f} | "
                      f"{c['rho_min']:.4f} | {res['wall_s']:.1f} | {res['peak_mb']:.0f} | {res['base_mb']:.0f} | "
                      f"{res['settings']} |")
-    text = "\n".join(head + refs_text + [""] + rows) + "\n"
-    print("\n" + "\n".join(refs_text))
-    with open(args.out, "w") as f:
-        f.write(text)
+    write(final=True)
+    print("\n" + "\n".join(headline(measured) + refs_text))
     print(f"\nwritten to {os.path.relpath(args.out, ROOT)}")
 
 

@@ -18,6 +18,11 @@ positive = harmful, and a short string of the settings used. How each peer's con
 * kronfluence 1.0 pairwise scores ``[Q, N]`` = ``+g_qᵀ (F̂ + λI)⁻¹ g_i`` with the (E)K-FAC factors of the
   Fisher averaged over examples (``compute_train_loss`` returns a *sum*, labels sampled from the model
   when ``sample=True``) and ``damping_factor = λ`` → negated.
+* pytorch-influence-functions 0.1.1 ``calc_influence_single`` = ``−(1/N) ∇ℓ_iᵀ s_test`` per training example
+  (one autograd gradient each) with ``s_test`` from its ``s_test`` recursion ``h ← v + (1 − d)h − H_B h/s``,
+  whose fixed point is ``s (H + s·d·I)⁻¹ v``: we pass ``d = λ/s`` → already our sign. Read in its source:
+  the loop applies ``H_B`` to the *initial* estimate on every step (``h_init_estimates`` is never
+  updated), so the result is one step, ``(2 − d)v − H_B v/s`` for the last minibatch, whatever the depth.
 * captum 0.9 ``influence((x, y))`` = ``+∇ℓ_qᵀ H⁻¹ ∇ℓ_i`` with ``H`` the Hessian of the *summed* loss over
   ``hessian_dataset`` plus ``hessian_reg·I`` → ``hessian_reg = N·λ`` (then ``H_sum + NλI = N(H + λI)``:
   a positive factor), negated.
@@ -197,6 +202,32 @@ def _captum(kind: str) -> Adapter:
     return run
 
 
+# ---------------------------------------------------------------------------- pytorch-influence-functions
+def _pif(model, train, val, queries, damping):
+    from pytorch_influence_functions.calc_influence_function import calc_influence_single
+
+    scale, depth = 25.0, 100  # its default scale; the depth only costs time (see the module docstring)
+    torch.manual_seed(0)
+    train_loader = DataLoader(train, batch_size=128, shuffle=True)
+    test_loader = DataLoader(Subset(val, list(queries)), batch_size=1)
+    # calc_influence_single takes its defaults for damp/scale from calc_s_test_single: pass s_test ourselves
+    from pytorch_influence_functions.calc_influence_function import calc_s_test_single
+
+    rows = []
+    for q in range(len(queries)):
+        z, t = test_loader.dataset[q]
+        z, t = test_loader.collate_fn([z]), test_loader.collate_fn([t])
+        s_test = calc_s_test_single(model, z, t, train_loader, gpu=-1, damp=damping / scale, scale=scale,
+                                    recursion_depth=depth, r=1)
+        s_test = [v.detach() for v in s_test]
+        influences, *_ = calc_influence_single(model, train_loader, test_loader, q, gpu=-1, recursion_depth=depth,
+                                               r=1, s_test_vec=s_test)
+        rows.append(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in influences]))
+    return torch.stack(rows), (f"calc_s_test_single(damp=λ/scale, scale={scale:g}, recursion_depth={depth}, r=1), "
+                               "train batch 128, then calc_influence_single (one gradient per training example "
+                               "per query); its recursion does not recurse (see peers.py)")
+
+
 PEERS: Dict[str, Adapter] = {
     "pydvl-direct": _pydvl("direct"),
     "pydvl-cg": _pydvl("cg"),
@@ -212,6 +243,7 @@ PEERS: Dict[str, Adapter] = {
     "kronfluence-kfac": _kronfluence("kfac"),
     "captum-naive": _captum("naive"),
     "captum-arnoldi": _captum("arnoldi"),
+    "pif-lissa": _pif,
 }
 
 # Libraries asked about that cannot be installed here, reported as rows without running anything.
@@ -220,7 +252,11 @@ NOT_INSTALLABLE = {
                        "GitHub-only, and this machine reaches only the package registries",
 }
 
-PACKAGES = {"pydvl": "pydvl", "dattri": "dattri", "kronfluence": "kronfluence", "captum": "captum"}
+PACKAGES = {"pydvl": "pydvl", "dattri": "dattri", "kronfluence": "kronfluence", "captum": "captum",
+            "pif": "pytorch-influence-functions"}
+#: the module a method's package imports as (method names start with the key)
+MODULES = {"pydvl": "pydvl", "dattri": "dattri", "kronfluence": "kronfluence", "captum": "captum",
+           "pif": "pytorch_influence_functions"}
 
 
 def package_versions() -> Dict[str, str]:

@@ -4,11 +4,11 @@ Used by the LiSSA solver to choose its scale and batch size without tuning, and 
 :mod:`lightning_influence.damping` to check or choose the damping:
 
 * :func:`power_iteration`: the eigenvalue of largest magnitude of ``A − shift·I`` (plus ``shift``), i.e.
-  ``λ_max(A)`` with ``shift=0`` for a positive semi-definite ``A`` (LiSSA's scale, on minibatches).
+  ``λ_max(A)`` with ``shift=0`` for a positive semi-definite ``A`` (LiSSA's full-Hessian ``λ_max`` for its batch size).
 * :class:`Lanczos`: the Krylov basis and tridiagonal matrix of symmetric Lanczos with full
   reorthogonalisation, grown step by step; its Ritz pairs with residual estimates (the low-rank
   Arnoldi solver keeps the top ones).
-* :func:`lanczos_extremes`: both extreme eigenvalues from one Krylov space (a :class:`Lanczos` run);
+* :func:`lanczos_extremes`: both extreme eigenvalues from one Krylov space (a :class:`Lanczos` run; LiSSA's scale);
   converges much faster than shifted power iteration at an end of the spectrum near zero (the
   smallest, possibly negative, eigenvalue of a trained network's Hessian).
 * :func:`hutchinson_trace`: ``tr(A) ≈ mean_k z_kᵀ A z_k`` over Rademacher probes ``z_k``.
