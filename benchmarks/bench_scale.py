@@ -107,10 +107,13 @@ def main() -> None:
           f"λ = {res.damping:.3g}")
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()))
     if args.solver == "lissa":
-        steps = {d.name: d.value for d in res.solve_chunks()[0].items}.get("steps_max")
-        print("preconditioner: rank {}, {} Lanczos passes on {} examples; LiSSA scale {:.3g}, steps {}".format(
-            setup.get("preconditioner_rank"), setup.get("preconditioner_lanczos_passes"),
-            setup.get("preconditioner_lanczos_examples"), setup.get("scale", float("nan")), steps))
+        solve = {d.name: d.value for d in res.solve_chunks()[0].items}
+        se = sorted(solve.get("relative_stderr") or [float("nan")])
+        print("preconditioner: rank {}, {} Lanczos passes on {} examples; LiSSA scale {:.3g}, steps {}, "
+              "converged {}, relative std. error of the scores median {:.3g} / max {:.3g}".format(
+                  setup.get("preconditioner_rank"), setup.get("preconditioner_lanczos_passes"),
+                  setup.get("preconditioner_lanczos_examples"), setup.get("scale", float("nan")),
+                  solve.get("steps_max"), solve.get("converged"), se[len(se) // 2], se[-1]))
 
     # extrapolation to a ResNet-18 on 50k CIFAR-10 images: time scales with HVP FLOPs per example × examples
     try:
