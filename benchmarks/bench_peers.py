@@ -232,44 +232,96 @@ def get_reference(model: str, q: int, args, threads: int) -> Tuple[Optional[torc
     return scores, {**info, "cached": False}
 
 
-def headline(measured: List[Dict[str, Any]], target: float = 0.99) -> List[str]:
+def headline(measured: List[Dict[str, Any]], timed_out: Optional[Dict[Tuple[str, int], List[str]]] = None,
+             target: float = 0.99) -> List[str]:
     """The headline tables: speed ratios at matched accuracy, from the measured rows.
 
     * For every model and Q: the fastest of ours and the fastest peer whose median Pearson r reaches
-      ``target``, and the ratio of their wall times (> 1: ours is faster).
+      ``target``, the ratio of their wall times (> 1: ours is faster), our default (``lissa``) for
+      reference, and the methods that timed out there (``timed_out``: ``{(model, Q): [names]}``).
     * For every peer row: the fastest of our rows at least as accurate (median r ≥ the peer's), and the
       ratio peer wall / our wall; "none" when no row of ours reached the peer's accuracy.
     """
     if not measured:
         return []
+    timed_out = timed_out or {}
     out = ["## Headline: wall-time ratios at matched accuracy", "",
            f"Fastest method reaching median Pearson r ≥ {target} against the reference (ratio = peer s / ours s; "
-           "> 1 means ours is faster):", "",
-           "| model | Q | fastest of ours ≥ target | s | fastest peer ≥ target | s | ratio |", "|---|---|---|---|---|---|---|"]
+           "> 1 means ours is faster); our default solver (`lissa`) for reference; methods that timed out:", "",
+           "| model | Q | fastest of ours ≥ target | s | fastest peer ≥ target | s | ratio | default `lissa`: r, s "
+           "| timed out |", "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["model"], r["q"]) for r in measured}, key=lambda k: (MODELS.index(k[0]), k[1]))
 
     def fastest(rows):
         return min(rows, key=lambda r: r["wall"]) if rows else None
 
+    def cell(r):
+        return f"{r['method']} | {r['wall']:.1f}" if r else "none | –"
+
     for m, q in keys:
-        here = [r for r in measured if (r["model"], r["q"]) == (m, q) and r["r_med"] >= target]
+        rows = [r for r in measured if (r["model"], r["q"]) == (m, q)]
+        here = [r for r in rows if r["r_med"] >= target]
         o, p = fastest([r for r in here if r["ours"]]), fastest([r for r in here if not r["ours"]])
         ratio = f"{p['wall'] / o['wall']:.1f}×" if o and p else "–"
-        cell = lambda r: f"{r['method']} | {r['wall']:.1f}" if r else "none | –"  # noqa: E731
-        out.append(f"| {LABELS[m]} | {q} | {cell(o)} | {cell(p)} | {ratio} |")
+        d = next((r for r in rows if r["method"] == "ours: lissa"), None)
+        default = f"{d['r_med']:.4f}, {d['wall']:.1f}" if d else "–"
+        out.append(f"| {LABELS[m]} | {q} | {cell(o)} | {cell(p)} | {ratio} | {default} | "
+                   f"{', '.join(timed_out.get((m, q), [])) or '–'} |")
     out += ["", "Every peer row against the fastest row of ours at least as accurate (median r ≥ the peer's):", "",
             "| model | Q | peer | peer r | peer s | ours (≥ r) | our r | our s | ratio |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in measured if not r["ours"]), key=lambda r: (MODELS.index(r["model"]), r["q"])):
+        head = f"| {LABELS[r['model']]} | {r['q']} | {r['method']} | {r['r_med']:.4f} | {r['wall']:.1f} | "
+        if r["r_med"] != r["r_med"]:  # NaN: the peer's scores were constant for a query
+            out.append(head + "r is NaN (constant scores) | | | |")
+            continue
         o = fastest([x for x in measured if x["ours"] and (x["model"], x["q"]) == (r["model"], r["q"])
                      and x["r_med"] >= r["r_med"]])
         if o is None:
-            out.append(f"| {LABELS[r['model']]} | {r['q']} | {r['method']} | {r['r_med']:.4f} | {r['wall']:.1f} | "
-                       "none as accurate | | | |")
+            out.append(head + "none as accurate | | | |")
         else:
-            out.append(f"| {LABELS[r['model']]} | {r['q']} | {r['method']} | {r['r_med']:.4f} | {r['wall']:.1f} | "
-                       f"{o['method']} | {o['r_med']:.4f} | {o['wall']:.1f} | {r['wall'] / o['wall']:.1f}× |")
+            out.append(head + f"{o['method']} | {o['r_med']:.4f} | {o['wall']:.1f} | {r['wall'] / o['wall']:.1f}× |")
     return out + [""]
+
+
+def rows_of(path: str) -> Tuple[List[Dict[str, Any]], Dict[Tuple[str, int], List[str]]]:
+    """The measured rows and timeouts of a results file this script wrote (for ``--headline-from``)."""
+    measured: List[Dict[str, Any]] = []
+    timed_out: Dict[Tuple[str, int], List[str]] = {}
+    with open(path) as f:
+        for line in f:
+            cols = [c.strip() for c in line.strip().strip("|").split("|")]
+            model = next((m for m in MODELS if cols[0].startswith(LABELS[m] + " (")), None)
+            if model is None or len(cols) < 4 or not cols[1].isdigit():
+                continue
+            q, name = int(cols[1]), cols[2]
+            if "timeout after" in cols[3] or "timed out at" in cols[3]:
+                timed_out.setdefault((model, q), []).append(name)
+                continue
+            try:
+                nums = [float(c) for c in cols[3:9]]
+            except ValueError:  # a row saying skipped / failed / not installable
+                continue
+            measured.append({"model": model, "q": q, "method": name, "ours": name.startswith("ours: "),
+                             "r_med": nums[0], "r_min": nums[1], "rho_med": nums[2], "rho_min": nums[3],
+                             "wall": nums[4], "peak": nums[5]})
+    return measured, timed_out
+
+
+def rewrite_headline(path: str) -> None:
+    """Replace the headline section of a results file by one rendered from its rows."""
+    measured, timed_out = rows_of(path)
+    with open(path) as f:
+        lines = f.read().split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith("## Headline")), None)
+    if start is None:  # no headline yet: put it after the header bullets
+        start = end = next(i for i, line in enumerate(lines) if line.startswith("* reference") or line.startswith("| "))
+    else:
+        end = next(i for i, line in enumerate(lines) if i > start and (line.startswith("* reference") or
+                                                                          line.startswith("| model")))
+    lines[start:end] = headline(measured, timed_out)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
 
 
 def main() -> None:
@@ -291,7 +343,12 @@ def main() -> None:
     ap.add_argument("--reference-timeout", type=float, default=3600.0)
     ap.add_argument("--fresh-reference", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results_peers.md"))
+    ap.add_argument("--headline-from", metavar="FILE",
+                    help="run nothing: re-render the headline of a results file from its rows")
     args = ap.parse_args()
+    if args.headline_from:
+        rewrite_headline(args.headline_from)
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -319,11 +376,12 @@ def main() -> None:
     refs_text = []
 
     measured: List[Dict[str, Any]] = []  # rows with numbers, for the headline
+    timed_out: Dict[Tuple[str, int], List[str]] = {}
     gave_up: Dict[Tuple[str, str], str] = {}  # (model, method) -> why, once it timed out or failed at a smaller Q
 
     def write(final: bool) -> None:  # after every row, so that a stopped run keeps what it measured
         note = [] if final else ["* **partial**: the run was still going (or was stopped) when this was written", ""]
-        text = "\n".join(head + note + headline(measured) + refs_text + [""] + rows) + "\n"
+        text = "\n".join(head + note + headline(measured, timed_out) + refs_text + [""] + rows) + "\n"
         with open(args.out, "w") as f:
             f.write(text)
 
@@ -361,6 +419,8 @@ def main() -> None:
                     continue
                 if (m, name) in gave_up:
                     emit(f"| {label} | {q} | {name} | skipped: {gave_up[(m, name)]} |||||||| ")
+                    if gave_up[(m, name)].startswith("timed out"):
+                        timed_out.setdefault((m, q), []).append(name)
                     continue
                 out = os.path.join(CACHE, "scores_tmp.pt")
                 res = spawn({"kind": kind, "method": meth, "model": m, "dtype": dtype, "queries": list(range(q)),
@@ -377,7 +437,9 @@ def main() -> None:
                     what = "not available" if kind == "ours" else "failed"
                     err = res["error"].replace("|", "/")[:220]
                     emit(f"| {label} | {q} | {name} | {what}: {err} |||||||| ")
-                    gave_up[(m, name)] = f"{'timed out' if 'timeout' in err else 'failed'} at Q={q}"
+                    gave_up[(m, name)] = f"{'timed out' if 'timeout' in err else what} at Q={q}"
+                    if "timeout" in err:
+                        timed_out.setdefault((m, q), []).append(name)
                     continue
                 c = correlations(torch.load(out), ref)
                 os.remove(out)
@@ -387,7 +449,7 @@ def main() -> None:
                      f"{c['rho_min']:.4f} | {res['wall_s']:.1f} | {res['peak_mb']:.0f} | {res['base_mb']:.0f} | "
                      f"{res['settings']} |")
     write(final=True)
-    print("\n" + "\n".join(headline(measured) + refs_text))
+    print("\n" + "\n".join(headline(measured, timed_out) + refs_text))
     print(f"\nwritten to {os.path.relpath(args.out, ROOT)}")
 
 

@@ -70,6 +70,9 @@ class Communicator:
         """``[W, *shape]``: every rank's ``tensor`` (the same shape on every rank), in rank order."""
         return tensor.unsqueeze(0)
 
+    def _barrier(self) -> None:
+        """Return once every rank has called it."""
+
     # ------------------------------------------------------------------ public
     @property
     def distributed(self) -> bool:
@@ -112,14 +115,24 @@ class Communicator:
         if self.distributed:
             self._status(ok=True)
 
+    def settle(self) -> None:
+        """Wait until every rank has finished its collectives (a barrier); nothing for one process or
+        after a collective itself failed. Without it a rank can leave the block right after a gather and
+        exit while a peer's last transfer is still in flight: under ``ddp_spawn`` with gloo one run in
+        three aborted at exit ("terminate called without an active exception"), with plain
+        ``torch.distributed.all_gather`` as with Lightning's, and none with a barrier after them."""
+        if self.distributed and not self._broken:
+            self._collective(lambda t: (self._barrier(), t)[1], torch.zeros(0))
+
     @contextlib.contextmanager
     def agreement(self) -> Iterator[None]:
         """Run a block of collective work: if it raises on this rank, tell the others (they raise
         :class:`PeerFailedError` at their next collective) and re-raise here; on success, check that
-        no other rank failed after the last collective."""
+        no other rank failed after the last collective, and :meth:`settle`."""
         try:
             yield
             self.check()
+            self.settle()
         except PeerFailedError:
             raise
         except BaseException as err:

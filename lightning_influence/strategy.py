@@ -88,3 +88,6 @@ class StrategyCommunicator(Communicator):
         on = tensor.to(self._device())
         out = self.strategy.all_gather(on)  # type: ignore[attr-defined]
         return out.to(tensor.device).reshape(self.world_size, *tensor.shape)
+
+    def _barrier(self) -> None:
+        self.strategy.barrier("lightning_influence")  # type: ignore[attr-defined]
