@@ -122,7 +122,7 @@ class Communicator:
         three aborted at exit ("terminate called without an active exception"), with plain
         ``torch.distributed.all_gather`` as with Lightning's, and none with a barrier after them."""
         if self.distributed and not self._broken:
-            self._collective(lambda t: (self._barrier(), t)[1], torch.zeros(0))
+            self._collective(self._barrier)
 
     @contextlib.contextmanager
     def agreement(self) -> Iterator[None]:
@@ -141,9 +141,10 @@ class Communicator:
             raise
 
     # ------------------------------------------------------------------ protocol
-    def _collective(self, fn, tensor: Tensor) -> Tensor:
+    def _collective(self, fn, *args):
+        """``fn(*args)``, a collective; if it raises, no other collective is entered on this rank."""
         try:
-            return fn(tensor)
+            return fn(*args)
         except BaseException:
             self._broken = True
             raise

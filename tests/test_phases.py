@@ -62,7 +62,13 @@ class ThreadWorld:
             def _all_reduce(self, tensor):
                 return self._all_gather(tensor).sum(0)
 
-        return ThreadRank()
+            def _barrier(self):
+                world.barrier.wait()
+                self.barriers += 1
+
+        rank_comm = ThreadRank()
+        rank_comm.barriers = 0
+        return rank_comm
 
 
 def run_ranks(world_size: int, fn, monkeypatch):
@@ -171,3 +177,20 @@ def test_a_failure_on_one_thread_rank_raises_on_both(logreg, monkeypatch):
     assert isinstance(r1, ValueError) and str(r1) == "broken on rank 1"
     assert isinstance(r0, PeerFailedError), r0
     assert "rank(s) [1]" in str(r0) and "ValueError: broken on rank 1" in str(r0)
+
+
+def test_an_agreement_ends_in_a_barrier_on_every_rank_and_none_after_a_failure(monkeypatch):
+    """So that no rank leaves (and exits) while a peer's last transfer is in flight (Communicator.settle)."""
+
+    def work(rank: int, comm: Communicator, fail_on: int):
+        try:
+            with comm.agreement():
+                total = comm.all_reduce_sum(torch.ones(3))
+                if rank == fail_on:
+                    raise ValueError("broken")
+        except (ValueError, PeerFailedError) as err:
+            return type(err).__name__, comm.barriers
+        return float(total.sum()), comm.barriers
+
+    assert run_ranks(2, lambda r, c: work(r, c, fail_on=-1), monkeypatch) == [(6.0, 1), (6.0, 1)]
+    assert run_ranks(2, lambda r, c: work(r, c, fail_on=1), monkeypatch) == [("PeerFailedError", 0), ("ValueError", 0)]
