@@ -1,8 +1,9 @@
 """Peer comparison: other influence-function libraries next to ours, on the same models and queries.
 
-    python benchmarks/bench_peers.py                                   # everything (hours on 2 cores)
+    python benchmarks/bench_peers.py --timeout 240                     # everything (72 min on 2 cores, references cached)
     python benchmarks/bench_peers.py --models logreg mlp cnn --queries 10 cnn=100 --ours none
     python benchmarks/bench_peers.py --models mlp --queries 10 --methods pydvl-cg kronfluence-ekfac --ours cg
+    python benchmarks/bench_peers.py --headline-from benchmarks/results_peers.md   # re-render its headline only
 
 Models: the logistic regression, tanh MLP (λ = 0.01, their weight decay) and ReLU CNN (λ = 0.1) of
 ``tests/problems.py``, trained once and cached under ``benchmarks/.cache/``. Queries: the first Q validation
