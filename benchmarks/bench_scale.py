@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--solver", default="lissa", help="a solver name (default: the default solver, lissa)")
+    ap.add_argument("--query-batch-size", type=int, default=None,
+                    help="queries solved together (default: all at once); bounds the solver's per-query memory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -100,15 +102,17 @@ def main() -> None:
 
     t0 = time.perf_counter()
     res = compute_influence(model, train, val, query_indices=list(range(args.queries)), damping="auto",
-                            solver=args.solver)
+                            solver=args.solver, query_batch_size=args.query_batch_size)
     wall = time.perf_counter() - t0
     setup = {d.name: d.value for d in res.setup_diagnostics()}
-    print(f"solver {args.solver}: {wall:.0f} s wall, peak RSS {peak_rss_mb():.0f} MB (before influence: {rss_before:.0f} MB), "
+    print(f"solver {args.solver} (query batch {args.query_batch_size or args.queries}): {wall:.0f} s wall, peak RSS {peak_rss_mb():.0f} MB (before influence: {rss_before:.0f} MB), "
           f"λ = {res.damping:.3g}")
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()))
     if args.solver == "lissa":
-        solve = {d.name: d.value for d in res.solve_chunks()[0].items}
-        se = sorted(solve.get("relative_stderr") or [float("nan")])
+        chunks = [{d.name: d.value for d in c.items} for c in res.solve_chunks()]
+        solve = {"steps_max": max(c.get("steps_max", 0) for c in chunks),
+                 "converged": all(c.get("converged", False) for c in chunks)}
+        se = sorted(x for c in chunks for x in (c.get("relative_stderr") or [float("nan")]))
         print("preconditioner: rank {}, {} Lanczos passes on {} examples; LiSSA scale {:.3g}, steps {}, "
               "converged {}, relative std. error of the scores median {:.3g} / max {:.3g}".format(
                   setup.get("preconditioner_rank"), setup.get("preconditioner_lanczos_passes"),
