@@ -54,7 +54,7 @@ def main() -> int:
     from torch.utils.data import DataLoader
 
     from lightning_influence import compute_influence
-    from lightning_influence.strategy import communicator_for
+    from lightning_influence.integration.strategy import communicator_for
 
     p = _problem(args.model, torch.float64, CACHE)  # the data are float64; influence runs in float32
     queries = _queries(args.queries)

@@ -125,7 +125,7 @@ def profile_hvp(cache: str, dtype: torch.dtype, batch: int = 64, sizes=(1, 8, 32
 
     from lightning_influence.data import ExampleSource
     from lightning_influence.objective import Objective
-    from lightning_influence.operator import HessianOperator
+    from lightning_influence.curvature.operator import HessianOperator
 
     p = _problem("cnn", dtype, cache)
     x, y = p.train.tensors

@@ -104,7 +104,7 @@ def main() -> None:
     res = compute_influence(model, train, val, query_indices=list(range(args.queries)), damping="auto",
                             solver=args.solver, query_batch_size=args.query_batch_size)
     wall = time.perf_counter() - t0
-    setup = {d.name: d.value for d in res.setup_diagnostics()}
+    setup = {d.key: d.value for d in res.setup_diagnostics()}
     print(f"solver {args.solver} (query batch {args.query_batch_size or args.queries}): {wall:.0f} s wall, peak RSS {peak_rss_mb():.0f} MB (before influence: {rss_before:.0f} MB), "
           f"λ = {res.damping:.3g}")
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res.timings.items()))
@@ -115,8 +115,8 @@ def main() -> None:
         se = sorted(x for c in chunks for x in (c.get("relative_stderr") or [float("nan")]))
         print("preconditioner: rank {}, {} Lanczos passes on {} examples; LiSSA scale {:.3g}, steps {}, "
               "converged {}, relative std. error of the scores median {:.3g} / max {:.3g}".format(
-                  setup.get("preconditioner_rank"), setup.get("preconditioner_lanczos_passes"),
-                  setup.get("preconditioner_lanczos_examples"), setup.get("scale", float("nan")),
+                  setup.get("preconditioner/rank"), setup.get("preconditioner/lanczos_passes"),
+                  setup.get("preconditioner/lanczos_examples"), setup.get("scale", float("nan")),
                   solve.get("steps_max"), solve.get("converged"), se[len(se) // 2], se[-1]))
 
     # extrapolation to a ResNet-18 on 50k CIFAR-10 images: time scales with HVP FLOPs per example × examples

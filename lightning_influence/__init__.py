@@ -6,12 +6,14 @@ Scores follow Koh & Liang's sign: positive = harmful, negative = helpful.
 """
 
 from .counterfactual import Counterfactual, PredictedMetrics
-from .damping import AutoDamping
+from .curvature.damping import AutoDamping
 from .errors import (InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError, NegativeCurvatureError,
                      ResultsFileError, SolverDivergedError)
 from .pipeline import DEFAULT_DAMPING, compute_influence
 from .results import InfluenceResults, Ranked
-from .solvers import ArnoldiSettings, CGSettings, EKFACSettings, ExactSettings, KFACSettings, LissaSettings, SolverSettings
+from .record import RunKey, RunRecord
+from .solvers import (ArnoldiSettings, CGSettings, EKFACSettings, ExactSettings, KFACSettings, LissaSettings, Preconditioned,
+                      SolverKind, SolverSettings, solver_names)
 
 __version__ = "0.1.0"
 
@@ -32,17 +34,22 @@ __all__ = [
     "LissaSettings",
     "NegativeCurvatureError",
     "PredictedMetrics",
+    "Preconditioned",
     "Ranked",
+    "RunKey",
+    "RunRecord",
     "ResultsFileError",
     "SolverDivergedError",
+    "SolverKind",
     "SolverSettings",
     "compute_influence",
+    "solver_names",
 ]
 
 
 def __getattr__(name: str):  # lazy: importing the maths should not import Lightning
     if name == "InfluenceCallback":
-        from .callback import InfluenceCallback
+        from .integration.callback import InfluenceCallback
 
         return InfluenceCallback
     raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")

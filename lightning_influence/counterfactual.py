@@ -36,7 +36,7 @@ from torch.func import jvp
 from torch.utils.data import Dataset
 
 from .checks import check_positive_int, is_int
-from .damping import AutoDamping, resolve_damping
+from .curvature.damping import AutoDamping, resolve_damping
 from .data import Collate, ExampleSource
 from .diagnostics import Diagnostic
 from .errors import InfluenceConfigError
@@ -120,19 +120,24 @@ class Counterfactual:
             :func:`~lightning_influence.pipeline.compute_influence`.
         damping: ``λ ≥ 0`` added to the Hessian of the mean training loss (Hessian units): the L2
             coefficient for an L2-trained model, ``"auto"`` or an
-            :class:`~lightning_influence.damping.AutoDamping` as in ``compute_influence``.
+            :class:`~lightning_influence.curvature.damping.AutoDamping` as in ``compute_influence``.
         loss_fn / params / collate_fn / dtype / chunk_size / grad_chunk_size: as in ``compute_influence``;
             ``params`` selects the parameters that change, every other parameter and buffer stays as trained.
         rhs_batch_size: right-hand sides solved together (default: all at once); the results do not
             depend on it.
 
-    Example::
-
-        cf = Counterfactual(model, train_ds, solver="cg", damping=weight_decay)
-        harmful = compute_influence(model, train_ds, val_ds, num_queries=1).top_harmful(0, k=10).indices
-        delta = cf.parameter_change(harmful)          # {name: Tensor shaped like the parameter}
-        fixed = cf.model_without(harmful)             # a new module at θ̂ + Δθ
-        cf.predicted_metrics(harmful, val_ds).loss_change   # < 0: removing them is predicted to help
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> train = TensorDataset(torch.randn(50, 3), torch.randint(0, 2, (50,)))
+        >>> cf = Counterfactual(torch.nn.Linear(3, 2), train, solver="exact", damping=0.1)
+        >>> delta = cf.parameter_change([3, 17])          # {name: Tensor shaped like the parameter}
+        >>> sorted(delta), tuple(delta["weight"].shape)
+        (['bias', 'weight'], (2, 3))
+        >>> fixed = cf.model_without([3, 17])             # a new module at θ̂ + Δθ; the model is untouched
+        >>> type(fixed).__name__
+        'Linear'
     """
 
     def __init__(
@@ -141,7 +146,7 @@ class Counterfactual:
         train_dataset: Dataset,
         *,
         solver: Union[str, SolverSettings] = "cg",
-        damping: Union[float, str, AutoDamping] = DEFAULT_DAMPING,
+        damping: Union[float, str, AutoDamping] = "auto",
         loss_fn: Optional[LossFn] = None,
         params: Optional[Union[str, Sequence[str]]] = None,
         collate_fn: Optional[Collate] = None,
@@ -348,7 +353,7 @@ class Counterfactual:
         parts: List[Tensor] = []
         for start, batch in source.chunks(problem.grad_chunk_size):
             g = checked_grads(problem.objective.loss, problem.space, problem.theta, batch, "training", start,
-                              indices=source.indices)
+                              indices=source.indices, plan=problem.objective.differentiation)
             parts.append(g.sum(0, keepdim=True) if total else g)
         out = torch.cat(parts)
         return out.sum(0, keepdim=True) if total else out

@@ -17,7 +17,7 @@ Kinds:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from .checks import is_int, is_real
@@ -43,6 +43,9 @@ class Diagnostic:
         reduce: for scalars, how chunks combine (``"max"``, ``"min"``, ``"sum"``, ``"first"``,
             ``"last"``, ``"all"``, ``"any"``).
         kind: ``"scalar"``, ``"per_query"`` or ``"series"``.
+        source: which component of the solver measured it, ``""`` for the solver itself, e.g.
+            ``"preconditioner"`` for the Arnoldi preconditioner of LiSSA. A component's diagnostics keep their
+            own names; :attr:`key` tells them apart (``"preconditioner/rank"``).
     """
 
     name: str
@@ -51,6 +54,7 @@ class Diagnostic:
     meaning: str = ""
     reduce: str = "first"
     kind: str = "scalar"
+    source: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -58,12 +62,24 @@ class Diagnostic:
         if self.reduce not in REDUCTIONS:
             raise ValueError(f"Diagnostic.reduce={self.reduce!r} must be one of {REDUCTIONS}")
 
+    @property
+    def key(self) -> str:
+        """``name``, or ``source/name`` for a component's diagnostic: unique within one run's group."""
+        return f"{self.source}/{self.name}" if self.source else self.name
+
+    def from_source(self, source: str) -> "Diagnostic":
+        """The same diagnostic measured by component ``source`` (nested: ``"preconditioner/inner"``)."""
+        return replace(self, source=f"{source}/{self.source}" if self.source else source)
+
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.source:
+            del out["source"]
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Diagnostic":
-        return cls(**{k: d[k] for k in ("name", "value", "label", "meaning", "reduce", "kind") if k in d})
+        return cls(**{k: d[k] for k in ("name", "value", "label", "meaning", "reduce", "kind", "source") if k in d})
 
     @property
     def is_number(self) -> bool:
@@ -110,14 +126,13 @@ def combine_scalars(chunks: Sequence[Sequence[Diagnostic]]) -> List[Diagnostic]:
         for d in chunk:
             if d.kind != "scalar":
                 continue
-            if d.name not in seen:
-                order.append(d.name)
-                seen[d.name] = []
-            seen[d.name].append(d)
+            if d.key not in seen:
+                order.append(d.key)
+                seen[d.key] = []
+            seen[d.key].append(d)
     out = []
-    for name in order:
-        ds = seen[name]
+    for key in order:
+        ds = seen[key]
         first = ds[0]
-        out.append(Diagnostic(name, _reduce(first.reduce, [d.value for d in ds]), first.label, first.meaning,
-                              first.reduce, "scalar"))
+        out.append(replace(first, value=_reduce(first.reduce, [d.value for d in ds])))
     return out

@@ -1,7 +1,7 @@
 """How one influence computation is split over ``W`` processes: the :class:`Communicator` seam.
 
 The maths sees only this interface, never Lightning or ``torch.distributed``: the callback hands in one
-built on the Trainer's strategy (:mod:`lightning_influence.strategy`), :func:`compute_influence` uses
+built on the Trainer's strategy (:mod:`lightning_influence.integration.strategy`), :func:`compute_influence` uses
 :data:`SOLO` (one process) by default.
 
 Work split (data parallel): every process holds the same parameters, queries and right-hand sides, and a
@@ -14,19 +14,26 @@ the shard and gathered.
 Failure agreement: every collective first exchanges a one-number status. A process whose work raised
 sends "failed" in the next status exchange and then its message, so the others raise too (naming the
 rank and its error) at their next collective instead of waiting in it until the backend's timeout.
+
+Stop agreement: a rank whose ``stop_requested()`` is true (the callback's: Lightning received SIGTERM) sends
+"stop" instead, and every rank raises :class:`StopRequested` (an ``InfluenceInterrupted``) at that same
+collective, so none is left waiting in the next one.
+
+:meth:`Communicator.raise_together` does the same for a step without collectives (the callback's checks
+before training): every rank raises the first failing rank's error, with its message.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .errors import InfluenceRuntimeError
+from .errors import InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError
 
-__all__ = ["Communicator", "PeerFailedError", "SOLO", "shard_bounds"]
+__all__ = ["CollectiveTimeoutError", "Communicator", "PeerFailedError", "SOLO", "StopRequested", "shard_bounds"]
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> Tuple[int, int]:
@@ -39,6 +46,19 @@ def shard_bounds(n: int, rank: int, world_size: int) -> Tuple[int, int]:
 
 class PeerFailedError(InfluenceRuntimeError):
     """Another process of the same influence computation failed; the message names it and its error."""
+
+
+class CollectiveTimeoutError(PeerFailedError):
+    """The other processes did not join a collective within the communicator's timeout (a process stopped,
+    hangs, or is far slower); the message names the timeout and how to raise it."""
+
+
+class StopRequested(InfluenceInterrupted):
+    """Every process stops the influence computation together: one of them was asked to stop (SIGTERM)."""
+
+
+#: status codes of the exchange before every collective
+_OK, _FAILED, _STOP = 0, 1, 2
 
 
 class Communicator:
@@ -58,8 +78,11 @@ class Communicator:
     #: bytes of an error message sent to the other ranks (longer messages are cut)
     MESSAGE_BYTES = 2048
 
-    def __init__(self) -> None:
+    def __init__(self, stop_requested: Optional[Callable[[], bool]] = None, stop_what: str = "a stop request") -> None:
         self._broken = False  # a collective itself failed: never enter another one
+        #: ``stop_requested()`` true on any rank stops every rank at the next collective (:class:`StopRequested`)
+        self.stop_requested = stop_requested
+        self.stop_what = stop_what
 
     # ------------------------------------------------------------------ backend (override)
     def _all_reduce(self, tensor: Tensor) -> Tensor:
@@ -115,6 +138,52 @@ class Communicator:
         if self.distributed:
             self._status(ok=True)
 
+    def broadcast_flag(self, value: bool, src: int = 0) -> bool:
+        """Rank ``src``'s ``value`` on every rank (after a status exchange, like every collective here)."""
+        if not self.distributed:
+            return bool(value)
+        self._status(ok=True)
+        flags = self._collective(self._all_gather, torch.tensor([int(bool(value))], dtype=torch.long,
+                                                                device=self._device()))
+        return bool(flags.reshape(-1)[src])
+
+    def all_true(self, value: bool) -> bool:
+        """Whether ``value`` is true on every rank (after a status exchange, like every collective here)."""
+        if not self.distributed:
+            return bool(value)
+        self._status(ok=True)
+        flags = self._collective(self._all_gather, torch.tensor([int(bool(value))], dtype=torch.long,
+                                                                device=self._device()))
+        return bool(flags.reshape(-1).all())
+
+    def raise_together(self, error: Optional[BaseException]) -> None:
+        """Every rank's outcome of a step with no collectives inside (``error``: what it raised, or ``None``):
+        if any rank failed, every rank raises the first failing rank's error: that rank its own exception,
+        the others an error of the same kind (:class:`~lightning_influence.errors.InfluenceConfigError` for
+        one, :class:`PeerFailedError` otherwise) with its message and rank. Nothing is left waiting for a
+        rank that raised alone (before training: in the first gradient all-reduce).
+
+        One process: raises ``error`` if there is one."""
+        if not self.distributed:
+            if error is not None:
+                raise error
+            return
+        code = 0 if error is None else (1 if isinstance(error, InfluenceConfigError) else 2)
+        flags = self._collective(self._all_gather, torch.tensor([code], dtype=torch.long, device=self._device()))
+        codes = flags.reshape(-1).tolist()
+        failed = [r for r, c in enumerate(codes) if c]
+        if not failed:
+            return
+        messages = self._exchange_messages("" if error is None else str(error))
+        first = failed[0]
+        if first == self.rank and error is not None:
+            raise error
+        where = f" [found on rank {first}; every rank stops here]"
+        if codes[first] == 1:
+            raise InfluenceConfigError(messages[first] + where)
+        raise PeerFailedError(f"influence stopped on rank {self.rank} because rank(s) {failed} failed (rank {first}: "
+                              f"{messages[first]}).")
+
     def settle(self) -> None:
         """Wait until every rank has finished its collectives (a barrier); nothing for one process or
         after a collective itself failed. Without it a rank can leave the block right after a gather and
@@ -123,6 +192,9 @@ class Communicator:
         ``torch.distributed.all_gather`` as with Lightning's, and none with a barrier after them."""
         if self.distributed and not self._broken:
             self._collective(self._barrier)
+
+    def close(self) -> None:
+        """Free what the collectives hold (a process group); nothing for one process."""
 
     @contextlib.contextmanager
     def agreement(self) -> Iterator[None]:
@@ -133,7 +205,7 @@ class Communicator:
             yield
             self.check()
             self.settle()
-        except PeerFailedError:
+        except (PeerFailedError, StopRequested):  # every rank knows already
             raise
         except BaseException as err:
             if self.distributed and not self._broken:
@@ -150,9 +222,17 @@ class Communicator:
             raise
 
     def _status(self, ok: bool) -> None:
-        flags = self._collective(self._all_gather, torch.tensor([0 if ok else 1], dtype=torch.long,
-                                                                 device=self._device()))
-        failed = [r for r, f in enumerate(flags.reshape(-1).tolist()) if f]
+        code = _FAILED if not ok else (_STOP if self.stop_requested is not None and self.stop_requested() else _OK)
+        flags = self._collective(self._all_gather, torch.tensor([code], dtype=torch.long, device=self._device()))
+        codes = flags.reshape(-1).tolist()
+        failed = [r for r, f in enumerate(codes) if f == _FAILED]
+        stopped = [r for r, f in enumerate(codes) if f == _STOP]
+        if stopped and not failed:
+            self._broken = True  # every rank raises here: no more collectives
+            raise StopRequested(
+                f"{self.stop_what} (received on rank(s) {stopped}) stopped the influence computation on every rank "
+                f"(rank {self.rank} here); training, its weights and checkpoints are kept."
+            )
         if failed:
             messages = self._exchange_messages("")
             self._broken = True

@@ -30,6 +30,6 @@ class ResultsFileError(InfluenceRuntimeError):
 
 
 class InfluenceInterrupted(KeyboardInterrupt):
-    """Ctrl+C during the influence phase. :class:`~lightning_influence.callback.InfluenceCallback` stops
+    """Ctrl+C during the influence phase. :class:`~lightning_influence.integration.callback.InfluenceCallback` stops
     the influence computation only (training, weights and checkpoints are kept) and records it as its
     ``error``; a second Ctrl+C is handled as usual."""

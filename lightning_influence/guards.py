@@ -6,7 +6,9 @@
 * :func:`interruptible`: the first Ctrl+C (SIGINT) in the block raises
   :class:`~lightning_influence.errors.InfluenceInterrupted`, which the callback catches to stop the
   influence phase only; the previous SIGINT handler is back in place from that moment, so a second
-  Ctrl+C is handled as usual (Lightning's graceful shutdown, or a plain ``KeyboardInterrupt``).
+  Ctrl+C is handled as usual (Lightning's graceful shutdown, or a plain ``KeyboardInterrupt``). Whatever op
+  was running when it came, the block ends with ``InfluenceInterrupted`` (an op that turns the interrupt into
+  its own error, or swallows it, does not change that).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from .errors import InfluenceInterrupted
 
-__all__ = ["preserved_rng", "interruptible"]
+__all__ = ["Interrupt", "interruptible", "preserved_rng"]
 
 
 @contextlib.contextmanager
@@ -49,32 +51,68 @@ def preserved_rng() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+class Interrupt:
+    """What :func:`interruptible` yields: whether SIGINT arrived in its block, and :meth:`check` to stop at a
+    safe point when an op swallowed it."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self._arrived = threading.Event()
+
+    @property
+    def arrived(self) -> bool:
+        return self._arrived.is_set()
+
+    def record(self) -> None:
+        self._arrived.set()
+
+    def check(self) -> None:
+        """Raise :class:`InfluenceInterrupted` if SIGINT arrived (call it between steps of the work)."""
+        if self.arrived:
+            raise InfluenceInterrupted(self.message)
+
+
 @contextlib.contextmanager
-def interruptible(what: str = "the influence computation") -> Iterator[None]:
+def interruptible(what: str = "the influence computation") -> Iterator[Interrupt]:
     """Turn the first SIGINT inside the block into :class:`InfluenceInterrupted` and put the previous
     handler back at once (a second SIGINT is handled as usual). On exit the previous handler is restored.
+
+    The handler records that SIGINT arrived: any other exception leaving the block after it (an op that
+    catches the interrupt and raises its own error, as the TorchScript interpreter raises a ``RuntimeError``)
+    is the interrupt too, and so is a block that ends normally because an op swallowed it; the yielded
+    :class:`Interrupt`'s ``check()`` stops the work at its next safe point in that case.
 
     Outside the main thread (where signal handlers cannot be set) this does nothing: a Ctrl+C arrives as
     a plain ``KeyboardInterrupt``.
     """
+    interrupt = Interrupt(f"Ctrl+C stopped {what}; training, its weights and checkpoints are kept. Press Ctrl+C "
+                          "again to interrupt as usual.")
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield interrupt
         return
     previous = signal.getsignal(signal.SIGINT)
     if previous is None or previous is signal.SIG_IGN:  # set from C (cannot be put back), or Ctrl+C ignored
-        yield
+        yield interrupt
         return
 
     def first(signum: int, frame: Any) -> None:
+        interrupt.record()
         signal.signal(signal.SIGINT, previous)
-        raise InfluenceInterrupted(
-            f"Ctrl+C stopped {what}; training, its weights and checkpoints are kept. Press Ctrl+C again to "
-            "interrupt as usual."
-        )
+        raise InfluenceInterrupted(interrupt.message)
 
     signal.signal(signal.SIGINT, first)
     try:
-        yield
+        yield interrupt
+    except InfluenceInterrupted:
+        raise
+    except Exception as err:
+        # the handler's exception raised inside an op that wraps it in its own (the TorchScript interpreter
+        # raises a RuntimeError): still the interrupt. A second Ctrl+C (KeyboardInterrupt) passes as it is.
+        if interrupt.arrived:
+            raise InfluenceInterrupted(interrupt.message) from err
+        raise
+    else:
+        interrupt.check()  # an op swallowed it: the run was still interrupted
     finally:
         if signal.getsignal(signal.SIGINT) is first:
             signal.signal(signal.SIGINT, previous)

@@ -1,25 +1,17 @@
-""":class:`InfluenceCallback` for the ``lightning`` package's namespace, ``lightning.pytorch``.
+""":class:`InfluenceCallback` under the ``lightning`` package's name, ``lightning_influence.lightning``.
 
-``lightning_influence.InfluenceCallback`` derives from ``pytorch_lightning.Callback``: it runs inside a
-``lightning.pytorch.Trainer`` too, but ``lightning.pytorch.cli.LightningCLI`` accepts only subclasses of its
-own ``Callback``. This one is the same implementation on that base::
+An alias: ``lightning_influence.InfluenceCallback`` derives from ``pytorch_lightning.Callback`` and, when
+``lightning`` is installed, from ``lightning.pytorch.Callback`` too, so both Trainers and both ``LightningCLI``\\ s
+take the one class. Configurations written for the earlier, separate class keep working::
 
     trainer:
       callbacks:
-        - class_path: lightning_influence.lightning.InfluenceCallback
+        - class_path: lightning_influence.lightning.InfluenceCallback   # the same as lightning_influence.InfluenceCallback
           init_args: {num_queries: 8, solver: ekfac}
-
-Importing this module needs ``pip install lightning``.
 """
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import Callback
-
-from .callback import InfluenceCallbackBase
+from .integration.callback import InfluenceCallback
 
 __all__ = ["InfluenceCallback"]
-
-
-class InfluenceCallback(InfluenceCallbackBase, Callback):
-    __doc__ = InfluenceCallbackBase.__doc__

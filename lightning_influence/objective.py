@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .autodiff import DEFAULT_PLAN, Differentiation, ProbeReport, UnsupportedModelError, probe
 from .errors import InfluenceConfigError, InfluenceRuntimeError
 from .functional import ParamSpace, PerExampleLoss, batch_size_of, map_tensors, module_loss
+from .seeds import Stream, derive_seed
 
 __all__ = ["Objective", "default_loss_fn", "select_params"]
 
@@ -103,12 +105,11 @@ def select_params(module: nn.Module, patterns: Optional[Sequence[str]]) -> Dict[
             patterns = [patterns]
 
         def matches(name: str) -> bool:
-            for pat in patterns:  # type: ignore[union-attr]
-                if name == pat or name.startswith(pat.rstrip(".") + ".") or fnmatch.fnmatchcase(name, pat):
-                    return True
-            return False
+            return any(_pattern_matches(pat, name) for pat in patterns)  # type: ignore[union-attr]
 
         chosen = {n: p for n, p in trainable.items() if matches(n)}
+        if chosen:
+            check_every_pattern(module, list(patterns), trainable)
     if not chosen:
         names = ", ".join(list(trainable)[:8]) or "(none: every parameter has requires_grad=False)"
         raise InfluenceConfigError(
@@ -117,6 +118,28 @@ def select_params(module: nn.Module, patterns: Optional[Sequence[str]]) -> Dict[
             "for all of them."
         )
     return chosen
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """A parameter name matches a name, a prefix (``"classifier"`` for ``classifier.weight``) or a glob."""
+    return name == pattern or name.startswith(pattern.rstrip(".") + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def check_every_pattern(module: nn.Module, patterns: Sequence[str], trainable: Dict[str, nn.Parameter]) -> None:
+    """Raise naming each pattern of ``params`` that selects no trainable parameter (a typo beside a valid
+    pattern would otherwise narrow the attribution silently)."""
+    names = [n for n, _ in module.named_parameters()]
+    for pat in patterns:
+        if any(_pattern_matches(pat, n) for n in trainable):
+            continue
+        frozen = [n for n in names if _pattern_matches(pat, n)]
+        close = [n for n in trainable if n.split(".")[0] == pat.split(".")[0]][:4] or list(trainable)[:6]
+        why = (f"matches only parameters with requires_grad=False ({', '.join(frozen[:4])})" if frozen
+               else "matches no parameter")
+        raise InfluenceConfigError(
+            f"params={list(patterns)!r}: the pattern {pat!r} {why} of {type(module).__name__}. Trainable parameters "
+            f"include: {', '.join(close)}. Fix or remove {pat!r} (names, prefixes or globs)."
+        )
 
 
 class Objective:
@@ -170,10 +193,41 @@ class Objective:
             self.fisher_loss = module_loss(_LossModule(module, _fisher_sketch_loss), frozen)
         self.wrapper = wrapper
         self._num_classes: Optional[int] = None  # output classes, found by check_targets
+        #: how per-example gradients and Hessian-vector products are taken (:mod:`~lightning_influence.autodiff`);
+        #: the default until :meth:`choose_differentiation` probes the model
+        self.differentiation: Differentiation = DEFAULT_PLAN
+        self.probe_report: Optional[ProbeReport] = None
 
     @property
     def num_params(self) -> int:
         return self.space.num_params
+
+    def choose_differentiation(self, batch: Any, need_hvp: bool = True, indices: Optional[Sequence[int]] = None,
+                               what: str = "training") -> Differentiation:
+        """Probe how to differentiate this objective on a few prepared examples (``batch``) and keep the
+        first strategy that works and agrees with the references, in the order measured fastest
+        (:func:`~lightning_influence.autodiff.probe`, ``select="first"``: reverse over reverse first on a CPU,
+        per-example gradients by ``vmap`` first): second derivatives with the model's kernels or composite ones (math attention, no fused RNN kernels, a differentiable
+        ``embedding_bag``), finite differences only when nothing exact works. ``need_hvp=False`` for solvers
+        that use per-example gradients only (the Kronecker-factored ones).
+
+        Raises:
+            UnsupportedModelError: nothing differentiates the model (the message names the op and layer, and
+                which solvers still work).
+            InfluenceRuntimeError: the gradient of one of ``batch``'s examples (dataset positions ``indices``,
+                a ``what`` example) is NaN/inf whatever the strategy.
+        """
+        try:
+            self.differentiation, self.probe_report = probe(self.loss, self.space, self.theta, batch,
+                                                            need_hvp=need_hvp, select="first")
+        except UnsupportedModelError:
+            from .scoring import checked_grads  # a NaN gradient, not an unsupported op: name the example
+
+            checked_grads(self.loss, self.space, self.theta, batch, what, 0,
+                          indices=None if indices is None else torch.as_tensor(list(indices)),
+                          plan=Differentiation(hvp=None, grads="loop"))
+            raise
+        return self.differentiation
 
     def prepare_batch(self, batch: Any) -> Any:
         """Move a collated batch to the parameters' device and cast floating tensors to ``dtype``."""
@@ -206,11 +260,12 @@ class Objective:
         with torch.no_grad():
             return functional_call(self.module, {**self._inner_frozen, **params}, (batch[0],), strict=False)
 
-    def fisher_batch(self, batch: Any, generator: torch.Generator) -> Any:
+    def fisher_batch(self, batch: Any, seed: int, positions: Sequence[int]) -> Any:
         """``batch`` with its targets replaced by a draw from the model's predictive distribution when the
         loss is the default cross-entropy; otherwise ``batch`` unchanged (a ``sample``-aware
-        ``influence_loss`` samples inside :attr:`fisher_loss`). ``generator`` (a CPU generator) makes the
-        draw reproducible.
+        ``influence_loss`` samples inside :attr:`fisher_loss`). Example ``j``'s draw depends only on
+        ``seed`` and its dataset position ``positions[j]``, so the same examples get the same draws however
+        the training set is chunked or split across processes.
 
         For logits ``z [B, C]`` with ``p = softmax(z)`` the target is ``δ = √p ⊙ ε − p (√pᵀε)`` with
         ``ε ~ N(0, I_C)``, a float ``[B, C]``; :attr:`fisher_loss` turns it into the logit gradient ``δ``.
@@ -225,13 +280,14 @@ class Objective:
         logits = self.outputs(batch)
         assert logits is not None
         z = logits.detach().double().cpu()
+        gens = [torch.Generator().manual_seed(derive_seed(seed, Stream.FISHER_PASS, int(i))) for i in positions]
         if z.dim() != 2:
             probs = torch.softmax(z.reshape(z.shape[0], -1), dim=1)
-            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(batch[1].device)
-            return (batch[0], labels.view(batch[1].shape).to(batch[1].dtype), *batch[2:])
+            labels = torch.cat([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(gens)])
+            return (batch[0], labels.view(batch[1].shape).to(device=batch[1].device, dtype=batch[1].dtype), *batch[2:])
         p = torch.softmax(z, dim=1)
         root = p.sqrt()
-        eps = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        eps = torch.stack([torch.randn(p.shape[1], generator=g, dtype=torch.float64) for g in gens])
         delta = root * eps - p * (root * eps).sum(1, keepdim=True)
         return (batch[0], delta.to(device=logits.device, dtype=logits.dtype), *batch[2:])
 
@@ -298,6 +354,6 @@ class Objective:
                 f"the model's outputs have shape {tuple(out.shape)} with floating-point targets, which looks like "
                 "regression, but the default loss_fn is per-example cross-entropy for classification (integer "
                 "class targets, outputs [B, classes]). Pass a per-example loss, e.g. "
-                "loss_fn=lambda out, y: ((out - y) ** 2).reshape(len(out), -1).sum(1), or define "
+                "loss_fn=lambda out, y: ((out - y.view_as(out)) ** 2).reshape(len(out), -1).sum(1), or define "
                 f"{HOOK_NAME}(self, batch) -> Tensor[B] on your LightningModule."
             )

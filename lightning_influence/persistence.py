@@ -4,25 +4,33 @@
   target only once the write has succeeded, so a failed overwrite (a full disk, a file-size limit, an
   interrupted process) leaves the previous file as it was; the error says where, why (errno) and how
   much space is free.
+  Temporary files that an interrupted write left (``.<name>.<pid>.<hex>.tmp``, the process gone) are
+  removed by the next write to that folder (:func:`remove_stale_temporaries`). A symbolic link at the
+  target is replaced, never followed.
 * :func:`load_state` reads a file back and says which file is empty, truncated or corrupted instead of a
-  bare ``EOFError``; :func:`tensor_checksum` lets a reader detect flipped bytes in the stored tensors.
+  bare ``EOFError``; :func:`state_checksum` lets a reader detect a flipped byte anywhere in the content
+  (tensors and metadata).
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import hashlib
+import json
 import os
+import re
 import secrets
 import shutil
-from typing import Any, Dict, Mapping, Union
+import threading
+from typing import Any, Dict, List, Mapping, Set, Union
 
 import torch
 from torch import Tensor
 
 from .errors import ResultsFileError
 
-__all__ = ["atomic_save", "check_results_state", "describe_os_error", "load_state", "tensor_checksum", "tensors_of"]
+__all__ = ["atomic_save", "atomic_write_text", "check_results_state", "describe_os_error", "load_state",
+           "remove_stale_temporaries", "state_checksum", "tensor_checksum", "tensors_of"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -47,14 +55,87 @@ def describe_os_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` the way :func:`atomic_save` writes results: a temporary file in
+    the same folder (created if missing), fsync, rename over ``path`` (a symbolic link there is replaced,
+    not followed). Raises :class:`~lightning_influence.errors.ResultsFileError` naming the path and errno."""
+    _atomic(path, lambda f: f.write(text.encode("utf-8")), make_dirs=True)
+
+
 def atomic_save(obj: Any, path: PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically: a temporary file in the same directory, flushed to
     disk, then renamed over ``path``. On failure the temporary file is removed, an existing ``path`` is
     left untouched, and :class:`~lightning_influence.errors.ResultsFileError` names the path, the errno
     and the free space."""
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+#: the name of an atomic write's temporary file: ``.<target name>.<pid>.<8 hex digits>.tmp`` beside the target
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp$")
+_IN_FLIGHT: Set[str] = set()  # this process's temporary files being written now (absolute paths)
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's live process (or cannot tell): keep its file
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: PathLike) -> List[str]:
+    """Remove the temporary files that interrupted atomic writes left in ``directory`` (a process killed
+    between creating ``.<name>.<pid>.<hex>.tmp`` and renaming it): those of processes that no longer run,
+    and this process's own that no write of it is using. Files of live processes, and every other file,
+    are left alone. Returns the paths removed; a file that cannot be removed is skipped."""
+    directory = os.fspath(directory)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _TEMPORARY.match(name)
+        if match is None:
+            continue
+        path = os.path.join(os.path.abspath(directory), name)
+        pid = int(match.group("pid"))
+        with _IN_FLIGHT_LOCK:
+            busy = path in _IN_FLIGHT
+        if busy or (pid != os.getpid() and _pid_alive(pid)):
+            continue
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
+
+
+def _atomic(path: PathLike, write: Any, make_dirs: bool = False) -> None:
     path = os.path.abspath(os.fspath(path))
     directory, base = os.path.split(path)
+    if make_dirs:
+        os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(directory)  # what interrupted writes to this folder left behind
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT.add(tmp)
+    try:
+        _write_and_rename(path, tmp, write)
+    finally:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.discard(tmp)
+
+
+def _write_and_rename(path: str, tmp: str, write: Any) -> None:
+    directory, base = os.path.split(path)
     created = False
     writer: "_ErrorRecordingWriter | None" = None
     try:
@@ -62,7 +143,7 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         created = True
         with os.fdopen(fd, "wb") as f:
             writer = _ErrorRecordingWriter(f)
-            torch.save(obj, writer)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -146,6 +227,22 @@ def tensor_checksum(tensors: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def state_checksum(state: Mapping[str, Any]) -> str:
+    """SHA-256 over a whole state dict: the tensors as :func:`tensor_checksum` hashes them and every other
+    entry (plain data: the record, diagnostics, timings) as canonical JSON, the ``checksum`` entry itself
+    excluded. Any changed byte of the content changes it."""
+    h = hashlib.sha256(tensor_checksum(tensors_of(state)).encode())
+    rest = {k: v for k, v in state.items() if not isinstance(v, Tensor) and k != "checksum"}
+    h.update(json.dumps(rest, sort_keys=True, default=_json_default, allow_nan=True).encode())
+    return h.hexdigest()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return repr(value)
+
+
 def tensors_of(state: Dict[str, Any]) -> Dict[str, Tensor]:
     """The tensor entries of a state dict."""
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
@@ -182,7 +279,7 @@ def check_results_state(state: Dict[str, Any], path: str) -> None:
     targets = state.get("query_targets")
     if targets is not None and (not isinstance(targets, Tensor) or targets.dim() < 1 or targets.shape[0] != q):
         raise _shape_error(path, f"'query_targets' must have one entry per query ({q})")
-    for name in ("settings", "diagnostics", "timings"):
+    for name in ("settings", "record", "diagnostics", "timings"):
         if not isinstance(state.get(name, {}), dict):
             raise _shape_error(path, f"{name!r} must be a dict, got {type(state.get(name)).__name__}")
     for name in ("scores", "query_losses", "self_influence"):

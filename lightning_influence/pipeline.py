@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .damping import AutoDamping, resolve_damping
+from .curvature.damping import AutoDamping, resolve_damping
+from .contract import check_first_batch
 from .data import Collate, ExampleSource
 from .diagnostics import Diagnostic, combine_scalars
 from .distributed import Communicator, local_communicator
@@ -41,10 +42,12 @@ from .functional import batch_size_of
 from .guards import preserved_rng
 from .objective import IGNORE_INDEX, LossFn, Objective
 from .problem import InfluenceProblem
+from .record import DataFacts, RunRecord, RunSettings
 from .results import InfluenceResults, diagnostics_layout
 from .scoring import checked_grads, influence_scores, self_influence as _solved_self_influence
-from .solvers import FactoredInverse, InverseHVP, SolverSettings, resolve_solver
-from .validation import RunArguments, check_run_arguments, warn_num_queries
+from .solvers import FactoredInverse, InverseHVP, SolverKind, SolverSettings, resolve_solver
+from .solvers.auto import chosen, is_auto, record_of
+from .validation import RunArguments, check_query_indices, check_run_arguments, warn_num_queries
 
 __all__ = ["DEFAULT_DAMPING", "ProgressFn", "QueryGradients", "SolvedQueries", "bind", "compute_influence",
            "fit_inverse", "frozen_module", "preflight", "query_gradients", "self_influence_scores", "solve_queries"]
@@ -53,7 +56,8 @@ __all__ = ["DEFAULT_DAMPING", "ProgressFn", "QueryGradients", "SolvedQueries", "
 #: ``"solve"``, ``"scoring"`` and ``"self_influence"``.
 ProgressFn = Callable[[str, int, int], None]
 
-#: Damping used when the model was trained without a coupled L2 penalty (Hessian units).
+#: The fixed damping of the callback's ``damping=None`` when the optimizer has no coupled L2 (Hessian units);
+#: every function's default is ``damping="auto"``.
 DEFAULT_DAMPING = 1e-3
 @contextlib.contextmanager
 def frozen_module(module: nn.Module) -> Iterator[None]:
@@ -90,6 +94,7 @@ def preflight(
     query_collate_fn: Optional[Collate] = None,
     query_indices: Optional[Sequence[int]] = None,
     num_queries: Optional[int] = None,
+    train_indices: Optional[Sequence[int]] = None,
 ) -> None:
     """The cheap checks of :func:`compute_influence`, for running before training starts: parameters,
     the solver's size limit, the training dataset (format, labels and a finite per-example loss on a few
@@ -98,9 +103,11 @@ def preflight(
     the model are left as they were."""
     args = check_run_arguments(params=params, dtype=dtype)
     with preserved_rng(), frozen_module(model):
-        objective = bind(model, train_dataset, args, loss_fn=loss_fn, collate_fn=collate_fn).objective
-        if solver is not None:
-            resolve_solver(solver).check_size(objective.num_params, args.dtype)
+        settings = None if solver is None else resolve_solver(solver)
+        objective = bind(model, train_dataset, args, loss_fn=loss_fn, collate_fn=collate_fn,
+                         need_hvp=settings is None or needs_hvp(settings), train_indices=train_indices).objective
+        if settings is not None:
+            settings.check_size(objective.num_params, args.dtype)
         if query_dataset is not None:
             queries = ExampleSource(query_dataset, query_collate_fn, objective.prepare_batch,
                                     indices=query_indices, what="query")
@@ -117,9 +124,14 @@ def bind(
     loss_fn: Optional[LossFn] = None,
     collate_fn: Optional[Collate] = None,
     comm: Optional[Communicator] = None,
+    need_hvp: bool = True,
+    train_indices: Optional[Sequence[int]] = None,
 ) -> InfluenceProblem:
     """Phase 1: the objective and the training examples as an :class:`InfluenceProblem`, checked on a
-    few examples (format, labels, a finite per-example loss). Call inside :func:`frozen_module`.
+    few examples (format, labels, a finite per-example loss), and how to differentiate it, probed on the
+    same examples (:meth:`Objective.choose_differentiation`: per-example gradients and, with
+    ``need_hvp``, Hessian-vector products, through whichever strategy works for the model's layers). Call
+    inside :func:`frozen_module`.
 
     Args:
         model: the trained model; ``args.params`` selects the attributed parameters, ``args.dtype`` the
@@ -128,21 +140,35 @@ def bind(
         args: the checked run arguments (default: :func:`check_run_arguments` defaults).
         loss_fn / collate_fn: as in :func:`compute_influence`.
         comm: the processes sharing the work; each holds a contiguous shard of the training set.
+        need_hvp: whether the solver takes Hessian-vector products (every kind but the factored ones).
+        train_indices: the dataset positions of the training examples (default: all; e.g. those a
+            ``SubsetRandomSampler`` trained on): ``R`` averages over them and the scores' columns are them.
+
+    Raises:
+        UnsupportedModelError: the model cannot be differentiated as the solver needs, naming the op, the
+            layer and the solvers that still work.
     """
     args = args or check_run_arguments()
     objective = Objective(model, params=args.params, loss_fn=loss_fn, dtype=args.dtype)
-    train = ExampleSource(train_dataset, collate_fn, objective.prepare_batch, what="training")
-    check_first_examples(objective, train)
+    train_indices = check_query_indices(train_indices, "train_indices", "the training dataset", duplicates="error")
+    train = ExampleSource(train_dataset, collate_fn, objective.prepare_batch, indices=train_indices, what="training")
+    batch = check_first_examples(objective, train)
+    objective.choose_differentiation(batch, need_hvp=need_hvp, indices=train.indices[: batch_size_of(batch)].tolist())
     return InfluenceProblem(objective, train, args.forward_chunk, args.grad_chunk_for(objective.num_params), comm)
 
 
-def check_first_examples(objective: Objective, source: ExampleSource) -> None:
-    """The batch format, labels and a finite per-example loss of the first :data:`PREFLIGHT_EXAMPLES`
-    examples of ``source`` (errors name their dataset indices)."""
-    positions = torch.arange(min(len(source), PREFLIGHT_EXAMPLES))
-    batch = source.batch(positions)
-    objective.check_targets(batch, source.indices[positions].tolist(), source.what)
-    objective.check_per_example(batch)
+def needs_hvp(settings: SolverSettings) -> bool:
+    """Whether fitting ``settings`` takes Hessian-vector products (every solver but the factored kinds,
+    unless one preconditions an iterative solver)."""
+    return settings.composed().kind is not SolverKind.FACTORED
+
+
+def check_first_examples(objective: Objective, source: ExampleSource) -> Any:
+    """The loss contract on the first :data:`PREFLIGHT_EXAMPLES` examples of ``source``: batch format, the
+    model's outputs, targets and labels, one finite loss per example that is the same alone as in the batch
+    (:func:`~lightning_influence.contract.check_first_batch`; errors name their dataset indices). Returns
+    that prepared batch."""
+    return check_first_batch(objective, source, torch.arange(min(len(source), PREFLIGHT_EXAMPLES)))
 
 
 def _checked_losses(objective: Objective, source: ExampleSource, start: int, batch: Any, what: str) -> Tensor:
@@ -200,8 +226,8 @@ def compute_influence(
     num_queries: int = 16,
     loss_fn: Optional[LossFn] = None,
     params: Optional[Union[str, Sequence[str]]] = None,
-    solver: Union[str, SolverSettings] = "lissa",
-    damping: Union[float, str, AutoDamping] = DEFAULT_DAMPING,
+    solver: Union[str, SolverSettings] = "auto",
+    damping: Union[float, str, AutoDamping] = "auto",
     self_influence: bool = False,
     collate_fn: Optional[Collate] = None,
     query_collate_fn: Optional[Collate] = None,
@@ -211,6 +237,7 @@ def compute_influence(
     dtype: Union[torch.dtype, str] = torch.float32,
     progress: Optional[ProgressFn] = None,
     comm: Optional[Communicator] = None,
+    train_indices: Optional[Sequence[int]] = None,
 ) -> InfluenceResults:
     """Influence of every training example on chosen query examples (Koh & Liang, 2017).
 
@@ -230,16 +257,21 @@ def compute_influence(
         loss_fn: ``loss_fn(outputs, targets) -> Tensor[B]`` for ``(inputs, targets)`` batches; default
             per-example cross-entropy. Unused when the model defines ``influence_loss(batch)``.
         params: names or prefixes of the parameters to attribute to (default: all trainable).
-        solver: ``"lissa"`` (Arnoldi-preconditioned LiSSA), ``"arnoldi"``, ``"ekfac"``, ``"kfac"``,
-            ``"cg"``, ``"exact"`` or a settings object (``LissaSettings(...)``…); each is fitted once by
-            ``settings.fit(problem, damping)`` and applied to every query chunk.
+        solver: ``"auto"`` (default: chosen from the problem's size, the number of queries and whether
+            self-influence is asked, see :mod:`~lightning_influence.solvers.auto`; the choice and why are
+            ``results.settings["auto_choice"]`` / ``["auto_reason"]``), or a registered solver's name
+            (``"lissa"``, ``"cg"``, ``"exact"``, ``"arnoldi"``, ``"ekfac"``, ``"kfac"``) or settings object
+            (``LissaSettings(...)``…); each is fitted once by ``settings.fit(problem, damping)`` and applied
+            to every query chunk.
         damping: ``λ ≥ 0`` added to the Hessian of the mean training loss (the L2 coefficient, plus any
-            regularisation the solver needs), in Hessian units. ``"auto"`` or
-            :class:`~lightning_influence.damping.AutoDamping`: each solver applies its own rule. The
+            regularisation the solver needs), in Hessian units. ``"auto"`` (default) or
+            :class:`~lightning_influence.curvature.damping.AutoDamping` (e.g.
+            ``AutoDamping.from_optimizer(optimizer)``, whose base is the optimizer's coupled L2): the
+            damping rule of the solver's kind chooses it. The
             Hessian-vector-product solvers estimate the extreme Hessian eigenvalues by Lanczos
             (``AutoDamping.iters`` full-data HVPs, or the Arnoldi preconditioner's Krylov space) and use
             the smallest damping that makes ``H + λI`` positive definite with a margin (see
-            :class:`~lightning_influence.damping.AutoDamping`; EK-FAC/K-FAC use
+            :class:`~lightning_influence.curvature.damping.AutoDamping`; EK-FAC/K-FAC use
             ``max(base, damping_fraction · mean eigenvalue)``;
             ``AutoDamping(base=wd)`` never goes below an L2 coefficient ``wd``); the λ used is
             ``results.settings["damping"]``, the estimates ``lambda_min_estimate`` /
@@ -258,14 +290,30 @@ def compute_influence(
             call; each scores its shard of the training set, full-data passes are all-reduced and every
             process returns the same results (see :mod:`lightning_influence.distributed`). A failure on
             one process raises on every process.
+        train_indices: the positions of ``train_dataset`` that training drew from (default: all of it), e.g.
+            a ``SubsetRandomSampler``'s ``indices``: ``R`` averages over them, and only they are scored
+            (``results.train_indices``).
 
     Returns:
         :class:`InfluenceResults` with scores ``[Q, N]`` (positive = harmful, negative = helpful).
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from lightning_influence import compute_influence
+        >>> _ = torch.manual_seed(0)
+        >>> train = TensorDataset(torch.randn(40, 3), torch.randint(0, 2, (40,)))
+        >>> res = compute_influence(torch.nn.Linear(3, 2), train, num_queries=2, solver="exact", damping=0.1)
+        >>> res.scores.shape, res.settings["solver"], res.damping
+        (torch.Size([2, 40]), 'exact', 0.1)
+        >>> bool(res.self_influence is None), len(res.top_harmful(0, k=3).indices) <= 3
+        (True, True)
     """
     t_start = time.perf_counter()
     args = check_run_arguments(num_queries=num_queries, query_indices=query_indices, params=params,
                                chunk_size=chunk_size, grad_chunk_size=grad_chunk_size,
-                               query_batch_size=query_batch_size, dtype=dtype)
+                               query_batch_size=query_batch_size, dtype=dtype, self_influence=self_influence,
+                               damping=damping)
     settings = resolve_solver(solver)
     damping_spec = resolve_damping(damping)
     if train_dataset is None:
@@ -277,8 +325,10 @@ def compute_influence(
 
     comm = local_communicator(comm)
     with preserved_rng(), frozen_module(model), comm.agreement():
-        problem = bind(model, train_dataset, args, loss_fn=loss_fn, collate_fn=collate_fn, comm=comm)
-        settings.check_size(problem.num_params, args.dtype)  # before any pass over the data
+        problem = bind(model, train_dataset, args, loss_fn=loss_fn, collate_fn=collate_fn, comm=comm,
+                       need_hvp=needs_hvp(settings), train_indices=train_indices)
+        if not is_auto(settings):
+            settings.check_size(problem.num_params, args.dtype)  # before any pass over the data
         check_finite_losses(problem)
 
         t0 = time.perf_counter()
@@ -288,6 +338,10 @@ def compute_influence(
         timings["query_gradients"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        choice = chosen(settings, problem, len(queries.indices), self_influence)
+        if choice is not None:  # solver="auto": the solver the rule picks for this problem
+            settings = choice.settings
+            settings.check_size(problem.num_params, args.dtype)
         inverse = fit_inverse(problem, settings, damping_spec)
         timings["solver_setup"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -311,23 +365,6 @@ def compute_influence(
             timings["self_influence"] = time.perf_counter() - t0
 
     timings["total"] = time.perf_counter() - t_start
-    objective = problem.objective
-    run_settings: Dict[str, Any] = {
-        **settings.to_dict(),
-        **inverse.damping_record,
-        "dtype": str(args.dtype).replace("torch.", ""),
-        "params": list(objective.param_names),
-        "num_params": objective.num_params,
-        "num_train_total": n,
-        "num_queries": len(queries.indices),
-        "chunk_size": args.forward_chunk,
-        "grad_chunk_size": problem.grad_chunk_size,
-        "query_batch_size": solved.batch_size,
-        "processes": problem.comm.world_size,
-        "loss": "influence_loss" if objective.uses_hook else getattr(objective.loss_fn, "__name__", "loss_fn"),
-        "fisher": objective.fisher,
-        "device": str(objective.device),
-    }
     diagnostics = diagnostics_layout(
         settings.name,
         inverse.setup,
@@ -344,9 +381,27 @@ def compute_influence(
         self_influence=None if self_inf is None else self_inf.cpu(),
         query_targets=None if queries.targets is None else queries.targets.cpu(),
         query_predictions=None if queries.predictions is None else queries.predictions.cpu(),
-        settings=run_settings,
         diagnostics=diagnostics,
         timings=timings,
+        record=run_record(problem, settings, inverse, args, len(queries.indices), solved.batch_size, record_of(choice)),
+    )
+
+
+def run_record(problem: InfluenceProblem, settings: SolverSettings, inverse: InverseHVP, args: RunArguments,
+               num_queries: int, query_batch_size: int, auto: Optional[Dict[str, Any]] = None) -> RunRecord:
+    """The run record of one computation: each part from its owner (the solver's settings and facts, the
+    damping choice, the run arguments, the bound problem)."""
+    objective = problem.objective
+    loss = "influence_loss" if objective.uses_hook else getattr(objective.loss_fn, "__name__", "loss_fn")
+    return RunRecord(
+        solver={**settings.composed().to_dict(), **inverse.facts, **(auto or {})},
+        damping=inverse.choice,
+        run=RunSettings(dtype=str(args.dtype).replace("torch.", ""), chunk_size=args.forward_chunk,
+                        grad_chunk_size=problem.grad_chunk_size, query_batch_size=int(query_batch_size), loss=loss,
+                        differentiation=str(objective.differentiation)),
+        data=DataFacts(num_train_total=problem.num_examples, num_queries=int(num_queries),
+                       num_params=objective.num_params, params=tuple(objective.param_names),
+                       processes=problem.comm.world_size, device=str(objective.device)),
     )
 
 
@@ -391,6 +446,7 @@ def query_gradients(
         candidates = ExampleSource(qdata, qcollate, objective.prepare_batch, what="query")
         query_indices = select_queries(objective, candidates, num_queries, chunk).tolist()
     queries = ExampleSource(qdata, qcollate, objective.prepare_batch, indices=query_indices, what="query")
+    check_first_examples(objective, queries)
     q = len(queries)
     report = progress or (lambda phase, done, total: None)
     grads: List[Tensor] = []
@@ -402,10 +458,10 @@ def query_gradients(
         ignored += objective.check_targets(batch, queries.indices[start : start + batch_size_of(batch)].tolist(),
                                            "query")
         grads.append(checked_grads(objective.loss, objective.space, objective.theta, batch, "query", start,
-                                   indices=queries.indices))
+                                   indices=queries.indices, plan=objective.differentiation))
         losses.append(objective.losses(batch))
         out = objective.outputs(batch)
-        if out is not None and out.dim() == 2:
+        if isinstance(out, Tensor) and out.dim() == 2:
             preds.append(out.argmax(dim=1))
         if not objective.uses_hook and isinstance(batch[1], Tensor) and batch[1].dim() == 1:
             targets.append(batch[1])
@@ -428,11 +484,11 @@ def query_gradients(
 
 def fit_inverse(
     problem: InfluenceProblem,
-    solver: Union[str, SolverSettings] = "lissa",
-    damping: Union[float, str, AutoDamping] = DEFAULT_DAMPING,
+    solver: Union[str, SolverSettings] = "auto",
+    damping: Union[float, str, AutoDamping] = "auto",
 ) -> InverseHVP:
-    """Phase 3: the solver fitted to the problem, ``(H + λI)⁻¹`` ready to apply; the solver resolves
-    ``damping`` by its own rule (the λ used is in ``inverse.damping_record``)."""
+    """Phase 3: the solver fitted to the problem, ``(H + λI)⁻¹`` ready to apply; the damping rule of the
+    solver's kind resolves ``damping`` once (the choice is ``inverse.choice``)."""
     return resolve_solver(solver).fit(problem, resolve_damping(damping))
 
 

@@ -7,25 +7,31 @@ and output gradients; a low-rank method sweeps the operator. Nothing here knows 
 devices beyond the tensors' own.
 
 Under data parallelism (a :class:`~lightning_influence.distributed.Communicator` with ``W > 1``) every
-process holds the same problem with its own contiguous shard of the training set (:attr:`shard`); the
-full-data passes here and in :class:`~lightning_influence.operator.HessianOperator` sum the shard and
-all-reduce, so a solver written against this class runs unchanged on one process or several.
+process holds the same problem with its own contiguous shard of the training set (:attr:`shard`). Passes
+over the training set are *declared* as sums (:meth:`InfluenceProblem.train_sum`, and the full-data and
+minibatch products of :class:`~lightning_influence.curvature.operator.HessianOperator`): each process sums
+its shard and the problem all-reduces, so a solver never touches the communicator and runs unchanged on
+one process or several. Random streams that must differ per process come from :meth:`rank_seed`.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, Iterator, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 from torch import Tensor
 
+from .curvature.operator import HessianOperator
 from .data import ExampleSource
 from .distributed import Communicator, local_communicator, shard_bounds
-from .functional import ParamSpace, per_sample_grads
+from .autodiff import per_sample_grads
+from .functional import ParamSpace, batch_size_of
 from .objective import Objective
-from .operator import HessianOperator
 from .scoring import checked_grads
+from .seeds import Stream, derive_seed, rank_seed
+
+T = TypeVar("T")
 
 __all__ = ["InfluenceProblem"]
 
@@ -65,7 +71,8 @@ class InfluenceProblem:
         n = self.num_examples
         if max_examples >= n:
             return self
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[: int(max_examples)]
+        gen = torch.Generator().manual_seed(derive_seed(seed, Stream.SUBSAMPLE))
+        pick = torch.randperm(n, generator=gen)[: int(max_examples)]
         return InfluenceProblem(self.objective, self.train.subset(pick.sort().values), self.chunk_size,
                                 self.grad_chunk_size, self.comm)
 
@@ -95,18 +102,59 @@ class InfluenceProblem:
     def device(self) -> torch.device:
         return self.theta.device
 
+    # ------------------------------------------------------------------ declared reductions
+    def train_sum(self, fn: Callable[[int, Any], T], zero: Callable[[], T],
+                  chunks: Optional[Iterable[Tuple[int, Any]]] = None) -> T:
+        """``Σ fn(start, batch)`` over the whole training set: this process adds ``fn`` over its shard's
+        chunks (``chunks``, default :meth:`~lightning_influence.data.ExampleSource.chunks` of the shard;
+        ``start`` is the position in :attr:`train`) to ``zero()`` and the sums of every process are added
+        in one collective. ``fn`` and ``zero`` return a tensor, or a list, tuple or dict of tensors (summed
+        leaf by leaf; ``zero`` fixes the structure, also on a process whose shard is empty); every process
+        gets the same total."""
+        total: Any = zero()
+        if chunks is None:
+            lo = self.shard_bounds[0]
+            chunks = ((lo + s, b) for s, b in self.shard.chunks(self.chunk_size))
+        for start, batch in chunks:
+            total = _add(total, fn(start, batch))
+        return self.all_reduce(total)
+
+    def grad_sum(self, fn: Callable[[int, Tensor], T], zero: Callable[[], T]) -> T:
+        """``Σ fn(start, G_chunk)`` over per-example gradient chunks ``[B, P]`` of the whole training set
+        (:meth:`grad_chunks` of this shard, then all-reduced): e.g. a sketch ``EᵀG``."""
+        total: Any = zero()
+        for start, _, g in self.grad_chunks():
+            total = _add(total, fn(start, g))
+        return self.all_reduce(total)
+
+    def all_reduce(self, local: T) -> T:
+        """Sum a per-process partial result (a tensor or a list, tuple or dict of tensors, the same
+        structure on every process) over the processes: what :meth:`train_sum` does after its local loop."""
+        comm = self.comm
+        if not comm.distributed:
+            return local
+        leaves: List[Tensor] = []
+        _flatten(local, leaves)
+        summed = iter(comm.all_reduce_sum_all(leaves))
+        return _rebuild(local, summed)
+
+    def rank_seed(self, seed: int) -> int:
+        """``seed`` for this process's own random stream (the same on one process as ``seed``)."""
+        return rank_seed(seed, self.comm.rank)
+
     # ------------------------------------------------------------------ curvature access
     @cached_property
     def operator(self) -> HessianOperator:
         """Hessian-vector products of the mean training loss (built on first use; full-data products
         sweep this process's shard and all-reduce)."""
         return HessianOperator(self.objective.loss, self.space, self.theta, self.shard, self.chunk_size,
-                               comm=self.comm, num_total=self.num_examples)
+                               comm=self.comm, num_total=self.num_examples, plan=self.objective.differentiation)
 
     def example_grads(self, batch: Any, start: int = 0) -> Tensor:
         """``∇L(z_i, θ̂)`` for each example of a prepared training batch, ``[B, P]`` (raises naming the
         dataset position ``start + j`` of a non-finite one)."""
-        return checked_grads(self.objective.loss, self.space, self.theta, batch, "training", start)
+        return checked_grads(self.objective.loss, self.space, self.theta, batch, "training", start,
+                             plan=self.objective.differentiation)
 
     def grad_chunks(self) -> Iterator[Tuple[int, Any, Tensor]]:
         """``(start, batch, ∇L [B, P])`` over this process's shard in dataset order, ``grad_chunk_size``
@@ -116,17 +164,46 @@ class InfluenceProblem:
             yield lo + start, batch, self.example_grads(batch, lo + start)
 
     def fisher_chunks(self, seed: int, chunk_size: int | None = None) -> Iterator[Tuple[int, Any]]:
-        """``(start, batch)`` over the training set with labels for the Fisher: drawn from the model's
+        """``(start, batch)`` over this process's shard with labels for the Fisher: drawn from the model's
         predictive distribution where :attr:`Objective.fisher` is ``"sampled"`` (the default cross-entropy
-        does it here; a ``sample``-aware ``influence_loss`` does it in :attr:`Objective.fisher_loss`),
-        the training labels otherwise. Use with ``objective.fisher_loss``. Same ``seed`` (and rank),
-        same labels. Covers this process's shard; ``start`` is the position in :attr:`train`."""
-        gen = torch.Generator().manual_seed(int(seed) + 1_000_003 * self.comm.rank)
+        does it here, each example's draw a function of ``seed`` and its dataset position, so one process
+        and several draw the same; a ``sample``-aware ``influence_loss`` does it in
+        :attr:`Objective.fisher_loss`), the training labels otherwise. Use with ``objective.fisher_loss``.
+        ``start`` is the position in :attr:`train`."""
         lo = self.shard_bounds[0]
         for start, batch in self.shard.chunks(chunk_size or self.chunk_size):
-            yield lo + start, self.objective.fisher_batch(batch, gen)
+            positions = self.shard.indices[start : start + batch_size_of(batch)].tolist()
+            yield lo + start, self.objective.fisher_batch(batch, seed, positions)
 
     def fisher_grads(self, batch: Any) -> Tensor:
         """Per-example gradients ``[B, P]`` of :attr:`Objective.fisher_loss` on a batch from
         :meth:`fisher_chunks` (vmap randomness ``"different"``: a sampling loss draws per example)."""
-        return per_sample_grads(self.objective.fisher_loss, self.space, self.theta, batch, randomness="different")
+        return per_sample_grads(self.objective.differentiation, self.objective.fisher_loss, self.space, self.theta, batch,
+                                randomness="different")
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, Tensor):
+        return a.add_(b)
+    if isinstance(a, dict):
+        return {k: _add(a[k], b[k]) for k in a}
+    return type(a)(_add(x, y) for x, y in zip(a, b))
+
+
+def _flatten(tree: Any, out: List[Tensor]) -> None:
+    if isinstance(tree, Tensor):
+        out.append(tree)
+    elif isinstance(tree, dict):
+        for k in tree:
+            _flatten(tree[k], out)
+    else:
+        for x in tree:
+            _flatten(x, out)
+
+
+def _rebuild(tree: Any, leaves: Iterator[Tensor]) -> Any:
+    if isinstance(tree, Tensor):
+        return next(leaves)
+    if isinstance(tree, dict):
+        return {k: _rebuild(tree[k], leaves) for k in tree}
+    return type(tree)(_rebuild(x, leaves) for x in tree)

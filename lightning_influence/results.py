@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -13,7 +13,8 @@ from torch import Tensor
 from .checks import is_int
 from .diagnostics import Diagnostic, combine_scalars, from_dicts
 from .errors import InfluenceConfigError, ResultsFileError
-from .persistence import atomic_save, check_results_state, load_state, tensor_checksum, tensors_of
+from .persistence import atomic_save, check_results_state, load_state, state_checksum, tensor_checksum, tensors_of
+from .record import RunKey, RunRecord
 from .scoring import top_k
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,8 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["InfluenceResults", "Ranked", "SolveChunk", "diagnostics_layout"]
 
 #: 2: ``diagnostics`` holds typed diagnostics (``solver``, ``setup``, ``solve`` chunks, ``self_influence``,
-#: ``totals``; see :class:`InfluenceResults`)
-_FORMAT_VERSION = 2
+#: ``totals``; see :class:`InfluenceResults`); 3: a typed ``record`` replaces the flat ``settings``, and the
+#: checksum covers the metadata too
+_FORMAT_VERSION = 3
 _GROUP_LABELS = {"setup": "setup", "solve": "query solves", "self_influence": "self-influence solves",
                  "total": "whole run"}
 
@@ -68,7 +70,23 @@ def _number(v: Any) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
 
 
-@dataclass
+_TENSORS = ("scores", "query_indices", "train_indices", "query_losses", "self_influence", "query_targets",
+            "query_predictions")
+_DATA = ("record", "diagnostics", "timings")
+
+
+def _expected_checksum(state: Dict[str, Any], version: Any, source: str) -> str:
+    """The checksum ``state`` should carry; content that cannot even be hashed (a flipped byte that turned a
+    key into another type) is a corrupted file."""
+    try:
+        return tensor_checksum(tensors_of(state)) if version == 2 else state_checksum({**state, "format_version": version})
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ResultsFileError(
+            f"{source} is corrupted: its metadata cannot be read back as written ({type(err).__name__}: {err}; bytes "
+            "changed on disk or in transfer). Recompute the results."
+        ) from err
+
+
 class InfluenceResults:
     """Influence of every training example on every query.
 
@@ -87,7 +105,11 @@ class InfluenceResults:
         self_influence: ``[N]`` ``I_up,loss(z_i, z_i)`` (≤ 0 for a positive definite Hessian; most
             negative = the model relies most on the example to fit itself), or ``None``.
         query_targets / query_predictions: ``[Q]`` labels and predicted classes when known.
-        settings: how the scores were computed (solver settings, damping λ, dtype, parameters, n).
+        record: how the scores were computed, as a typed :class:`~lightning_influence.record.RunRecord`
+            (solver settings, the damping choice, run arguments, data facts, the run of a fit).
+        settings: the record as a read-only flat dict (``damping``, ``solver``, ``num_train_total``, …;
+            the keys of earlier versions). ``InfluenceResults(..., settings={...})`` builds the record from
+            such a dict.
         diagnostics: the solver's typed diagnostics (:class:`~lightning_influence.diagnostics.Diagnostic`
             stored as plain dicts): ``{"solver": name, "setup": [...], "solve": [{"start", "stop",
             "items": [...]}, ...], "self_influence": [...], "totals": [...]}``. ``setup`` is what
@@ -97,26 +119,57 @@ class InfluenceResults:
             :meth:`solve_chunks`, :meth:`per_query_diagnostics`, :meth:`summary_diagnostics` and
             :meth:`diagnostic`.
         timings: seconds per phase, and ``total``.
+
+    Example:
+        >>> import torch
+        >>> res = InfluenceResults(scores=torch.tensor([[0.5, -2.0, 1.5]]), query_indices=torch.tensor([7]),
+        ...                        train_indices=torch.arange(3), query_losses=torch.tensor([0.3]),
+        ...                        settings={"solver": "exact", "damping": 0.1, "num_train_total": 3})
+        >>> res.top_harmful(query_id=7, k=2).indices.tolist(), res.top_helpful(0).indices.tolist()
+        ([2, 0], [1])
+        >>> res.predicted_loss_change()  # removing example 1 raises the query loss by about 2/3
+        tensor([[-0.1667,  0.6667, -0.5000]])
     """
 
-    scores: Tensor
-    query_indices: Tensor
-    train_indices: Tensor
-    query_losses: Tensor
-    self_influence: Optional[Tensor] = None
-    query_targets: Optional[Tensor] = None
-    query_predictions: Optional[Tensor] = None
-    settings: Dict[str, Any] = field(default_factory=dict)
-    diagnostics: Dict[str, Any] = field(default_factory=dict)
-    timings: Dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        scores: Tensor,
+        query_indices: Tensor,
+        train_indices: Tensor,
+        query_losses: Tensor,
+        self_influence: Optional[Tensor] = None,
+        query_targets: Optional[Tensor] = None,
+        query_predictions: Optional[Tensor] = None,
+        settings: Optional[Mapping[str, Any]] = None,
+        diagnostics: Optional[Dict[str, Any]] = None,
+        timings: Optional[Dict[str, float]] = None,
+        *,
+        record: Optional[RunRecord] = None,
+    ) -> None:
+        if record is not None and settings:
+            raise InfluenceConfigError("pass record= or settings= to InfluenceResults, not both.")
+        self.scores, self.query_indices, self.train_indices = scores, query_indices, train_indices
+        self.query_losses, self.self_influence = query_losses, self_influence
+        self.query_targets, self.query_predictions = query_targets, query_predictions
+        self.record: RunRecord = record if record is not None else RunRecord.from_flat(settings or {})
+        self.diagnostics: Dict[str, Any] = dict(diagnostics or {})
+        self.timings: Dict[str, float] = dict(timings or {})
         q, n = self.scores.shape
         if self.query_indices.shape != (q,) or self.train_indices.shape != (n,):
             raise InfluenceConfigError(
                 f"scores {tuple(self.scores.shape)} disagree with query_indices {tuple(self.query_indices.shape)} "
                 f"or train_indices {tuple(self.train_indices.shape)}."
             )
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        """The record as a read-only flat dict (see :class:`~lightning_influence.record.RunRecord`)."""
+        return self.record.flat()
+
+    @property
+    def key(self) -> Optional[RunKey]:
+        """Which run of a fit these results are (``None`` outside a training loop)."""
+        return self.record.key
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -224,6 +277,10 @@ class InfluenceResults:
         occurrence's (use :meth:`summary_diagnostics` for combined values). ``None`` when absent."""
         for _, items in self._groups():
             for d in items:
+                if d.key == name or (d.name == name and not d.source):
+                    return d
+        for _, items in self._groups():
+            for d in items:
                 if d.name == name:
                     return d
         return None
@@ -246,12 +303,11 @@ class InfluenceResults:
             for d in items:
                 if d.kind != "scalar":
                     continue
-                if d.name in seen:
-                    d = Diagnostic(f"{group}_{d.name}", d.value, f"{d.label} ({_GROUP_LABELS[group]})", d.meaning,
-                                   reduce=d.reduce, kind=d.kind)
-                    if d.name in seen:
+                if d.key in seen:
+                    d = replace(d, name=f"{group}_{d.name}", label=f"{d.label} ({_GROUP_LABELS[group]})")
+                    if d.key in seen:
                         continue
-                seen.add(d.name)
+                seen.add(d.key)
                 out.append(d)
         return out
 
@@ -325,44 +381,61 @@ class InfluenceResults:
 
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> Dict[str, Any]:
-        """The results as plain data: every field (tensors detached, on the CPU; settings, diagnostics and
-        timings as they are), ``format_version`` and a ``checksum`` of the tensors. What :meth:`save`
-        writes and the callback's ``state_dict`` stores; :meth:`from_state` reads it back."""
-        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        """The results as plain data: every tensor (detached, on the CPU), the record as plain data,
+        diagnostics and timings, ``format_version`` and a ``checksum`` of all of it (tensors and metadata).
+        What :meth:`save` writes and the callback's ``state_dict`` stores; :meth:`from_state` reads it back."""
+        state: Dict[str, Any] = {k: getattr(self, k) for k in _TENSORS}
         state = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in state.items()}
+        state.update(record=self.record.to_dict(), diagnostics=self.diagnostics, timings=self.timings)
         state["format_version"] = _FORMAT_VERSION
-        state["checksum"] = tensor_checksum(tensors_of(state))
+        state["checksum"] = state_checksum(state)
         return state
 
     @classmethod
     def from_state(cls, state: Any, source: str = "the results state") -> "InfluenceResults":
         """Results from :meth:`to_state`'s plain data (not modified), checked as :meth:`load` checks a file;
-        ``source`` names where the state came from in error messages.
+        ``source`` names where the state came from in error messages. States of format 2 (a flat
+        ``settings`` dict, a checksum over the tensors only) are read too.
 
         Raises:
-            InfluenceConfigError: not an InfluenceResults state of the current format.
-            ResultsFileError: tensors not matching their checksum, unknown fields, wrong shapes or NaN/inf.
+            InfluenceConfigError: not an InfluenceResults state of a known format.
+            ResultsFileError: content not matching its checksum, unknown fields, wrong shapes or NaN/inf.
         """
         state = dict(state) if isinstance(state, Mapping) else state
         version = state.pop("format_version", None) if isinstance(state, dict) else None
         if version is None:
-            raise InfluenceConfigError(f"{source} is not an InfluenceResults file (no format_version).")
-        if version != _FORMAT_VERSION:
+            raise InfluenceConfigError(f"{source} is not an InfluenceResults file (no format_version): another "
+                                       "file, or one whose metadata is corrupted. Recompute the results.")
+        if version not in (2, _FORMAT_VERSION):
             raise InfluenceConfigError(
                 f"{source} is an InfluenceResults file of format {version}; this version of "
-                f"lightning-influence reads format {_FORMAT_VERSION} only. Recompute the results."
+                f"lightning-influence reads format 2 or {_FORMAT_VERSION}. Recompute the results."
             )
-        checksum = state.pop("checksum", None)  # absent in files written before checksums
-        if checksum is not None and checksum != tensor_checksum(tensors_of(state)):
+        checksum = state.pop("checksum", None)  # absent in format-2 files written before checksums
+        expected = _expected_checksum(state, version, source)
+        if checksum is None and version == _FORMAT_VERSION:  # every file of this format carries one
+            raise ResultsFileError(f"{source} is corrupted: it has no checksum, which every file of format "
+                                   f"{_FORMAT_VERSION} carries. Recompute the results.")
+        if checksum is not None and checksum != expected:
+            what = "tensors" if version == 2 else "contents (scores, settings, diagnostics or timings)"
             raise ResultsFileError(
-                f"{source} is corrupted: its tensors do not match the checksum written with them "
+                f"{source} is corrupted: its {what} do not match the checksum written with them "
                 "(bytes changed on disk or in transfer). Recompute the results."
             )
-        unknown = sorted(set(state) - {f.name for f in fields(cls)})
+        known = set(_TENSORS) | ({"settings", "diagnostics", "timings"} if version == 2 else set(_DATA))
+        unknown = sorted(set(state) - known)
         if unknown:
-            raise ResultsFileError(f"{source} has unknown fields {unknown}; it is not an InfluenceResults file.")
+            raise ResultsFileError(f"{source} has unknown fields {unknown}; it is not an InfluenceResults file, or it "
+                                   "is corrupted. Recompute the results.")
         check_results_state(state, source)
-        return cls(**state)
+        if version == 2:
+            return cls(**state)
+        try:
+            record = RunRecord.from_dict(state.pop("record"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ResultsFileError(f"{source} has a malformed run record ({type(err).__name__}: {err}); it is not "
+                                   "an InfluenceResults file of this version. Recompute the results.") from err
+        return cls(**state, record=record)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the results with ``torch.save`` (:meth:`to_state`: tensors on the CPU, plain-data

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from .errors import InfluenceRuntimeError
-from .functional import ParamSpace, PerExampleLoss, batch_size_of, per_sample_grads
+from .autodiff import DEFAULT_PLAN, Differentiation, per_sample_grads
+from .functional import ParamSpace, PerExampleLoss, batch_size_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .problem import InfluenceProblem
@@ -22,11 +23,11 @@ Progress = Optional[Callable[[int], None]]
 
 
 def checked_grads(loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch: object, what: str, start: int,
-                  indices: Optional[Tensor] = None) -> Tensor:
-    """Per-sample gradients ``[B, P]``; raises naming the first example whose gradient is NaN/inf: its
-    dataset index ``indices[start + j]`` (``start + j`` when ``indices`` is ``None``, i.e. the batch
-    covers the dataset in order)."""
-    g = per_sample_grads(loss, space, theta, batch)
+                  indices: Optional[Tensor] = None, plan: Differentiation = DEFAULT_PLAN) -> Tensor:
+    """Per-sample gradients ``[B, P]`` (by ``plan``'s strategy, :mod:`~lightning_influence.autodiff`);
+    raises naming the first example whose gradient is NaN/inf: its dataset index ``indices[start + j]``
+    (``start + j`` when ``indices`` is ``None``, i.e. the batch covers the dataset in order)."""
+    g = per_sample_grads(plan, loss, space, theta, batch)
     bad = ~torch.isfinite(g).all(dim=1)
     if bool(bad.any()):
         first = start + int(bad.nonzero()[0])

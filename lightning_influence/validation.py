@@ -1,4 +1,4 @@
-"""Checks of the arguments shared by :class:`~lightning_influence.callback.InfluenceCallback` and
+"""Checks of the arguments shared by :class:`~lightning_influence.integration.callback.InfluenceCallback` and
 :func:`~lightning_influence.pipeline.compute_influence`: one validator for both, so that they accept and
 refuse exactly the same values with the same messages. Every message names the argument, its value and
 the fix.
@@ -9,8 +9,10 @@ the fix.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -21,6 +23,8 @@ from .errors import InfluenceConfigError
 
 __all__ = [
     "RunArguments",
+    "check_damping_range",
+    "check_flag",
     "check_params",
     "check_positive_int",
     "check_query_indices",
@@ -82,6 +86,10 @@ def check_query_indices(query_indices: Any, name: str = "query_indices", where: 
     fix = f"pass positions in {where}, e.g. {name}=[0, 5, 17], a 1-D integer tensor or array, or None"
     if isinstance(query_indices, (str, bytes)):
         raise InfluenceConfigError(f"{name}={query_indices!r} is a string; {fix}.")
+    if isinstance(query_indices, Mapping):
+        raise InfluenceConfigError(f"{name}={_short_repr(query_indices)} is a {type(query_indices).__name__}, which "
+                                   f"would be read as its keys; {fix} (list(d) for the keys, list(d.values()) for "
+                                   "the values).")
     if hasattr(query_indices, "ndim") and hasattr(query_indices, "dtype"):  # tensor or array
         array = query_indices
         if array.ndim != 1:
@@ -125,6 +133,45 @@ def check_query_indices(query_indices: Any, name: str = "query_indices", where: 
             stacklevel=2,
         )
     return out
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a ``bool`` (NumPy's included); anything else (``"no"``, ``0``, ``None``) is refused:
+    a non-empty string would otherwise switch the option on."""
+    if isinstance(value, bool):
+        return value
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np = None  # type: ignore[assignment]
+    if np is not None and isinstance(value, np.bool_):
+        return bool(value)
+    raise InfluenceConfigError(f"{name}={value!r} must be True or False ({type(value).__name__} given).")
+
+
+def check_damping_range(damping: Any, dtype: torch.dtype, name: str = "damping") -> None:
+    """Refuse a numeric damping (a number, ``FixedDamping(value)`` or ``AutoDamping(base=...)``) that the
+    computation dtype cannot carry: above ``sqrt(finfo(dtype).max)`` (``≈ 1.8e19`` for float32, ``1.3e154``
+    for float64). Every HVP solver forms squared norms of ``(H + λI)v`` (residuals, Lanczos and LiSSA's
+    scale), and ``(λ‖v‖)²`` overflows to inf there for any unit-scale ``v``; well before that ``H`` is lost
+    to round-off in ``H + λI`` and the scores are ``−g_qᵀg/λ``, the gradients' dot products scaled away."""
+    value = getattr(damping, "value", getattr(damping, "base", damping))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    limit = math.sqrt(torch.finfo(dtype).max)
+    if math.isfinite(float(value)) and float(value) > limit:
+        kind = str(dtype).replace("torch.", "")
+        raise InfluenceConfigError(
+            f"{name}={value!r} is too large for the {kind} computation: squared norms of (H + {name}·I)v overflow "
+            f"{kind} above {name} ≈ {limit:.3g} (sqrt of its largest value, {torch.finfo(dtype).max:.3g}), and long "
+            f"before that H is lost to round-off beside {name}·I. Use a damping near the curvature's scale (the "
+            "optimizer's weight_decay, or damping='auto')" + (", or dtype=torch.float64." if dtype == torch.float32 else ".")
+        )
 
 
 def _short(values: Sequence[Any]) -> str:
@@ -208,14 +255,20 @@ def check_run_arguments(
     grad_chunk_size: Optional[int] = None,
     query_batch_size: Optional[int] = None,
     dtype: Any = torch.float32,
+    self_influence: Any = False,
+    damping: Any = None,
 ) -> RunArguments:
     """Check the arguments shared by the callback and :func:`compute_influence`; raise
-    :class:`~lightning_influence.errors.InfluenceConfigError` naming the first bad one and its fix."""
+    :class:`~lightning_influence.errors.InfluenceConfigError` naming the first bad one and its fix.
+    ``self_influence`` must be a bool; a numeric ``damping`` must fit the dtype (:func:`check_damping_range`)."""
+    check_flag("self_influence", self_influence)
     check_positive_int("num_queries", num_queries)
     check_positive_int("chunk_size", chunk_size)
     check_positive_int("grad_chunk_size", grad_chunk_size, allow_none=True)
     check_positive_int("query_batch_size", query_batch_size, allow_none=True)
     check_params(params)
+    resolved = resolve_dtype(dtype)
+    check_damping_range(damping, resolved)
     return RunArguments(
         num_queries=num_queries,
         query_indices=check_query_indices(query_indices),
@@ -223,7 +276,7 @@ def check_run_arguments(
         forward_chunk=chunk_size,
         grad_chunk=grad_chunk_size,
         query_batch_size=query_batch_size,
-        dtype=resolve_dtype(dtype),
+        dtype=resolved,
     )
 
 

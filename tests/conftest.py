@@ -8,6 +8,9 @@ import pytest
 
 from . import problems
 
+#: run as a script by tests/integration/test_distributed.py, never imported (--doctest-modules would)
+collect_ignore = ["integration/ddp_fit.py"]
+
 
 def pytest_configure(config):  # keep Lightning's tips and PossibleUserWarnings out of the output
     warnings.filterwarnings("ignore", message=".*litlogger.*")

@@ -112,18 +112,24 @@ def trained_cnn(weight_decay: float = 1e-3, n_train: int = 1347, seed: int = 0, 
     return Problem(model, train, val, 0.1)
 
 
+def _key(d) -> str:
+    return f"{d['source']}/{d['name']}" if d.get("source") else d["name"]
+
+
 def diag(res, name: str, chunk: int = 0):
-    """The value of diagnostic ``name`` of results ``res``: from solve chunk ``chunk`` if it recorded one,
-    else from the solver's setup, else from the run's totals (``KeyError`` when absent)."""
+    """The value of diagnostic ``name`` of results ``res`` (``source/name`` for a component's, e.g.
+    ``preconditioner/rank``): from solve chunk ``chunk`` if it recorded one, else from the solver's setup,
+    else from the run's totals (``KeyError`` when absent)."""
     groups = [c["items"] for c in res.diagnostics["solve"][chunk : chunk + 1]]
     groups += [res.diagnostics.get("setup", []), res.diagnostics.get("totals", [])]
     for items in groups:
         for d in items:
-            if d["name"] == name:
+            if _key(d) == name:
                 return d["value"]
     raise KeyError(name)
 
 
 def diag_names(res, group: str = "setup"):
-    """Names of the diagnostics in ``res.diagnostics[group]`` (``"setup"``, ``"totals"``)."""
-    return [d["name"] for d in res.diagnostics.get(group, [])]
+    """Keys (``name`` or ``source/name``) of the diagnostics in ``res.diagnostics[group]`` (``"setup"``,
+    ``"totals"``)."""
+    return [_key(d) for d in res.diagnostics.get(group, [])]

@@ -117,7 +117,7 @@ def _damage(path, how, results):
     ("empty", r"results.pt is empty \(0 bytes\): its write was interrupted or failed"),
     ("truncated", r"results.pt \(\d+ bytes\) cannot be read: it is truncated, corrupted or not a results file"),
     ("garbage", r"results.pt \(\d+ bytes\) cannot be read: it is truncated, corrupted"),
-    ("flipped", r"results.pt is corrupted: its tensors do not match the checksum"),
+    ("flipped", r"results.pt is corrupted: its contents \(scores, settings, diagnostics or timings\) do not match the checksum"),
 ])
 def test_damaged_file_names_the_file_and_the_problem(tmp_path, results, how, match):
     path = tmp_path / "results.pt"
@@ -143,8 +143,63 @@ def test_missing_file(tmp_path):
 def test_stored_shapes_and_finiteness_are_checked(tmp_path, results, change, match):
     """Files without a checksum (written by hand, or before checksums) are still checked."""
     state = {f: getattr(results, f) for f in ("scores", "query_indices", "train_indices", "query_losses",
-                                               "self_influence", "settings", "diagnostics", "timings")}
+                                               "self_influence", "diagnostics", "timings")}
+    state["settings"] = dict(results.settings)
     state.update(change, format_version=2)
     torch.save(state, tmp_path / "results.pt")
     with pytest.raises(ResultsFileError, match=match):
         InfluenceResults.load(tmp_path / "results.pt")
+
+
+# ---------------------------------------------------------------- flipped bytes in the metadata
+def _flipped_metadata_loads(tmp_path, results, stride: int):
+    """Flip one bit of every ``stride``-th byte of the pickled metadata (``data.pkl``: record, diagnostics,
+    timings, the tensors' references) in a re-packed archive with valid zip CRCs (so that the zip layer does not
+    catch it first), and load each. Returns ``(refused, harmless, silent)``: refused with a results-file error,
+    loaded with content equal to the original, loaded with other content."""
+    import io
+    import zipfile
+
+    from lightning_influence.errors import InfluenceConfigError
+
+    path = tmp_path / "results.pt"
+    results.save(path)
+    with zipfile.ZipFile(path) as z:
+        entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    k = next(j for j, (name, _) in enumerate(entries) if name.endswith("/data.pkl"))
+    pickled = entries[k][1]
+    expected = results.to_state()["checksum"]
+    refused, harmless, silent = 0, 0, []
+    flipped = tmp_path / "flipped.pt"
+    for i in range(0, len(pickled), stride):
+        data = bytearray(pickled)
+        data[i] ^= 1 << (i // stride % 8)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+            for j, (name, content) in enumerate(entries):
+                out.writestr(name, bytes(data) if j == k else content)
+        flipped.write_bytes(buf.getvalue())
+        try:
+            loaded = InfluenceResults.load(flipped)
+        except (ResultsFileError, InfluenceConfigError) as err:  # the format version itself flipped: refused too
+            assert str(flipped) in str(err) and "Recompute" in str(err)
+            refused += 1
+            continue
+        if loaded.to_state()["checksum"] == expected:  # e.g. a pickle memo index nobody reads
+            harmless += 1
+        else:
+            silent.append(i)
+    return refused, harmless, silent
+
+
+def test_a_flipped_byte_in_the_metadata_never_loads_silently(tmp_path, results):
+    """Every 4th byte of the pickled metadata (about 570 flips; all of them in the slow test): each is refused,
+    or loads the very same content; none gives other results."""
+    refused, harmless, silent = _flipped_metadata_loads(tmp_path, results, stride=4)
+    assert silent == [] and refused > 10 * harmless
+
+
+@pytest.mark.slow
+def test_every_flipped_byte_in_the_metadata_is_refused_or_harmless(tmp_path, results):
+    refused, harmless, silent = _flipped_metadata_loads(tmp_path, results, stride=1)
+    assert silent == [] and refused > 10 * harmless

@@ -6,7 +6,6 @@ and agree on a failure."""
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from lightning_influence.scoring import influence_scores, score_shard
 from lightning_influence.validation import check_run_arguments
 
 from .problems import trained_logreg
+from .threads import FakeRank, run_ranks
 
 QUERIES = [0, 5, 17]
 
@@ -26,78 +26,6 @@ QUERIES = [0, 5, 17]
 @pytest.fixture(scope="module")
 def logreg():
     return trained_logreg(n_train=120)
-
-
-class FakeRank(Communicator):
-    """A rank of a world whose collectives are never called (for shard-only work)."""
-
-    def __init__(self, rank: int, world_size: int) -> None:
-        super().__init__()
-        self.rank, self.world_size = rank, world_size
-
-
-class ThreadWorld:
-    """Collectives between threads: every rank leaves its tensor in a slot and waits at a barrier (a
-    10 s timeout turns a hang into an error)."""
-
-    def __init__(self, world_size: int) -> None:
-        self.slots = [None] * world_size
-        self.barrier = threading.Barrier(world_size, timeout=10)
-
-    def comm(self, rank: int) -> Communicator:
-        world = self
-
-        class ThreadRank(Communicator):
-            def __init__(self) -> None:
-                super().__init__()
-                self.rank, self.world_size = rank, len(world.slots)
-
-            def _all_gather(self, tensor):
-                world.slots[rank] = tensor.clone()
-                world.barrier.wait()
-                out = torch.stack(list(world.slots))
-                world.barrier.wait()
-                return out
-
-            def _all_reduce(self, tensor):
-                return self._all_gather(tensor).sum(0)
-
-            def _barrier(self):
-                world.barrier.wait()
-                self.barriers += 1
-
-        rank_comm = ThreadRank()
-        rank_comm.barriers = 0
-        return rank_comm
-
-
-def run_ranks(world_size: int, fn, monkeypatch):
-    """``fn(rank, comm)`` on one thread per rank; returns each rank's result or exception. Forward-mode AD
-    keeps global state, so the threads take turns inside each Hessian-vector product."""
-    import lightning_influence.operator as operator
-
-    lock, hvp = threading.Lock(), operator.batch_hvp
-
-    def one_at_a_time(*args, **kwargs):
-        with lock:
-            return hvp(*args, **kwargs)
-
-    monkeypatch.setattr(operator, "batch_hvp", one_at_a_time)
-    world = ThreadWorld(world_size)
-    out = [None] * world_size
-
-    def target(r: int) -> None:
-        try:
-            out[r] = fn(r, world.comm(r))
-        except BaseException as err:  # noqa: BLE001 - returned to the test
-            out[r] = err
-
-    threads = [threading.Thread(target=target, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    return out
 
 
 def test_compute_influence_is_the_phases_composed(logreg):

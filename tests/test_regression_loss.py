@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_influence import InfluenceConfigError, compute_influence
 
-SUGGESTED = "loss_fn=lambda out, y: ((out - y) ** 2).reshape(len(out), -1).sum(1)"
+SUGGESTED = "loss_fn=lambda out, y: ((out - y.view_as(out)) ** 2).reshape(len(out), -1).sum(1)"
 
 
 def regression_data(n: int = 40, d: int = 3, flat: bool = False):
@@ -36,6 +36,7 @@ def test_default_loss_refuses_regression_and_names_the_fix(flat):
         compute_influence(model, regression_data(flat=flat), num_queries=2, solver="exact", dtype=torch.float64)
     msg = str(err.value)
     assert "the default loss_fn is per-example cross-entropy for classification" in msg
+    assert "outputs [4" in msg and "targets [4" in msg  # the shapes it saw
     assert SUGGESTED in msg and "influence_loss(self, batch)" in msg
 
 

@@ -3,6 +3,8 @@ messages; bad query examples are named by their dataset index."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -134,7 +136,8 @@ def test_nan_query_example_is_named_by_dataset_index_when_queries_are_chosen(dat
 
 
 def test_nan_query_example_is_named_by_dataset_index_when_queries_are_given(data, model):
-    with pytest.raises(InfluenceRuntimeError, match=r"gradient of query example 7 \(and 0 more in its chunk\)"):
+    # the loss contract's check of the first queries names it, before any gradient
+    with pytest.raises(InfluenceRuntimeError, match=r"NaN/inf for 1 of 2 examples .*\(the first: query example 7\)"):
         compute_influence(model, data[0], _with_nan(data[1], 7), query_indices=[1, 7], solver="exact")
 
 
@@ -188,3 +191,81 @@ def test_params_must_be_names(data, model, params, match):
         InfluenceCallback(params=params)
     with pytest.raises(InfluenceConfigError, match=match):
         compute_influence(model, data[0], data[1], num_queries=2, params=params)
+
+
+# ---------------------------------------------------------------- issue #21: nothing silent
+def test_a_typo_beside_a_valid_params_pattern_names_the_pattern(data, model):
+    match = r"params=\['bias', 'wieght'\]: the pattern 'wieght' matches no parameter of Linear.*Fix or remove 'wieght'"
+    with pytest.raises(InfluenceConfigError, match=match):
+        compute_influence(model, data[0], data[1], num_queries=2, solver="exact", params=["bias", "wieght"])
+
+
+def test_a_params_pattern_matching_only_frozen_parameters_is_named(data):
+    net = nn.Sequential(nn.Linear(64, 4), nn.Linear(4, 10))
+    net[0].requires_grad_(False)
+    with pytest.raises(InfluenceConfigError, match=r"the pattern '0' matches only parameters with requires_grad=False "
+                                                   r"\(0.weight, 0.bias\)"):
+        compute_influence(net, data[0], data[1], num_queries=2, solver="exact", params=["0", "1"])
+
+
+@pytest.mark.parametrize("flag", ["self_influence", "save_results", "report"])
+@pytest.mark.parametrize("value", ["no", 0, 1, None, "False"])
+def test_bool_flags_take_only_bools(flag, value):
+    with pytest.raises(InfluenceConfigError, match=rf"{flag}={value!r} must be True or False"):
+        InfluenceCallback(**{flag: value})
+
+
+def test_self_influence_takes_only_bools_in_compute_influence(data, model):
+    with pytest.raises(InfluenceConfigError, match=r"self_influence='no' must be True or False"):
+        compute_influence(model, data[0], data[1], num_queries=2, self_influence="no")
+
+
+def test_a_dict_as_query_indices_is_refused(data, model):
+    match = r"query_indices=\{1: 'a', 3: 'b'\} is a dict, which would be read as its keys.*list\(d.values\(\)\)"
+    with pytest.raises(InfluenceConfigError, match=match):
+        both(data, model, query_indices={1: "a", 3: "b"})
+
+
+@pytest.mark.parametrize("dtype, bad, fine", [(torch.float32, 1e39, 1e19), (torch.float32, 1e20, 1e3),
+                                              (torch.float64, 1e200, 1e150)])
+def test_damping_the_dtype_cannot_carry_is_refused_naming_it(data, model, dtype, bad, fine):
+    kind = str(dtype).replace("torch.", "")
+    fix = r"dtype=torch.float64\." if dtype == torch.float32 else r"damping='auto'\)\.$"
+    with pytest.raises(InfluenceConfigError, match=rf"damping={re.escape(repr(bad))} is too large for the {kind} "
+                                                   rf"computation.*{fix}"):
+        InfluenceCallback(damping=bad, dtype=dtype)
+    with pytest.raises(InfluenceConfigError, match=rf"too large for the {kind} computation"):
+        compute_influence(model, data[0], data[1], num_queries=2, damping=bad, dtype=dtype)
+    InfluenceCallback(damping=fine, dtype=dtype)  # below sqrt(finfo.max): accepted
+
+
+@pytest.mark.parametrize("path", [123, 1.5, ["report.html"]])
+def test_report_path_must_be_a_path(path):
+    with pytest.raises(InfluenceConfigError, match=r"report_path=.* must be a file path \(str or os.PathLike\) or None"):
+        InfluenceCallback(report_path=path)
+
+
+@pytest.mark.parametrize("make", [lambda: __import__("lightning_influence").LissaSettings(preconditioner="foo"),
+                                  lambda: __import__("lightning_influence").CGSettings(preconditioner="foo"),
+                                  lambda: __import__("lightning_influence").Preconditioned(
+                                      __import__("lightning_influence").CGSettings(), "foo")])
+def test_an_unknown_preconditioner_is_named_as_the_preconditioner(make):
+    with pytest.raises(InfluenceConfigError, match=r"(LissaSettings|CGSettings)\.preconditioner='foo' must be None or a "
+                                                   r"closed-form solver \('arnoldi', 'ekfac', 'kfac'") as err:
+        make()
+    assert "solver='foo'" not in str(err.value)
+
+
+def test_a_preconditioner_given_by_name_is_resolved():
+    from lightning_influence import CGSettings, Preconditioned
+
+    assert Preconditioned(CGSettings(), "arnoldi").by.name == "arnoldi"
+
+
+def test_train_indices_are_checked_like_query_indices(data, model):
+    with pytest.raises(InfluenceConfigError, match=r"train_indices repeats the positions \[3\]"):
+        compute_influence(model, data[0], data[1], num_queries=2, solver="exact", train_indices=[3, 3, 5])
+    with pytest.raises(InfluenceConfigError, match=r"training indices \[100\] are out of range"):
+        compute_influence(model, data[0], data[1], num_queries=2, solver="exact", train_indices=[3, 100])
+    res = compute_influence(model, data[0], data[1], num_queries=2, solver="exact", train_indices=[7, 3, 50])
+    assert res.train_indices.tolist() == [7, 3, 50] and res.settings["num_train_total"] == 3

@@ -177,6 +177,11 @@ class OfflineRun:
     def run_dir(self) -> str:
         return os.path.dirname(self.path)
 
+    @property
+    def run_id(self) -> str:
+        """The run's id (``run-<id>.wandb``)."""
+        return os.path.basename(self.path)[len("run-") : -len(".wandb")]
+
     def artifact_of_type(self, type_: str) -> ArtifactInfo:
         found = [a for a in self.artifacts if a.type == type_]
         if len(found) != 1:
@@ -217,3 +222,14 @@ class OfflineRun:
     def media_file(self, key: str) -> str:
         """The local file of a media value (``html-file``, …) logged under ``key``."""
         return os.path.join(self.run_dir, "files", self.row_with(key)[key]["path"])
+
+
+def wandb_offline_env(root: Any) -> Dict[str, str]:
+    """The environment for an offline W&B run that writes only under ``root``."""
+    root = os.fspath(root)
+    env = {k: os.path.join(root, k.lower()) for k in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")}
+    for d in env.values():
+        os.makedirs(d, exist_ok=True)
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_X_DISABLE_STATS="true", WANDB_CONSOLE="off")
+    return env
+

@@ -1,7 +1,7 @@
 """How the top training examples move across the runs of one fit (``InfluenceCallback(every_n_epochs=k)``),
 as plain data that the HTML and W&B reporters lay out.
 
-For every run (keyed by its epoch) and every kind, a :class:`Ranking` lists the top training examples and
+For every run (keyed by its :class:`~lightning_influence.record.RunKey`, or by its epoch) and every kind, a :class:`Ranking` lists the top training examples and
 how many of them were already in the previous run's list of the same kind and scope:
 
 * ``"harmful"`` / ``"helpful"`` with ``query_id=None``: ranked by the **mean score over the run's
@@ -16,8 +16,9 @@ how many of them were already in the previous run's list of the same kind and sc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..record import RunKey
 from ..results import InfluenceResults, Ranked
 from ..scoring import top_k
 
@@ -49,6 +50,13 @@ class Ranking:
     scores: List[float]
     previous_ranks: List[Optional[int]]
     kept: Optional[int]
+    #: the run's key in the history (a :class:`~lightning_influence.record.RunKey`, or its epoch)
+    run: Any = None
+
+    @property
+    def label(self) -> str:
+        """How the run is named in reports (``"epoch 2"``, ``"step 300"``, ``"end of training"``)."""
+        return self.run.label if isinstance(self.run, RunKey) else f"epoch {self.epoch}"
 
 
 def _aggregate(results: InfluenceResults, kind: str, k: int) -> Ranked:
@@ -84,7 +92,8 @@ def rankings(
     """Every run's rankings, in epoch order, each compared with the previous run's.
 
     Args:
-        history: ``{epoch: results}`` (e.g. ``InfluenceCallback.history``).
+        history: ``{run: results}`` (e.g. ``InfluenceCallback.history``), keyed by
+            :class:`~lightning_influence.record.RunKey` or by epoch; ranked in training order.
         k: examples per harmful / helpful ranking (fewer when fewer scores have that sign).
         suspects_k: self-influence suspects per run (default ``max(k, 10)``, as in the reports).
         per_query: also rank each query's own examples.
@@ -92,8 +101,9 @@ def rankings(
     suspects_k = max(k, 10) if suspects_k is None else suspects_k
     out: List[Ranking] = []
     previous: Dict[Tuple[str, Optional[int]], List[int]] = {}
-    for epoch in sorted(history):
-        res = history[epoch]
+    for run in sorted(history):
+        res = history[run]
+        epoch = run.epoch if isinstance(run, RunKey) else int(run)
         step = int(res.settings.get("global_step", -1))
         current: Dict[Tuple[str, Optional[int]], List[int]] = {}
         for kind, query_id in _scopes(res, per_query):
@@ -102,7 +112,7 @@ def rankings(
             before = previous.get((kind, query_id))
             ranks = [None if before is None or i not in before else before.index(i) + 1 for i in ids]
             out.append(Ranking(int(epoch), step, kind, query_id, ids, [float(s) for s in ranked.scores.tolist()],
-                               ranks, None if before is None else sum(r is not None for r in ranks)))
+                               ranks, None if before is None else sum(r is not None for r in ranks), run))
             current[(kind, query_id)] = ids
         previous = current
     return out
@@ -118,7 +128,7 @@ def kept_fractions(history: Mapping[int, InfluenceResults], k: int, suspects_k: 
     last = max(pair)
     out: Dict[str, float] = {}
     for r in rankings(pair, k, suspects_k, per_query=False):
-        if r.epoch == last and r.kept is not None and r.train_ids:
+        if r.run == last and r.kept is not None and r.train_ids:
             out[f"influence/over_epochs/{r.kind}_kept"] = r.kept / len(r.train_ids)
     return out
 

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..persistence import atomic_write_text
+from ..record import RunKey
 from ..results import InfluenceResults
 from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryView, SeriesLine, series_lines
 from .evolution import KINDS, Ranking, rankings
@@ -261,10 +263,16 @@ def _has_diagnostics(results: InfluenceResults) -> bool:
     return bool(results.summary_diagnostics() or results.per_query_diagnostics() or series_lines(results))
 
 
+def _label(d: Any) -> str:
+    """A diagnostic's label, prefixed by its source (``preconditioner: rank k``)."""
+    label = d.label or d.name
+    return f"{d.source}: {label}" if d.source else label
+
+
 def _summary_table(results: InfluenceResults) -> str:
     """One row per :meth:`InfluenceResults.summary_diagnostics` entry: label, value, meaning."""
     rows = "".join(
-        f'<tr data-name="{html.escape(d.name)}"><td>{html.escape(d.label or d.name)}</td>'
+        f'<tr data-name="{html.escape(d.key)}"><td>{html.escape(_label(d))}</td>'
         f"<td>{html.escape(format_value(d.value))}</td><td class=\"note\">{html.escape(d.meaning)}</td></tr>"
         for d in results.summary_diagnostics()
     )
@@ -350,20 +358,25 @@ def _ids_cell(r: Optional[Ranking]) -> str:
             f'<td data-kept="{"" if r.kept is None else r.kept}">{kept}</td>')
 
 
-def _evolution_section(history: Mapping[int, InfluenceResults], k: int, suspects_k: Optional[int]) -> List[str]:
+def _epoch(run: Any) -> int:
+    return run.epoch if isinstance(run, RunKey) else int(run)
+
+
+def _evolution_section(history: Mapping[Any, InfluenceResults], k: int, suspects_k: Optional[int]) -> List[str]:
     """How the top examples move across the runs of the fit (:mod:`.evolution`): one row per run with the
     top harmful and helpful examples by mean score over its queries and the self-influence suspects, each
     with how many were already listed by the previous run; the same per query in a collapsed table."""
     ranked = rankings(history, k, suspects_k)
     kinds = [kind for kind in KINDS if any(r.kind == kind for r in ranked)]
-    by: Dict[Tuple[int, str, Optional[int]], Ranking] = {(r.epoch, r.kind, r.query_id): r for r in ranked}
+    by: Dict[Tuple[Any, str, Optional[int]], Ranking] = {(r.run, r.kind, r.query_id): r for r in ranked}
     head = "<tr><th>epoch</th><th>step</th>" + "".join(
         f"<th>{_KIND_TITLES[kind]}{' (mean over queries)' if kind != 'self_influence' else ''}</th><th>kept</th>"
         for kind in kinds) + "</tr>"
     rows = []
-    for epoch in sorted(history):
-        cells = "".join(_ids_cell(by.get((epoch, kind, None))) for kind in kinds)
-        step = int(history[epoch].settings.get("global_step", -1))
+    for run in sorted(history):
+        cells = "".join(_ids_cell(by.get((run, kind, None))) for kind in kinds)
+        step = int(history[run].settings.get("global_step", -1))
+        epoch = _epoch(run)
         rows.append(f'<tr data-epoch="{epoch}"><td>{epoch}</td><td>{step}</td>{cells}</tr>')
     parts = [
         '<section id="over-epochs"><h2>Across epochs</h2>',
@@ -377,10 +390,11 @@ def _evolution_section(history: Mapping[int, InfluenceResults], k: int, suspects
     if queries:
         qrows = []
         for q in queries:
-            for epoch in sorted(history):
-                if (epoch, "harmful", q) not in by:
+            for run in sorted(history):
+                if (run, "harmful", q) not in by:
                     continue
-                cells = "".join(_ids_cell(by.get((epoch, kind, q))) for kind in ("harmful", "helpful"))
+                cells = "".join(_ids_cell(by.get((run, kind, q))) for kind in ("harmful", "helpful"))
+                epoch = _epoch(run)
                 qrows.append(f'<tr data-query-id="{q}" data-epoch="{epoch}"><td>#{q}</td><td>{epoch}</td>{cells}</tr>')
         qhead = ("<tr><th>query</th><th>epoch</th><th>top harmful</th><th>kept</th><th>top helpful</th>"
                  "<th>kept</th></tr>")
@@ -401,7 +415,7 @@ def render_html(
     query: ExampleCatalog,
     title: str = "Influence report",
     links: Optional[Dict[str, str]] = None,
-    history: Optional[Mapping[int, InfluenceResults]] = None,
+    history: Optional[Mapping[Any, InfluenceResults]] = None,
     top_k: int = 10,
     self_influence_k: Optional[int] = None,
 ) -> str:
@@ -467,11 +481,9 @@ def render_html(
 
 
 def write_html(path: Union[str, os.PathLike], text: str) -> str:
-    """Write ``text`` to ``path`` (creating its folder); returns the path."""
+    """Write ``text`` to ``path`` atomically (creating its folder): a temporary file in the same folder,
+    flushed to disk, renamed over ``path``. A failed write leaves the previous report whole, and a symbolic
+    link at ``path`` is replaced, never followed. Returns the path."""
     path = os.fspath(path)
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+    atomic_write_text(path, text)
     return path

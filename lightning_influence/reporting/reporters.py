@@ -1,15 +1,37 @@
-"""Reporters without a Trainer: one small interface for every output of an influence report.
+"""Reporters: each turns an :class:`~lightning_influence.results.InfluenceResults` into one kind of output,
+with or without a Trainer.
 
     from lightning_influence.reporting import Html, ReportContext, Scalars, Wandb, report
 
     ctx = ReportContext(train_dataset=train, query_dataset=val, top_k=5)
     out = report(results, [Scalars([csv_logger]), Html("influence.html"), Wandb(wandb.run)], ctx)
 
-A reporter is a callable ``reporter(results, context) -> dict`` with a ``name``; :func:`report` calls
-each in turn, and each fails on its own (``out["errors"]`` maps the names that failed to their
-exceptions, the others still write). The callback builds the same list from its Trainer's loggers
-(:func:`~lightning_influence.reporting.report_influence`), so a user of ``compute_influence`` gets the
-same W&B tables and HTML report. A new output is a new reporter, not a new flag.
+A reporter has a ``name`` and two methods (:class:`Reporter`): :meth:`Reporter.report_fit` writes the full
+report (the end of a fit, or a call like the one above) and :meth:`Reporter.report_run` the part worth
+writing after every run inside a training loop (scalars at that step); a plain callable
+``reporter(results, context) -> dict`` with a ``name`` is a reporter whose ``report_fit`` is the call.
+:func:`report` calls each in turn, and each fails on its own (``out["errors"]`` maps the names that failed
+to their exceptions; the others still write). No reporter reads another's output. The callback passes
+its reporters the same way (``InfluenceCallback(reporters=[...])``, default :func:`default_reporters`);
+a reporter built without its target (``Scalars()``, ``Html()``, ``Wandb()``) takes it from the context,
+which the callback fills from the Trainer (its loggers, the report path, its ``WandbLogger``'s run).
+
+Nothing here imports Lightning, and ``wandb`` is imported only by the W&B reporter when it writes.
+
+Example:
+    >>> import torch
+    >>> from lightning_influence import InfluenceResults
+    >>> res = InfluenceResults(torch.tensor([[0.5, -1.0]]), torch.tensor([0]), torch.tensor([0, 1]),
+    ...                        torch.tensor([0.3]), settings={"solver": "exact", "damping": 0.1})
+    >>> class Printer(Reporter):
+    ...     name = "printer"
+    ...     def report_fit(self, results, context):
+    ...         print("most harmful:", results.top_harmful(0, k=1).indices.tolist())
+    ...         return {}
+    >>> out = report(res, [Printer()])
+    most harmful: [0]
+    >>> out["errors"]
+    {}
 """
 
 from __future__ import annotations
@@ -21,11 +43,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 
 from torch.utils.data import Dataset
 
+from ..record import RunKey
 from ..results import InfluenceResults
+from . import keys
 from .content import Entry, QueryView, query_views, suspects
 from .previews import ExampleCatalog
 
-__all__ = ["Html", "ReportContext", "Reporter", "Scalars", "Wandb", "report"]
+__all__ = ["Html", "ReportContext", "Reporter", "Scalars", "Wandb", "default_reporters", "report"]
 
 
 @dataclass
@@ -42,13 +66,19 @@ class ReportContext:
         self_influence_k: self-influence suspects shown (default ``max(top_k, 10)``).
         step: the training step the results explain (W&B row and logger step).
         results_path: the saved results file, linked from the HTML report and put into the W&B artifact.
-        history: ``{epoch: results}`` of every run of a fit (``InfluenceCallback.history``); with more than
-            one, the reports show how the top examples moved across them.
-        history_paths: ``{epoch: results file}`` of those runs (added to the W&B artifact).
-        epoch: set for a run inside the training loop: reporters then write their per-epoch part only
-            (scalars with ``influence/epoch``, the W&B over-epochs row); ``None`` for a full report.
-        outputs: what the reporters before this one returned (the W&B reporter embeds the HTML report
-            written just before it).
+        history: ``{run: results}`` of every run of a fit (``InfluenceCallback.history``, keyed by
+            :class:`~lightning_influence.record.RunKey`, or by epoch); with more than one, the reports show how
+            the top examples moved across them.
+        history_paths: ``{run: results file}`` of those runs (added to the W&B artifact).
+        epoch: the epoch of a run inside the training loop (shorthand for a ``key`` with trigger ``"epoch"``).
+        key: the run inside the training loop these results are (``None``, or trigger ``"final"``: a full
+            report). :func:`report` then calls :meth:`Reporter.report_run` instead of ``report_fit``.
+        loggers: Lightning-style loggers (``log_metrics(metrics, step)``) for :class:`Scalars` built without
+            its own.
+        report_path: where :class:`Html` built without a path writes.
+        wandb_run: the W&B run for :class:`Wandb` built without one.
+        outputs: what the reporters before this one returned (paths, ids); for the caller, not for other
+            reporters to read.
     """
 
     train_dataset: Optional[Dataset] = None
@@ -59,12 +89,28 @@ class ReportContext:
     self_influence_k: Optional[int] = None
     step: int = 0
     results_path: Optional[str] = None
-    history: Optional[Mapping[int, InfluenceResults]] = None
-    history_paths: Optional[Mapping[int, str]] = None
+    history: Optional[Mapping[Any, InfluenceResults]] = None
+    history_paths: Optional[Mapping[Any, str]] = None
     epoch: Optional[int] = None
+    key: Optional[RunKey] = None
+    loggers: Sequence[Any] = ()
+    report_path: Optional[Union[str, "os.PathLike[str]"]] = None
+    wandb_run: Any = None
     outputs: Dict[str, Any] = field(default_factory=dict)
     #: the views and suspects already computed, by (what, id of the results)
     _cache: Dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def in_loop(self) -> bool:
+        """Whether this is a run inside the training loop (per-run output only)."""
+        if self.key is not None:
+            return self.key.trigger in ("epoch", "step")
+        return self.epoch is not None
+
+    @property
+    def run_epoch(self) -> Optional[int]:
+        """The epoch of the run (``key.epoch``, else ``epoch``)."""
+        return self.key.epoch if self.key is not None else self.epoch
 
     @property
     def suspects_k(self) -> int:
@@ -93,63 +139,79 @@ class ReportContext:
         return self._cache[key]
 
 
-class Reporter(Protocol):
-    """One output of a report: ``reporter(results, context) -> {what was written}``."""
+class Reporter:
+    """Base of the reporters: a ``name`` (what ``out["errors"]`` is keyed by) and two methods, each
+    returning what it wrote (paths, ids, keys) as a dict. Subclass it for a reporter of your own."""
 
-    name: str
+    name: str = "reporter"
 
-    def __call__(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]: ...
+    def report_run(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
+        """Output for one run inside a training loop (``every_n_epochs``, ``every_n_steps``). Default: none."""
+        return {}
+
+    def report_fit(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
+        """The full report: the end of a fit, or a call of :func:`report` outside a loop."""
+        raise NotImplementedError
+
+    def __call__(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
+        return self.report_run(results, context) if context.in_loop else self.report_fit(results, context)
 
 
-class Scalars:
-    """Summary scalars (``influence/...``: medians, damping, timings, solver diagnostics) to loggers with
-    Lightning's logger interface (``log_metrics(metrics, step)``, ``save()``): CSV, TensorBoard, MLflow…
+class Scalars(Reporter):
+    """Summary scalars (``influence/...``: medians, damping, timings, solver diagnostics, see
+    :mod:`.keys`) to loggers with Lightning's logger interface (``log_metrics(metrics, step)``, ``save()``):
+    CSV, TensorBoard, MLflow… Runs inside the loop get ``influence/epoch`` and ``influence/global_step``.
 
     Args:
-        loggers: the loggers to write to.
+        loggers: the loggers to write to (default: ``context.loggers``).
     """
 
     name = "logger scalars"
 
-    def __init__(self, loggers: Sequence[Any]) -> None:
-        self.loggers = list(loggers)
+    def __init__(self, loggers: Optional[Sequence[Any]] = None) -> None:
+        self.loggers = None if loggers is None else list(loggers)
 
-    def __call__(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
+    def _write(self, results: InfluenceResults, context: ReportContext, in_loop: bool) -> Dict[str, Any]:
         from .scalars import summary_scalars
 
         metrics: Dict[str, float] = dict(summary_scalars(results))
-        if context.epoch is not None:
-            metrics["influence/epoch"] = float(context.epoch)
-        for logger in self.loggers:
+        if in_loop:
+            metrics[keys.EPOCH] = float(context.run_epoch if context.run_epoch is not None else -1)
+            if context.key is not None:
+                metrics[keys.GLOBAL_STEP] = float(context.key.global_step)
+        for logger in self.loggers if self.loggers is not None else context.loggers:
             logger.log_metrics(metrics, step=context.step)
             logger.save()
         return {"scalars": metrics}
 
+    def report_run(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
+        return self._write(results, context, True)
 
-class Html:
+    def report_fit(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
+        return self._write(results, context, False)
+
+
+class Html(Reporter):
     """The self-contained HTML report (queries with previews and their top examples, self-influence
-    suspects, diagnostics, movement across epochs), written atomically to ``path``. Skipped for a run
-    inside the training loop (``context.epoch`` set): the report at the end of training covers every run.
-    """
+    suspects, diagnostics, movement across the runs of a fit), written atomically to ``path`` (default:
+    ``context.report_path``). Nothing for a run inside the training loop: the report at the end covers
+    every run."""
 
     name = "HTML report"
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        self.path = os.fspath(path)
+    def __init__(self, path: Optional[Union[str, "os.PathLike[str]"]] = None) -> None:
+        self.path = None if path is None else os.fspath(path)
 
-    def __call__(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
-        if context.epoch is not None:
-            return {}
-        from .html import render_html, write_html
+    def report_fit(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
+        path = self.path if self.path is not None else context.report_path
+        if path is None:
+            raise ValueError("Html() has no path: pass Html(path) or a ReportContext with report_path.")
+        from .html import write_html
 
-        links = {"results": context.results_path} if context.results_path else None
-        html = render_html(results, context.views(results), context.suspects(results), context.train, context.query,
-                           links=links, history=context.history, top_k=context.top_k,
-                           self_influence_k=context.suspects_k)
-        return {"html_path": write_html(self.path, html)}
+        return {"html_path": write_html(path, render_report(results, context))}
 
 
-class Wandb:
+class Wandb(Reporter):
     """Tables with example previews, histograms, charts, summary, config and the ``influence-scores``
     artifact, in one ``run.log`` row of a W&B run (the run is neither started nor finished here). For a
     run inside the training loop, one row of summary scalars, ``influence/epoch`` and, from the second
@@ -157,42 +219,85 @@ class Wandb:
 
     Args:
         run: a ``wandb`` run (``wandb.init(...)`` or ``wandb.run``), or a Lightning ``WandbLogger`` (its
-            ``experiment`` is used).
+            ``experiment`` is used); default: ``context.wandb_run``.
     """
 
     name = "W&B"
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any = None) -> None:
         self.run = run
 
-    def _run(self) -> Any:
-        return self.run.experiment if hasattr(self.run, "experiment") and hasattr(self.run, "log_metrics") else self.run
+    def _run(self, context: ReportContext) -> Any:
+        run = self.run if self.run is not None else context.wandb_run
+        if run is None:
+            raise ValueError("Wandb() has no run: pass Wandb(run) or a ReportContext with wandb_run.")
+        return run.experiment if hasattr(run, "experiment") and hasattr(run, "log_metrics") else run
 
-    def __call__(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
-        from .wandb import log_epoch_to_wandb, log_to_wandb
+    def report_run(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
+        if self.run is None and context.wandb_run is None:
+            return {}  # no W&B logger in this Trainer
+        from .wandb import log_epoch_to_wandb
 
-        if context.epoch is not None:
-            return log_epoch_to_wandb(self._run(), results, context.epoch, context.history or {context.epoch: results},
-                                      context.train, context.step, context.top_k, context.suspects_k)
-        return log_to_wandb(self._run(), results, context.views(results), context.suspects(results), context.train,
-                            context.query, step=context.step, results_path=context.results_path,
-                            html_path=context.outputs.get("html_path"), history=context.history,
+        return log_epoch_to_wandb(self._run(context), results, context.run_epoch or 0,
+                                  context.history or {context.run_epoch or 0: results}, context.train, context.step,
+                                  context.top_k, context.suspects_k, key=context.key)
+
+    def report_fit(self, results: InfluenceResults, context: ReportContext) -> Dict[str, Any]:
+        if self.run is None and context.wandb_run is None:
+            return {}
+        from .wandb import log_to_wandb
+
+        return log_to_wandb(self._run(context), results, context.views(results), context.suspects(results),
+                            context.train, context.query, step=context.step, results_path=context.results_path,
+                            html=render_report(results, context), history=context.history,
                             history_paths=context.history_paths, top_k=context.top_k)
 
 
-def report(results: InfluenceResults, reporters: Sequence[Reporter],
+def render_report(results: InfluenceResults, context: ReportContext) -> str:
+    """The HTML report's text for ``results`` in ``context`` (what :class:`Html` writes and :class:`Wandb`
+    embeds; each renders it itself)."""
+    from .html import render_html
+
+    links = {"results": context.results_path} if context.results_path else None
+    return render_html(results, context.views(results), context.suspects(results), context.train, context.query,
+                       links=links, history=context.history, top_k=context.top_k, self_influence_k=context.suspects_k)
+
+
+#: what a full report returns for the outputs that wrote nothing (no W&B run, no HTML report)
+EMPTY_OUTPUTS: Dict[str, Any] = {"scalars": {}, "html_path": None, "wandb_run_dir": None, "wandb_run_id": None,
+                                 "wandb_artifact": None, "wandb_keys": []}
+
+
+def default_reporters() -> List[Reporter]:
+    """What the callback reports to by default: :class:`Scalars` (the Trainer's loggers other than a
+    ``WandbLogger``), :class:`Html` (``influence/report.html`` in the run's folder) and :class:`Wandb`
+    (the Trainer's ``WandbLogger``, when it has one)."""
+    return [Scalars(), Html(), Wandb()]
+
+
+def report(results: InfluenceResults, reporters: Sequence[Any],
            context: Optional[ReportContext] = None) -> Dict[str, Any]:
-    """Hand ``results`` to each reporter in order; each fails on its own.
+    """Hand ``results`` to each reporter in order (its ``report_run`` for a run inside a training loop,
+    its ``report_fit`` otherwise; a plain callable for full reports only); each fails on its own.
 
     Returns:
         the reporters' outputs merged (e.g. ``scalars``, ``html_path``, ``wandb_run_dir``,
         ``wandb_artifact``), plus ``errors``: ``{reporter name: exception}`` for those that failed.
     """
     context = context or ReportContext()
+    if not context.in_loop:
+        for k, v in EMPTY_OUTPUTS.items():
+            context.outputs.setdefault(k, type(v)() if isinstance(v, (dict, list)) else v)
     errors: Dict[str, BaseException] = {}
     for reporter in reporters:
         try:
-            context.outputs.update(reporter(results, context))
+            if isinstance(reporter, Reporter):
+                out = reporter(results, context)
+            elif context.in_loop:
+                out = {}
+            else:
+                out = reporter(results, context)
+            context.outputs.update(out or {})
         except Exception as err:  # noqa: BLE001 - each output fails on its own
-            errors[reporter.name] = err
+            errors[getattr(reporter, "name", type(reporter).__name__)] = err
     return {**context.outputs, "errors": errors}

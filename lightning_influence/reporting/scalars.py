@@ -1,15 +1,21 @@
-"""Scalar summaries for any Lightning logger (TensorBoard, CSV, W&B, …), and the settings and
-diagnostics flattened under ``influence/`` for run summaries and configs."""
+"""Scalar summaries for any Lightning logger (TensorBoard, CSV, W&B, …), the W&B summary and config. Every
+key comes from :mod:`.keys`; each number is logged under one name (see the README's table).
+
+* :func:`summary_scalars`: the run's metrics and the solver's numeric diagnostics, floats only (any logger);
+* :func:`summary_values`: the same with their own types, string diagnostics and the solver's name (the
+  W&B summary);
+* :func:`config_values`: the run record's flat view, how the scores were computed (the W&B config).
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Dict, Iterable, Sequence, Union
 
-
 from ..checks import is_real
 from ..diagnostics import Diagnostic
 from ..results import InfluenceResults
+from . import keys
 
 __all__ = ["summary_scalars", "diagnostic_scalars", "summary_values", "config_values", "nan_median",
            "format_value"]
@@ -19,27 +25,26 @@ Scalar = Union[bool, int, float]
 
 def summary_scalars(results: InfluenceResults) -> Dict[str, float]:
     """Numbers that summarise a run, keyed under ``influence/`` (floats only, for any logger; booleans
-    0/1)."""
+    0/1): the metrics and :func:`diagnostic_scalars`."""
     s = results.scores
     out: Dict[str, float] = {
-        "influence/num_queries": float(results.num_queries),
-        "influence/num_train": float(results.num_train),
-        "influence/damping": results.damping,
-        "influence/wall_seconds": results.wall_time,
-        "influence/score_abs_mean": float(s.abs().mean()),
-        "influence/score_max": float(s.max()),
-        "influence/score_min": float(s.min()),
-        "influence/query_loss_mean": float(results.query_losses.mean()),
+        keys.metric("num_queries"): float(results.num_queries),
+        keys.metric("num_train"): float(results.num_train),
+        keys.metric("damping"): results.damping,
+        keys.metric("wall_seconds"): results.wall_time,
+        keys.metric("score_abs_mean"): float(s.abs().mean()),
+        keys.metric("score_max"): float(s.max()),
+        keys.metric("score_min"): float(s.min()),
+        keys.metric("query_loss_mean"): float(results.query_losses.mean()),
     }
     if results.self_influence is not None:
-        out["influence/self_influence_min"] = float(results.self_influence.min())
-        out["influence/self_influence_mean"] = float(results.self_influence.mean())
+        out[keys.metric("self_influence_min")] = float(results.self_influence.min())
+        out[keys.metric("self_influence_mean")] = float(results.self_influence.mean())
     for phase, secs in results.timings.items():
-        out[f"influence/seconds_{phase}"] = float(secs)
+        if phase != "total":  # the total is wall_seconds
+            out[keys.metric(f"seconds_{phase}")] = float(secs)
     out.update({k: float(v) for k, v in diagnostic_scalars(results).items()})
     return out
-
-
 def nan_median(values: Sequence[float]) -> float:
     """The median of the non-NaN ``values`` (the mean of the middle two for an even count); NaN when none."""
     v = sorted(float(x) for x in values if not math.isnan(float(x)))
@@ -67,12 +72,13 @@ def diagnostic_scalars(results: InfluenceResults) -> Dict[str, Scalar]:
     out: Dict[str, Scalar] = {}
     for d in results.summary_diagnostics():
         if _is_scalar(d):
-            out[f"influence/diagnostics/{d.name}"] = d.value
+            out[keys.diagnostic(d)] = d.value
     for name, values in results.per_query_diagnostics().items():
         finite = values[~values.isnan()].tolist()
+        d = results.diagnostic(name) or Diagnostic(name, None, name)
         if finite:
-            out.setdefault(f"influence/diagnostics/{name}_median", nan_median(finite))
-            out.setdefault(f"influence/diagnostics/{name}_max", max(finite))
+            out.setdefault(keys.per_query(d, "median"), nan_median(finite))
+            out.setdefault(keys.per_query(d, "max"), max(finite))
     return out
 
 
@@ -103,31 +109,22 @@ def _plain(v: Any) -> Any:
 def summary_values(results: InfluenceResults) -> Dict[str, Any]:
     """Everything a run summary shows, all under ``influence/``: :func:`summary_scalars`, the diagnostic
     scalars with their own types (:func:`diagnostic_scalars`, booleans stay booleans) and the string
-    ones (``influence/diagnostics/preconditioner``), the solver's name and its numeric and string
-    settings (damping, scale, depth, …)."""
+    ones (``influence/diagnostics/preconditioner``), and the solver's name. The settings are the
+    config's (:func:`config_values`), not repeated here."""
     out: Dict[str, Any] = dict(summary_scalars(results))
     out.update(diagnostic_scalars(results))
     for d in results.summary_diagnostics():
         if isinstance(d.value, str):
-            out[f"influence/diagnostics/{d.name}"] = d.value
+            out[keys.diagnostic(d)] = d.value
     if results.solver is not None:
-        out["influence/solver"] = results.solver
-    for key, v in results.settings.items():
-        if key == "solver" or isinstance(v, str):
-            out[f"influence/{key}"] = v
-        elif is_real(v):
-            out.setdefault(f"influence/{key}", v)
+        out[keys.SOLVER] = results.solver
     return out
 
 
 def config_values(results: InfluenceResults) -> Dict[str, Any]:
-    """The full settings as JSON-safe values under ``influence/`` (for a run config), the solver's name,
-    and the scalars its ``fit`` chose (:meth:`InfluenceResults.setup_diagnostics`: damping, scale,
-    preconditioner, …) under ``influence/setup/<name>``."""
-    out = {f"influence/{k}": _plain(v) for k, v in results.settings.items()}
+    """The run record's flat view as JSON-safe values under ``influence/`` (for a run config): how the
+    scores were computed (solver settings, damping choice, run arguments, data facts, the run of a fit)."""
+    out = {keys.setting(k): _plain(v) for k, v in results.settings.items()}
     if results.solver is not None:
-        out.setdefault("influence/solver", results.solver)
-    for d in results.setup_diagnostics():
-        if d.kind == "scalar" and isinstance(d.value, (str, bool, int, float)):
-            out[f"influence/setup/{d.name}"] = _plain(d.value)
+        out.setdefault(keys.SOLVER, results.solver)
     return out

@@ -1,32 +1,31 @@
 """The W&B output: tables with example previews, histograms, summary, config and an artifact, logged to a
-wandb run: the user's own, or that of the trainer's ``WandbLogger`` (``pytorch_lightning.loggers`` or
-``lightning.pytorch.loggers``). :class:`~lightning_influence.reporting.reporters.Wandb` is the reporter.
+wandb run: the user's own, or that of the trainer's ``WandbLogger``.
+:class:`~lightning_influence.reporting.reporters.Wandb` is the reporter.
 
-``wandb`` is imported only inside these functions, and only when such a logger exists; the user's run is
-neither re-initialised nor finished. Everything lands in one ``run.log`` call (one history row, with
+``wandb`` is imported only inside these functions, and only when there is a run to write to; the user's
+run is neither re-initialised nor finished. Nothing here imports Lightning. Everything lands in one
+``run.log`` call (one history row, with
 ``trainer/global_step``), plus summary values, config and one artifact.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
-import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 
+from ..record import RunKey
 from ..results import InfluenceResults
+from . import keys
 from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryView, SeriesLine, series_lines
 from .evolution import kept_fractions, rankings
 from .previews import ExampleCatalog, Preview
 from .scalars import config_values, summary_scalars, summary_values
 
 __all__ = [
-    "find_wandb_logger",
-    "WANDB_LOGGER_MODULES",
     "log_to_wandb",
     "log_epoch_to_wandb",
     "over_epochs_row",
@@ -72,22 +71,6 @@ OVER_EPOCHS_COLUMNS = ["epoch", "global_step", "kind", "query_id", "rank", "trai
 _MEANING = {"helpful": HELPFUL.split("(", 1)[1].rstrip(")"), "harmful": HARMFUL.split("(", 1)[1].rstrip(")")}
 
 
-#: where each Lightning namespace defines its ``WandbLogger``
-WANDB_LOGGER_MODULES = ("pytorch_lightning.loggers.wandb", "lightning.pytorch.loggers.wandb")
-
-
-def find_wandb_logger(trainer: "pl.Trainer") -> Optional[Any]:
-    """The first ``WandbLogger`` of the trainer, from either namespace (``pytorch_lightning`` or
-    ``lightning.pytorch``), or ``None``. Imports nothing: a logger's class is loaded once it exists."""
-    classes = tuple(
-        cls for cls in (getattr(sys.modules.get(m), "WandbLogger", None) for m in WANDB_LOGGER_MODULES) if cls is not None
-    )
-    for logger in trainer.loggers:
-        if classes and isinstance(logger, classes):
-            return logger
-    return None
-
-
 class _Previews:
     """W&B values for one table, each example rendered once."""
 
@@ -101,6 +84,15 @@ class _Previews:
             caption = f"{self.prefix} #{index}" + ("" if label is None else f" · label {label}")
             self._values[index] = self.catalog.preview(index).to_wandb(caption)
         return self._values[index]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+#: W&B's limit on an artifact's metadata keys (``ValueError: Artifact must not have more than 100 metadata
+#: keys``); the artifact carries the run's headline numbers, the files carry everything
+MAX_METADATA_KEYS = 100
 
 
 def _montage(previews: Sequence[Preview], gap: int = 2) -> Optional[np.ndarray]:
@@ -154,7 +146,7 @@ def _tables(
     per_query = max((len(v.helpful) + len(v.harmful) for v in views), default=0)
     if per_query and len(views) * per_query > MAX_TABLE_ROWS:
         keep = MAX_TABLE_ROWS // per_query
-        rank_zero_warn(
+        _warn(
             f"The influence/top_examples table would have {len(views) * per_query} rows; W&B keeps "
             f"{MAX_TABLE_ROWS}, so the W&B tables show the first {keep} queries. All scores are in the artifact."
         )
@@ -212,7 +204,7 @@ def _series_chart(name: str, lines: Sequence[SeriesLine]) -> Any:
     rows = 0
     total = sum(len(s.x) for s in lines)
     if total > MAX_TABLE_ROWS:
-        rank_zero_warn(
+        _warn(
             f"The series diagnostic {name!r} has {total} points; W&B keeps {MAX_TABLE_ROWS} table rows, so "
             f"{SERIES_PREFIX}{name} shows the first {MAX_TABLE_ROWS}. All of it is in the artifact's results.pt."
         )
@@ -246,9 +238,9 @@ def log_to_wandb(
     *,
     step: int = 0,
     results_path: Optional[str] = None,
-    html_path: Optional[str] = None,
-    history: Optional[Mapping[int, InfluenceResults]] = None,
-    history_paths: Optional[Mapping[int, str]] = None,
+    html: Optional[str] = None,
+    history: Optional[Mapping[Any, InfluenceResults]] = None,
+    history_paths: Optional[Mapping[Any, str]] = None,
     top_k: int = 10,
 ) -> Dict[str, Any]:
     """Log tables, histograms, scalars (one row), summary, config and the ``influence-scores`` artifact to
@@ -272,9 +264,8 @@ def log_to_wandb(
         hist = _histogram(results.self_influence)
         if hist is not None:
             row["influence/self_influence_histogram"] = hist
-    if html_path is not None:
-        with open(html_path, encoding="utf-8") as fh:
-            row["influence/report"] = wandb.Html(fh.read(), inject=False)
+    if html is not None:
+        row[keys.table("report")] = wandb.Html(html, inject=False)
     row.update(summary_scalars(results))
     row["trainer/global_step"] = step
     run.log(row)
@@ -295,7 +286,7 @@ def log_to_wandb(
         artifact_name,
         type=ARTIFACT_TYPE,
         description="InfluenceResults (load with InfluenceResults.load('results.pt')). " + SIGN_CONVENTION,
-        metadata={**config_values(results), **summary_scalars(results), "global_step": step},
+        metadata=artifact_metadata(results, step),
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = results_path
@@ -303,11 +294,14 @@ def log_to_wandb(
             path = os.path.join(tmp, "results.pt")
             results.save(path)
         artifact.add_file(path, name="results.pt")  # copied to wandb's staging area now
-        if html_path is not None:
-            artifact.add_file(html_path, name="report.html")
-        for epoch, epoch_path in sorted((history_paths or {}).items()):
-            if os.path.isfile(epoch_path):
-                artifact.add_file(epoch_path, name=f"epoch_{epoch}/results.pt")
+        if html is not None:
+            page = os.path.join(tmp, "report.html")
+            with open(page, "w", encoding="utf-8") as fh:
+                fh.write(html)
+            artifact.add_file(page, name="report.html")
+        for run_key, run_path in sorted((history_paths or {}).items()):
+            if os.path.isfile(run_path):
+                artifact.add_file(run_path, name=f"{_folder(run_key)}/results.pt")
         run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
     summary["influence/artifact"] = f"{artifact_name}:latest"
     run.summary.update(summary)
@@ -317,6 +311,25 @@ def log_to_wandb(
         "wandb_artifact": f"{artifact_name}:latest",
         "wandb_keys": sorted(_logged_key(k, v) for k, v in row.items()),
     }
+
+
+def _folder(run_key: Any) -> str:
+    """The artifact folder of a run's results file: ``epoch_2`` (an epoch run), ``step_300`` (a step run)."""
+    if isinstance(run_key, RunKey):
+        return f"step_{run_key.global_step}" if run_key.trigger == "step" else f"epoch_{run_key.epoch}"
+    return f"epoch_{int(run_key)}"
+
+
+def artifact_metadata(results: InfluenceResults, step: int) -> Dict[str, Any]:
+    """The artifact's metadata: the solver, the damping, sizes, the score summary and timings, within W&B's
+    :data:`MAX_METADATA_KEYS` whatever the solver's diagnostics (all of them are in the files)."""
+    scalars = summary_scalars(results)
+    head = {k: v for k, v in scalars.items() if not k.startswith(keys.diagnostic_prefix())}
+    meta: Dict[str, Any] = {keys.SOLVER: results.solver, "global_step": int(step), **head}
+    for k in ("damping_mode", "dtype", "num_params", "num_train_total"):
+        if k in results.settings:
+            meta[keys.setting(k)] = results.settings[k]
+    return dict(list(meta.items())[:MAX_METADATA_KEYS])
 
 
 def over_epochs_row(
@@ -330,7 +343,7 @@ def over_epochs_row(
     ranked = rankings(history, top_k, suspects_k)
     if sum(len(r.train_ids) for r in ranked) > MAX_TABLE_ROWS:
         ranked = [r for r in ranked if r.query_id is None]
-        rank_zero_warn(
+        _warn(
             f"The {OVER_EPOCHS_KEY} table would exceed W&B's {MAX_TABLE_ROWS} rows; it keeps the rankings by mean "
             "score over the queries and the self-influence suspects, without the per-query rankings (all of "
             "them are in each run's results file)."
@@ -358,13 +371,16 @@ def log_epoch_to_wandb(
     step: int = 0,
     top_k: int = 10,
     suspects_k: Optional[int] = None,
+    key: Optional[RunKey] = None,
 ) -> Dict[str, Any]:
-    """One run inside the training loop (``every_n_epochs``): one row with the run's summary scalars (the
-    same keys as the final report, so each is a curve over the steps), ``influence/epoch``, and, from the
-    second run on, :func:`over_epochs_row`. No previews, histograms or artifact: the final report has
-    them. Returns the run directory and the logged keys."""
+    """One run inside the training loop (``every_n_epochs``, ``every_n_steps``): one row with the run's
+    summary scalars (the same keys as the final report, so each is a curve over the steps),
+    ``influence/epoch`` and, from the second run on, :func:`over_epochs_row`. No previews, histograms or
+    artifact: the final report has them. Returns the run directory and the logged keys."""
     row: Dict[str, Any] = dict(summary_scalars(results))
-    row["influence/epoch"] = int(epoch)
+    row[keys.EPOCH] = int(epoch)
+    if key is not None:
+        row[keys.GLOBAL_STEP] = int(key.global_step)
     if len(history) > 1:
         row.update(over_epochs_row(history, train, top_k, suspects_k))
     row["trainer/global_step"] = int(step)

@@ -2,7 +2,7 @@
 "Scaling up influence functions").
 
 The Hessian ``H`` of the mean training loss is symmetric, so Arnoldi's iteration is Lanczos'
-(:class:`~lightning_influence.spectral.Lanczos`, with full reorthogonalisation): ``m`` full-data
+(:class:`~lightning_influence.curvature.spectral.Lanczos`, with full reorthogonalisation): ``m`` full-data
 Hessian-vector products (one right-hand side each, one sweep over the training set each) build an
 orthonormal Krylov basis ``Q [m, P]`` and the tridiagonal ``T = Q H Qᵀ``. The eigenpairs ``(θ_i, s_i)`` of
 ``T`` give Ritz pairs ``(θ_i, y_i = Qᵀ s_i)`` of ``H`` with residual ``‖H y_i − θ_i y_i‖ = β_m |s_{m,i}|``
@@ -47,14 +47,14 @@ orthogonal to the basis (:meth:`Lanczos.restart`): a single Krylov space holds o
 distinct eigenvalue, so e.g. the null directions of a softmax output layer (a repeated eigenvalue 0)
 need restarts before a rank ``k = P`` is reached.
 
-Damping: a fixed ``λ`` is used as given; if the smallest Ritz value gives ``θ_min + λ ≤ 0`` the fit
-raises :class:`NegativeCurvatureError` naming the damping needed (with a fixed damping this is checked
-after every block, so it fails early). An :class:`~lightning_influence.damping.AutoDamping` is resolved by
-:meth:`AutoDamping.choose` applied to the extreme Ritz values ``θ_min, θ_max`` of the *same* Krylov space
-after every block (no extra passes; the first check comes after at least ``AutoDamping.iters`` products,
-so the estimate is never poorer than the HVP solvers' separate Lanczos run of that length). Extreme Ritz
-values never overshoot (``θ_min ≥ λ_min(H)``, ``θ_max ≤ λ_max(H)``) and only move outwards as the
-space grows, so ``λ`` only grows with ``m``; the final ``λ`` is that of the final space.
+Damping, from the same Krylov space (no extra passes): the fit's first step
+(:meth:`ArnoldiSettings.estimate`) runs at least ``AutoDamping.iters`` Lanczos products (``block`` for a
+fixed damping), and the damping rule reads the extreme Ritz values ``θ_min, θ_max`` of that space
+(:meth:`AutoDamping.choose`); the build then extends the same run. A fixed ``λ`` with ``θ_min + λ ≤ 0``
+raises :class:`NegativeCurvatureError` naming the damping needed (checked after every block, so it fails
+early). Extreme Ritz values never overshoot (``θ_min ≥ λ_min(H)``, ``θ_max ≤ λ_max(H)``) and only move
+outwards as the space grows: if the final space needs more automatic damping than its first steps did,
+the rule is applied once more to the final extremes and the choice records that it was raised.
 """
 
 from __future__ import annotations
@@ -63,17 +63,18 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..checks import is_int, is_real
-from ..damping import AutoDamping, Spectrum, check_curvature
+from ..curvature.damping import AutoDamping, DampingChoice, DampingSpec, HessianKrylov, Spectrum, check_curvature
+from ..curvature.spectral import Lanczos
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError
-from ..spectral import Lanczos
-from .base import DampingSpec, FactoredInverse, SolverSettings
+from ..seeds import Stream, derive_seed
+from .base import Curvature, FactoredInverse, SolverKind, SolverSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
@@ -82,7 +83,7 @@ __all__ = ["ArnoldiSettings", "ArnoldiInverse"]
 
 
 @dataclass(frozen=True)
-class ArnoldiSettings(SolverSettings):
+class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
     """Settings of the low-rank (Arnoldi/Lanczos) inverse; the defaults need no tuning.
 
     Args:
@@ -104,9 +105,6 @@ class ArnoldiSettings(SolverSettings):
             it returns the subset's inverse.
     """
 
-    name = "arnoldi"
-    factored: ClassVar[bool] = True
-    low_rank: ClassVar[bool] = True
     rank: Union[int, str] = "auto"
     max_rank: int = 200
     tol: float = 0.05
@@ -147,9 +145,41 @@ class ArnoldiSettings(SolverSettings):
         if not (self.max_examples is None or pos_int(self.max_examples)):
             raise bad("max_examples", "None or a positive integer (e.g. 4096)")
 
-    def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> "ArnoldiInverse":
-        """Run Lanczos on ``problem.operator.full_hvp`` until the kept Ritz pairs converge (see the module
-        docstring), resolve the damping from the same Krylov space, and return the closed-form inverse.
+    @classmethod
+    def as_preconditioner(cls) -> "ArnoldiSettings":
+        """The settings LiSSA's default preconditioner uses (``preconditioner="arnoldi"``): keep every
+        direction whose curvature exceeds a quarter of the damping (``tol=0.2``: ``|θ|/|θ + λ| > 0.2``, i.e.
+        ``θ > λ/4`` for PSD ``H``), at most 100 of them, with Ritz pairs accepted at a 1% residual (a
+        preconditioner needs directions, not digits: the recursion makes the answer exact), and Lanczos on a
+        random 4,096 training examples at most (its cost stops growing with ``n``; the full-data residual
+        keeps the solve exact). Chosen by measurement (``benchmarks/README.md``, section 4)."""
+        return cls(tol=0.2, max_rank=100, ritz_tol=1e-2, max_examples=4096)
+
+    def estimate(self, problem: "InfluenceProblem", damping: DampingSpec) -> Curvature:
+        """The first Lanczos products on the Hessian of the training set (or of ``max_examples`` of its
+        examples): at least ``AutoDamping.iters`` for automatic damping, ``krylov_factor·rank`` for a fixed
+        rank, ``block`` otherwise. Their extreme Ritz values are the spectrum the damping rule reads."""
+        seen = problem if self.max_examples is None else problem.subsample(self.max_examples, self.seed)
+        op = seen.operator
+        p = problem.num_params
+        fixed_rank = self._fixed_rank(p)
+        if not isinstance(damping, AutoDamping) and float(damping) <= 0 and fixed_rank != p:
+            raise _zero_damping(float(damping), fixed_rank or self.max_rank, p)  # before any product
+        first = self.block
+        if fixed_rank is not None:
+            first = max(first, int(math.ceil(self.krylov_factor * fixed_rank)))
+        if isinstance(damping, AutoDamping):
+            first = max(first, damping.iters)
+        lz = Lanczos(op.full_hvp, p, dtype=problem.dtype, device=problem.device, seed=self.seed)
+        lz.extend(min(first, self._cap(p)))
+        theta = lz.ritz()[0]
+        spectrum = Spectrum(float(theta[0]), float(theta[-1]), lz.steps,
+                            seen.num_examples if seen is not problem else None)
+        return Curvature(spectrum, state=HessianKrylov(spectrum, lz, seen, (self.max_examples, self.seed)))
+
+    def build(self, problem: "InfluenceProblem", damping: DampingChoice, curvature: Curvature) -> "ArnoldiInverse":
+        """Extend the Lanczos run of :meth:`estimate` until the kept Ritz pairs converge (see the module
+        docstring) and return the closed-form inverse.
 
         Raises:
             NegativeCurvatureError: with a fixed damping, ``θ_min + λ ≤ 0`` (``H + λI`` is indefinite);
@@ -157,7 +187,14 @@ class ArnoldiSettings(SolverSettings):
             InfluenceConfigError: a fixed damping ``λ ≤ 0`` while the kept subspace is not all of
                 parameter space (the complement would be inverted as ``1/0``).
         """
-        return _fit(self, problem, damping)
+        return _fit(self, problem, damping, curvature.state)
+
+    def _fixed_rank(self, p: int) -> Optional[int]:
+        return None if self.rank == "auto" else min(int(self.rank), p)
+
+    def _cap(self, p: int) -> int:
+        """The most Lanczos products: ``krylov_factor·max_rank`` (at least the fixed rank), at most ``P``."""
+        return min(p, max(int(math.ceil(self.krylov_factor * self.max_rank)), self._fixed_rank(p) or 0))
 
 
 class ArnoldiInverse(FactoredInverse):
@@ -166,13 +203,13 @@ class ArnoldiInverse(FactoredInverse):
     Attributes:
         eigenvalues: ``μ [k]`` (float64, CPU), ranked by ``|μ|/|μ + λ|``, largest first.
         eigenvectors: ``U [k, P]`` in the problem's dtype and device.
-        damping_record: ``{"damping", "damping_mode", "lambda_min_estimate", "lambda_max_estimate", …}``.
         error_bound: ``|μ_{k+1}|/(λ|μ_{k+1} + λ|)`` with ``μ_{k+1}`` estimated by the first discarded Ritz
             value (``nan`` when no Ritz value was discarded); see the module docstring.
         converged: whether every kept Ritz pair met ``ritz_tol`` (and the automatic rank settled).
     """
 
-    def __init__(self, problem: "InfluenceProblem", damping: float, eigenvalues: Tensor, eigenvectors: Tensor) -> None:
+    def __init__(self, problem: "InfluenceProblem", damping: Union[float, DampingChoice], eigenvalues: Tensor,
+                 eigenvectors: Tensor) -> None:
         super().__init__(problem, damping)
         self.eigenvalues = eigenvalues.to(torch.float64).cpu()
         self.eigenvectors = eigenvectors
@@ -186,6 +223,8 @@ class ArnoldiInverse(FactoredInverse):
             self._inv, self._isqrt = 1.0 / (mu + lam) - 1.0 / lam, (mu + lam).rsqrt() - lam ** -0.5
         self.error_bound = math.nan
         self.converged = True
+        #: the extreme Ritz values of the final Krylov space (estimates of ``H``'s; a preconditioned solver reads them)
+        self.spectrum: Optional[Spectrum] = None
 
     @property
     def rank(self) -> int:
@@ -215,35 +254,22 @@ def _impact(theta: Tensor, lam: float) -> Tensor:
     return theta.abs() / (theta + lam).abs().clamp_min(1e-300)
 
 
-def _resolve(damping: DampingSpec, lo: float, hi: float) -> float:
-    return damping.choose(lo, hi) if isinstance(damping, AutoDamping) else float(damping)
-
-
-def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", damping: DampingSpec) -> ArnoldiInverse:
+def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", choice: DampingChoice, krylov: HessianKrylov) -> ArnoldiInverse:
     t0 = time.perf_counter()
-    seen = problem if st.max_examples is None else problem.subsample(st.max_examples, st.seed)
-    op = seen.operator
+    seen, lz = krylov.problem, krylov.lanczos
     p = problem.num_params
-    auto_damping = isinstance(damping, AutoDamping)
-    fixed_rank: Optional[int] = None if st.rank == "auto" else min(int(st.rank), p)
-    cap = min(p, max(int(math.ceil(st.krylov_factor * st.max_rank)), fixed_rank or 0))
-    first = st.block
-    if fixed_rank is not None:
-        first = max(first, int(math.ceil(st.krylov_factor * fixed_rank)))
-    if isinstance(damping, AutoDamping):
-        first = max(first, damping.iters)
-    if not auto_damping and float(damping) <= 0 and fixed_rank != p:  # fail before any product
-        raise _zero_damping(float(damping), fixed_rank if fixed_rank is not None else st.max_rank, p)
-    lz = Lanczos(op.full_hvp, p, dtype=problem.dtype, device=problem.device, seed=st.seed)
-    target = min(first, cap)
+    auto_damping = choice.mode == "auto"
+    fixed_rank = st._fixed_rank(p)
+    cap = st._cap(p)
     prev_k: Optional[int] = None
     converged = False
     restarts = 0
+    lam = choice.value
+    target = lz.steps
     while True:
         lz.extend(target - lz.steps)
         theta, s, res = lz.ritz()
         lo, hi = float(theta[0]), float(theta[-1])
-        lam = _resolve(damping, lo, hi)
         if not auto_damping:
             check_curvature(Spectrum(lo, hi, lz.steps), lam, "arnoldi")
         k, order, ok = _select(st, theta, res, lam, fixed_rank)
@@ -255,17 +281,21 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", damping: DampingSpec)
             break
         if lz.exhausted:  # invariant space, m < P: go on from a fresh orthogonal start vector
             restarts += 1
-            if not lz.restart(st.seed + 1_000_003 * restarts):
+            if not lz.restart(derive_seed(st.seed, Stream.RESTART, restarts)):
                 converged = ok
                 break
         prev_k = k
         target = min(cap, lz.steps + st.block)
-
+    spectrum = Spectrum(lo, hi, lz.steps, krylov.spectrum.examples)
+    choice = choice.refined(spectrum, f"raised after {lz.steps} Lanczos steps")  # the grown space's extremes
+    if choice.value != lam:
+        lam = choice.value
+        k, order, ok = _select(st, theta, res, lam, fixed_rank)
     kept = order[:k]
     if lam <= 0 and k < p:
         raise _zero_damping(lam, k, p)
     u = s[:, kept].T.to(dtype=problem.dtype, device=problem.device) @ lz.basis  # [k, m] @ [m, P]
-    inv = ArnoldiInverse(problem, lam, theta[kept], u)
+    inv = ArnoldiInverse(problem, choice, theta[kept], u)
     inv.converged = converged
     if not converged:
         warnings.warn(
@@ -273,22 +303,14 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", damping: DampingSpec)
             f"{k} kept Ritz pairs converged (ritz_tol={st.ritz_tol:g}) or the automatic rank settled; the "
             "inverse may be inaccurate. Raise max_rank or krylov_factor, loosen ritz_tol, or raise the damping.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     nxt = order[k] if k < len(order) else None
     mu_next = float(theta[nxt]) if nxt is not None else math.nan
     inv.error_bound = float(_impact(theta[nxt : nxt + 1], lam)[0]) / lam if nxt is not None and lam > 0 else math.nan
-    mode = "auto" if auto_damping else "fixed"
-    record: Dict[str, Any] = {"damping": lam, "damping_mode": mode, "lambda_min_estimate": lo,
-                              "lambda_max_estimate": hi, "spectrum_passes": lz.steps}
-    if isinstance(damping, AutoDamping):
-        record["damping_base"] = damping.base
-    inv.damping_record = record
-    inv.spectrum = Spectrum(lo, hi, lz.steps)
-    mu = inv.eigenvalues
+    inv.spectrum = spectrum
     max_res = float((res[kept] / (theta[kept].abs() + lam)).max()) if k else 0.0
-    inv.setup = _diagnostics(st, inv, mode, lo, hi, lz.steps, mu, mu_next, max_res, converged,
-                             time.perf_counter() - t0, damping)
+    inv.setup = _diagnostics(st, inv, lz.steps, max_res, converged, mu_next, time.perf_counter() - t0)
     inv.setup.append(Diagnostic("lanczos_examples", seen.num_examples, "examples seen by Lanczos",
                                 f"training examples whose mean-loss Hessian the Krylov space is built from "
                                 f"(of {problem.num_examples}; max_examples={st.max_examples})"))
@@ -319,11 +341,10 @@ def _select(st: ArnoldiSettings, theta: Tensor, res: Tensor, lam: float,
     return k, order, ok
 
 
-def _diagnostics(st: ArnoldiSettings, inv: ArnoldiInverse, mode: str, lo: float, hi: float, passes: int,
-                 mu: Tensor, mu_next: float, max_res: float, converged: bool, seconds: float,
-                 damping: DampingSpec) -> List[Diagnostic]:
-    k = inv.rank
-    out = [
+def _diagnostics(st: ArnoldiSettings, inv: ArnoldiInverse, passes: int, max_res: float, converged: bool,
+                 mu_next: float, seconds: float) -> List[Diagnostic]:
+    k, mu = inv.rank, inv.eigenvalues
+    return [
         Diagnostic("rank", k, "rank k", f"eigenpairs of H kept ({'automatic, tol=' + str(st.tol) if st.rank == 'auto' else 'fixed'}; "
                    f"cap {st.max_rank})"),
         Diagnostic("eigenvalue_largest", float(mu.max()) if k else math.nan, "largest kept eigenvalue μ_1",
@@ -332,15 +353,6 @@ def _diagnostics(st: ArnoldiSettings, inv: ArnoldiInverse, mode: str, lo: float,
                    "smallest Ritz value kept (Hessian units, undamped)", reduce="min"),
         Diagnostic("lanczos_passes", passes, "Lanczos passes", "full-data Hessian-vector products spent (one right-hand "
                    "side each): the Krylov dimension"),
-        Diagnostic("damping", inv.damping, "damping λ",
-                   "chosen from the Krylov space's extreme Ritz values: max(base, −λ_min(H) + margin)" if mode == "auto"
-                   else "added to the Hessian of the mean training loss (fixed)"),
-        Diagnostic("damping_mode", mode, "damping mode", "'auto': AutoDamping.choose on the Lanczos extremes; "
-                   "'fixed': as given"),
-        Diagnostic("lambda_min_estimate", lo, "λ_min(H) estimate (undamped)",
-                   "smallest Ritz value of the Krylov space (never below λ_min(H))", reduce="min"),
-        Diagnostic("lambda_max_estimate", hi, "λ_max(H) estimate (undamped)",
-                   "largest Ritz value of the Krylov space (never above λ_max(H))", reduce="max"),
         Diagnostic("next_eigenvalue_estimate", mu_next, "μ_{k+1} estimate",
                    "the discarded Ritz value that matters most (may underestimate μ_{k+1}); nan if none", reduce="max"),
         Diagnostic("error_bound", inv.error_bound, "‖(Ĥ+λI)⁻¹ − (H+λI)⁻¹‖₂ estimate",
@@ -354,6 +366,3 @@ def _diagnostics(st: ArnoldiSettings, inv: ArnoldiInverse, mode: str, lo: float,
                    "within the step cap", reduce="all"),
         Diagnostic("fit_seconds", seconds, "fit seconds", "wall-clock seconds of the Lanczos fit", reduce="sum"),
     ]
-    if isinstance(damping, AutoDamping):
-        out.insert(5, Diagnostic("damping_base", damping.base, "damping base", "the L2 coefficient λ never goes below"))
-    return out

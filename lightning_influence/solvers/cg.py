@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from ..checks import is_int, is_real
+from ..curvature.damping import DampingChoice
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, NegativeCurvatureError
-from .base import (DampingSpec, InverseHVP, SolveResult, SolverSettings, check_finite, check_preconditioner,
-                   damping_and_preconditioner)
+from .base import Curvature, InverseHVP, SolveResult, SolverKind, SolverSettings, check_finite
+from .preconditioned import check_preconditioner
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
@@ -23,19 +24,18 @@ __all__ = ["CGSettings", "CGSolver"]
 
 
 @dataclass(frozen=True)
-class CGSettings(SolverSettings):
+class CGSettings(SolverSettings, name="cg", kind=SolverKind.ITERATIVE):
     """Conjugate gradient, one independent CG per right-hand side, all advanced together.
 
     Args:
         tol: stop a right-hand side when ``‖(H+λI)x − v‖ ≤ tol·‖v‖``.
         max_iter: iteration cap (default ``min(P, 1000)``); each iteration is one sweep over the data.
             Ending unconverged warns with the residual.
-        preconditioner: ``None``, or a factored solver's name (``"ekfac"``, ``"kfac"``, ``"arnoldi"``)
+        preconditioner: ``None``, or a closed-form solver's name (``"arnoldi"``, ``"ekfac"``, ``"kfac"``)
             or settings: preconditioned CG with ``P⁻¹`` its inverse (fitted once at the same damping),
             started from ``x_0 = P⁻¹ v``.
     """
 
-    name = "cg"
     tol: float = 1e-6
     max_iter: Optional[int] = None
     preconditioner: Union[str, SolverSettings, None] = None
@@ -48,20 +48,19 @@ class CGSettings(SolverSettings):
             raise InfluenceConfigError(f"CGSettings.max_iter={self.max_iter!r} must be a positive integer or None.")
         check_preconditioner("CGSettings", self.preconditioner)
 
-    def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> "CGSolver":
-        return CGSolver(problem, damping, self)
+    def build(self, problem: "InfluenceProblem", damping: DampingChoice, curvature: Curvature) -> "CGSolver":
+        return CGSolver(problem, damping, self, curvature.preconditioner)
 
 
 class CGSolver(InverseHVP):
     """Solves ``(H + λI) X = V`` by (preconditioned) CG. Requires ``H + λI`` positive definite: negative
     curvature along a search direction raises an error naming the fix (more damping)."""
 
-    def __init__(self, problem: "InfluenceProblem", damping: DampingSpec, settings: CGSettings) -> None:
-        choice, self.preconditioner = damping_and_preconditioner(problem, damping, settings.preconditioner)
-        super().__init__(problem, choice.value)
-        self.damping_record = dict(choice.record)
+    def __init__(self, problem: "InfluenceProblem", damping: DampingChoice, settings: CGSettings,
+                 preconditioner=None) -> None:
+        super().__init__(problem, damping)
+        self.preconditioner = preconditioner
         self.settings = settings
-        self.setup = list(choice.diagnostics)
 
     def _precondition(self, r: Tensor) -> Tensor:
         return r if self.preconditioner is None else self.preconditioner.apply(r)

@@ -1,6 +1,6 @@
 """K-FAC and EK-FAC: the Fisher of the mean training loss in Kronecker-factored eigenbases.
 
-Per Kronecker layer (see :mod:`lightning_influence.kronecker` for the factors ``A``, ``S`` and their
+Per Kronecker layer (see :mod:`lightning_influence.solvers.kronecker` for the factors ``A``, ``S`` and their
 scaling), with ``A = Q_A diag(d_A) Q_Aᵀ`` and ``S = Q_S diag(d_S) Q_Sᵀ``, the curvature block is
 
     Ĥ_layer = (Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)ᵀ,
@@ -10,7 +10,7 @@ scaling), with ``A = Q_A diag(d_A) Q_Aᵀ`` and ``S = Q_S diag(d_S) Q_Sᵀ``, th
   the Fisher's exact diagonal in that eigenbasis (``G_m`` example ``m``'s layer gradient), estimated in a
   second pass with fresh draws from the predictive distribution.
 
-Layers are independent blocks (block-diagonal across layers); parameters outside Linear/Conv2d layers get
+Layers are independent blocks (block-diagonal across layers); parameters outside layers with an adapter (Linear, Conv2d, …) get
 their mean squared Fisher gradient (the corrected eigenvalues in the identity basis). Then
 
     (Ĥ + λI)⁻¹ V:   rotate each layer block ``V [Q, out, in']`` to ``Q_Sᵀ V Q_A``, divide by ``Λ + λ``,
@@ -30,28 +30,51 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..checks import is_int, is_real
-from ..damping import AutoDamping
+from ..curvature.damping import DampingChoice, DampingRule, DampingSpec, FactoredRule, Spectrum
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, InfluenceRuntimeError
 from ..functional import batch_size_of
-from ..kronecker import LayerPlan, capture_layers, diagonal_grads, per_example_blocks, plan_layers
-from .base import DampingSpec, FactoredInverse, SolverSettings
+from ..seeds import Stream, derive_seed
+from .base import Curvature, FactoredInverse, SolverKind, SolverSettings
+from .kronecker import LayerPlan, capture_layers, diagonal_grads, per_example_blocks, plan_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
 
-__all__ = ["EKFACSettings", "KFACSettings", "KroneckerInverse"]
+__all__ = ["EKFACSettings", "KFACSettings", "KroneckerFactors", "KroneckerInverse"]
 
 
 def _pass_seed(seed: int, pass_index: int, sample: int) -> int:
-    """Label-sampling seed of one pass over the data: a function of ``(seed, pass, sample)`` only."""
-    return (int(seed) * 1_000_003 + 104_729 * int(pass_index) + 7919 * int(sample) + 11) % (2**62)
+    """Fisher-draw seed of one pass over the data: a function of ``(seed, pass, sample)`` only."""
+    return derive_seed(seed, Stream.FISHER_PASS, pass_index, sample)
+
+
+@dataclass
+class KroneckerFactors:
+    """What the factor passes measured (independent of ``λ``): per layer the eigenbases ``q_a``, ``q_s``
+    and eigenvalues ``Λ``, the diagonal part's curvature, and their cost."""
+
+    plan: LayerPlan
+    q_a: List[Tensor]
+    q_s: List[Tensor]
+    eigenvalues: List[Tensor]
+    diagonal: Tensor
+    seconds: Dict[str, float]
+    fisher: str
+    draws: int
+
+    def spectrum(self, name: str) -> Spectrum:
+        """Smallest, largest and mean eigenvalue over every attributed parameter (Hessian units)."""
+        values = [e.reshape(-1) for e in self.eigenvalues] + ([self.diagonal] if self.diagonal.numel() else [])
+        allv = torch.cat(values) if values else torch.zeros(1)
+        return Spectrum(float(allv.min()), float(allv.max()), 0, None, float(allv.double().mean()),
+                        f"{name.upper()} Fisher approximation")
 
 
 @dataclass(frozen=True)
@@ -66,7 +89,6 @@ class _KroneckerSettings(SolverSettings):
             lower the Monte-Carlo noise of ``S`` and ``Λ``. Ignored (one pass) for an empirical Fisher.
     """
 
-    factored: ClassVar[bool] = True
     damping_fraction: float = 0.1
     seed: int = 0
     chunk_size: Optional[int] = None
@@ -95,57 +117,149 @@ class _KroneckerSettings(SolverSettings):
     def corrected(self) -> bool:
         return False
 
-    def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> "KroneckerInverse":
-        """Capture the factors (and, for EK-FAC, the corrected eigenvalues) and resolve ``λ``."""
-        return KroneckerInverse.fit(problem, damping, self)
+    @property
+    def damping_rule(self) -> DampingRule:
+        return FactoredRule(self.damping_fraction)
+
+    def estimate(self, problem: "InfluenceProblem", damping: DampingSpec) -> Curvature:
+        """The factor pass (and, for EK-FAC, the eigenvalue-correction pass); their eigenvalues are the
+        spectrum the damping rule reads."""
+        factors = fit_factors(problem, self)
+        return Curvature(factors.spectrum(self.name), state=factors)
+
+    def build(self, problem: "InfluenceProblem", damping: DampingChoice, curvature: Curvature) -> "KroneckerInverse":
+        f: KroneckerFactors = curvature.state
+        inv = KroneckerInverse(problem, damping, f.plan, f.q_a, f.q_s, f.eigenvalues, f.diagonal)
+        inv.facts = {"fisher": f.fisher}
+        layers = f.plan.layers
+        inv.setup = [
+            Diagnostic("mean_eigenvalue", float(curvature.spectrum.mean or 0.0), "mean eigenvalue of Ĥ",
+                       "mean of the (corrected) eigenvalues over all attributed parameters, Hessian units of the "
+                       "mean loss"),
+            Diagnostic("fisher", f.fisher, "Fisher labels", "'sampled': drawn from the model's predictive distribution "
+                       "(default cross-entropy: a Gaussian sketch of the logits' Fisher; a sample-aware influence_loss: "
+                       "its own draws): the true Fisher; 'empirical': the training labels"),
+            Diagnostic("fisher_samples", f.draws, "Fisher draws per example", "passes over the data with fresh "
+                       "draws per statistic"),
+            Diagnostic("kronecker_layers", ", ".join(l.label for l in layers) or "(none)", "Kronecker layers",
+                       "layers whose weight (and bias) curvature is Kronecker-factored (those with an adapter)"),
+            Diagnostic("diagonal_params", ", ".join(f.plan.diagonal_user_names) or "(none)", "diagonal parameters",
+                       "attributed parameters outside the factored layers: curvature is their mean squared Fisher "
+                       "gradient (diagonal)"),
+            Diagnostic("factor_seconds", f.seconds["factors"], "factor pass (s)", "seconds for the pass(es) that "
+                       "accumulate A, S and the diagonal"),
+        ]
+        if self.corrected:
+            inv.setup.append(Diagnostic("correction_seconds", f.seconds["correction"], "eigenvalue pass (s)",
+                                        "seconds for the pass(es) that estimate the corrected eigenvalues"))
+        return inv
 
 
 @dataclass(frozen=True)
-class KFACSettings(_KroneckerSettings):
+class KFACSettings(_KroneckerSettings, name="kfac", kind=SolverKind.FACTORED):
     """K-FAC (KFC for ``Conv2d``): eigenvalues ``d_S ⊗ d_A`` of the Kronecker factors; one pass over the
     data (``fisher_samples`` passes with several label draws). See :class:`_KroneckerSettings` for the
     arguments."""
 
-    name = "kfac"
-
 
 @dataclass(frozen=True)
-class EKFACSettings(_KroneckerSettings):
+class EKFACSettings(_KroneckerSettings, name="ekfac", kind=SolverKind.FACTORED):
     """EK-FAC: K-FAC's eigenbases with the Fisher's exact diagonal in them (eigenvalue correction), from a
     second pass with fresh labels; never worse than K-FAC in Frobenius norm for the same bases. See
     :class:`_KroneckerSettings` for the arguments."""
-
-    name = "ekfac"
 
     @property
     def corrected(self) -> bool:
         return True
 
 
-def _passes(problem: "InfluenceProblem", settings: _KroneckerSettings, pass_index: int):
-    """``(batch)`` over the training set, ``fisher_samples`` label draws (one for an empirical Fisher)."""
+def _fisher_passes(problem: "InfluenceProblem", settings: _KroneckerSettings, pass_index: int) -> Iterator[Tuple[int, Any]]:
+    """``(start, batch)`` over this process's shard, ``fisher_samples`` draws (one for an empirical Fisher),
+    with the global RNG seeded per draw (a ``sample``-aware ``influence_loss`` draws from it)."""
     draws = settings.fisher_samples if problem.objective.fisher == "sampled" else 1
     chunk = settings.chunk_size or problem.chunk_size
+    dev = problem.device
     for r in range(draws):
-        for _, batch in problem.fisher_chunks(_pass_seed(settings.seed, pass_index, r), chunk):
-            yield batch
+        seed = _pass_seed(settings.seed, pass_index, r)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(problem.rank_seed(seed))  # each process's shard draws its own labels
+            yield from problem.fisher_chunks(seed, chunk)
 
 
-class _Rng:
-    """Seed the global RNG (a ``sample``-aware ``influence_loss`` draws from it) for one pass; the caller's
-    RNG state is restored afterwards."""
+def fit_factors(problem: "InfluenceProblem", settings: _KroneckerSettings) -> KroneckerFactors:
+    """The Kronecker factors, their eigenbases and (EK-FAC) corrected eigenvalues, streamed over the
+    training set in one (two) declared sums."""
+    obj = problem.objective
+    dtype, device = problem.dtype, problem.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed)  # the DataLoader and a sampling loss draw from the global RNG
+        first = next(iter(problem.train.chunks(settings.chunk_size or problem.chunk_size)))[1]
+        n_first = batch_size_of(first)
+        plan = plan_layers(obj, obj.fisher_batch(first, settings.seed, problem.train.indices[:n_first].tolist()))
+    layers = plan.layers
+    count = lambda: torch.zeros(1, dtype=dtype, device=device)  # noqa: E731
 
-    def __init__(self, problem: "InfluenceProblem", seed: int) -> None:
-        dev = problem.device
-        self._fork = torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
-        self._seed = seed + 1_000_003 * problem.comm.rank  # each process's shard draws its own labels
+    def zero() -> Dict[str, Any]:
+        return {"a": [torch.zeros(l.in_dim, l.in_dim, dtype=dtype, device=device) for l in layers],
+                "s": [torch.zeros(l.out_features, l.out_features, dtype=dtype, device=device) for l in layers],
+                "tokens": [count() for _ in layers], "d": torch.zeros(plan.diagonal_index.numel(), dtype=dtype,
+                                                                       device=device), "n": count()}
 
-    def __enter__(self) -> None:
-        self._fork.__enter__()
-        torch.manual_seed(self._seed)
+    def factor_stats(_start: int, batch: Any) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"a": [], "s": [], "tokens": [], "n": count() + batch_size_of(batch)}
+        for a, g in capture_layers(obj, plan, batch):
+            a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+            out["a"].append(a2.T @ a2)
+            out["s"].append(g2.T @ g2)
+            out["tokens"].append(count() + g2.shape[0])
+        out["d"] = (diagonal_grads(obj, plan, batch).square().sum(0) if plan.diagonal else
+                    torch.zeros(0, dtype=dtype, device=device))
+        return {k: out[k] for k in ("a", "s", "tokens", "d", "n")}
 
-    def __exit__(self, *exc: Any) -> None:
-        self._fork.__exit__(*exc)
+    t0 = time.perf_counter()
+    stats = problem.train_sum(factor_stats, zero, _fisher_passes(problem, settings, 0))
+    factor_seconds = time.perf_counter() - t0
+    n_seen = float(stats["n"])
+    diagonal = stats["d"] / n_seen
+    q_a, q_s, d_a, d_s = [], [], [], []
+    for k, layer in enumerate(layers):
+        # A = (1/n) Σ a aᵀ;  S = (1/(n·T)) Σ g gᵀ  (so S ⊗ A is the Fisher of the mean loss)
+        ea, va = _eigh(stats["a"][k] / n_seen, layer.label, "input")
+        es, vs = _eigh(stats["s"][k] / max(float(stats["tokens"][k]), 1.0), layer.label, "output")
+        q_a.append(va)
+        q_s.append(vs)
+        d_a.append(ea)
+        d_s.append(es)
+    # K-FAC: Λ = d_S ⊗ d_A, the eigenvalues of S ⊗ A
+    eigenvalues = [(d_s[k][:, None] * d_a[k][None, :]) for k in range(len(layers))]
+    correct_seconds = 0.0
+    if settings.corrected and layers:
+        t1 = time.perf_counter()
+
+        def zero_lam() -> Dict[str, Any]:
+            return {"lam": [torch.zeros(l.out_features, l.in_dim, dtype=dtype, device=device) for l in layers],
+                    "n": count()}
+
+        def corrected(_start: int, batch: Any) -> Dict[str, Any]:
+            lam = []
+            for k, (a, g) in enumerate(capture_layers(obj, plan, batch)):
+                # rotate first: Q_Sᵀ G Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ
+                lam.append(sum(blk.square().sum(0) for blk in per_example_blocks(a @ q_a[k], g @ q_s[k])))
+            return {"lam": lam, "n": count() + batch_size_of(batch)}
+
+        lam = problem.train_sum(corrected, zero_lam, _fisher_passes(problem, settings, 1))
+        eigenvalues = [s / float(lam["n"]) for s in lam["lam"]]
+        correct_seconds = time.perf_counter() - t1
+    for k in range(len(layers)):
+        if not bool(torch.isfinite(eigenvalues[k]).all()):
+            raise InfluenceRuntimeError(
+                f"the curvature of layer {layers[k].label!r} has NaN/inf entries: some training example has a "
+                "non-finite loss gradient at the trained weights. Check the data and the loss."
+            )
+    fisher = obj.fisher
+    draws = settings.fisher_samples if fisher == "sampled" else 1
+    return KroneckerFactors(plan, q_a, q_s, eigenvalues, diagonal,
+                            {"factors": factor_seconds, "correction": correct_seconds}, fisher, draws)
 
 
 class KroneckerInverse(FactoredInverse):
@@ -156,128 +270,14 @@ class KroneckerInverse(FactoredInverse):
         q_a, q_s: per layer, the eigenvectors of ``A`` ``[in', in']`` and of ``S`` ``[out, out]``.
         eigenvalues: per layer, ``Λ [out, in']`` (K-FAC products or EK-FAC corrected).
         diagonal: the diagonal curvature ``[D]`` of ``plan.diagonal_index``.
-        damping: ``λ``; ``damping_record``: how it was chosen, as a flat dict.
     """
 
-    def __init__(self, problem: "InfluenceProblem", damping: float, plan: LayerPlan, q_a: List[Tensor],
-                 q_s: List[Tensor], eigenvalues: List[Tensor], diagonal: Tensor) -> None:
+    def __init__(self, problem: "InfluenceProblem", damping: Union[float, DampingChoice], plan: LayerPlan,
+                 q_a: List[Tensor], q_s: List[Tensor], eigenvalues: List[Tensor], diagonal: Tensor) -> None:
         super().__init__(problem, damping)
         self.plan = plan
         self.q_a, self.q_s, self.eigenvalues, self.diagonal = q_a, q_s, eigenvalues, diagonal
-        index = plan.diagonal_index.to(problem.device)
-        self._diag_index = index
-
-    # ------------------------------------------------------------------ fitting
-    @classmethod
-    def fit(cls, problem: "InfluenceProblem", damping: DampingSpec, settings: _KroneckerSettings) -> "KroneckerInverse":
-        obj = problem.objective
-        dtype, device = problem.dtype, problem.device
-        with _Rng(problem, settings.seed):  # the DataLoader and a sampling loss draw from the global RNG
-            first = next(iter(problem.train.chunks(settings.chunk_size or problem.chunk_size)))[1]
-            plan = plan_layers(obj, obj.fisher_batch(first, torch.Generator().manual_seed(0)))
-        layers = plan.layers
-        # pass 1: factors A, S and the diagonal part
-        t0 = time.perf_counter()
-        a_sum = [torch.zeros(l.in_dim, l.in_dim, dtype=dtype, device=device) for l in layers]
-        s_sum = [torch.zeros(l.out_features, l.out_features, dtype=dtype, device=device) for l in layers]
-        tokens = [0] * len(layers)
-        d_sum = torch.zeros(plan.diagonal_index.numel(), dtype=dtype, device=device)
-        n_seen = 0
-        with _Rng(problem, _pass_seed(settings.seed, 0, 0)):
-            for batch in _passes(problem, settings, 0):
-                n_seen += batch_size_of(batch)
-                for k, (a, g) in enumerate(capture_layers(obj, plan, batch)):
-                    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-                    a_sum[k].add_(a2.T @ a2)
-                    s_sum[k].add_(g2.T @ g2)
-                    tokens[k] += g2.shape[0]
-                if plan.diagonal:
-                    d_sum.add_(diagonal_grads(obj, plan, batch).square().sum(0))
-        # this process's shard so far: sum the statistics of every shard (one collective)
-        counts = torch.tensor([n_seen, *tokens], dtype=dtype, device=device)
-        *sums, d_sum, counts = problem.comm.all_reduce_sum_all([*a_sum, *s_sum, d_sum, counts])
-        a_sum, s_sum = sums[: len(layers)], sums[len(layers):]
-        n_seen, tokens = int(counts[0].item()), [int(c) for c in counts[1:].tolist()]
-        factor_seconds = time.perf_counter() - t0
-        diagonal = d_sum / n_seen
-        q_a, q_s, d_a, d_s = [], [], [], []
-        for k in range(len(layers)):
-            # A = (1/n) Σ a aᵀ;  S = (1/(n·T)) Σ g gᵀ  (so S ⊗ A is the Fisher of the mean loss)
-            ea, va = _eigh(a_sum[k] / n_seen, layers[k].label, "input")
-            es, vs = _eigh(s_sum[k] / max(tokens[k], 1), layers[k].label, "output")
-            q_a.append(va)
-            q_s.append(vs)
-            d_a.append(ea)
-            d_s.append(es)
-        # K-FAC: Λ = d_S ⊗ d_A, the eigenvalues of S ⊗ A
-        eigenvalues = [(d_s[k][:, None] * d_a[k][None, :]) for k in range(len(layers))]
-        correct_seconds = 0.0
-        if settings.corrected and layers:
-            t1 = time.perf_counter()
-            lam_sum = [torch.zeros(l.out_features, l.in_dim, dtype=dtype, device=device) for l in layers]
-            n2 = 0
-            with _Rng(problem, _pass_seed(settings.seed, 1, 0)):
-                for batch in _passes(problem, settings, 1):
-                    n2 += batch_size_of(batch)
-                    for k, (a, g) in enumerate(capture_layers(obj, plan, batch)):
-                        # rotate first: Q_Sᵀ G Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ a_t)ᵀ
-                        for blk in per_example_blocks(a @ q_a[k], g @ q_s[k]):
-                            lam_sum[k].add_(blk.square().sum(0))
-            *lam_sum, n2_sum = problem.comm.all_reduce_sum_all([*lam_sum, torch.tensor([n2], dtype=dtype, device=device)])
-            n2 = int(n2_sum.item())
-            eigenvalues = [lam / n2 for lam in lam_sum]
-            correct_seconds = time.perf_counter() - t1
-        for k in range(len(layers)):
-            if not bool(torch.isfinite(eigenvalues[k]).all()):
-                raise InfluenceRuntimeError(
-                    f"the curvature of layer {layers[k].label!r} has NaN/inf entries: some training example has a "
-                    "non-finite loss gradient at the trained weights. Check the data and the loss."
-                )
-        count = sum(int(e.numel()) for e in eigenvalues) + int(diagonal.numel())
-        total = sum(float(e.sum()) for e in eigenvalues) + float(diagonal.sum())
-        mean_eig = total / max(count, 1)
-        smallest = min([float(e.min()) for e in eigenvalues] + ([float(diagonal.min())] if diagonal.numel() else []))
-        if isinstance(damping, AutoDamping):
-            lam = max(float(damping.base), settings.damping_fraction * mean_eig)
-            record = {"damping": lam, "damping_mode": "auto", "damping_base": float(damping.base),
-                      "damping_fraction": settings.damping_fraction, "mean_eigenvalue": mean_eig}
-            how = f"auto: max(base={damping.base:g}, {settings.damping_fraction:g} × mean eigenvalue)"
-        else:
-            lam = float(damping)
-            record = {"damping": lam, "damping_mode": "fixed", "mean_eigenvalue": mean_eig}
-            how = "fixed"
-        if not (lam + smallest > 0):
-            raise InfluenceConfigError(
-                f"damping={lam:g} leaves Ĥ + λI singular: the {settings.name} curvature has eigenvalue "
-                f"{smallest:.3g} (directions no training example moves). Use damping > 0, or damping='auto'."
-            )
-        inv = cls(problem, lam, plan, q_a, q_s, eigenvalues, diagonal)
-        inv.damping_record = record
-        fisher = obj.fisher
-        draws = settings.fisher_samples if fisher == "sampled" else 1
-        inv.setup = [
-            Diagnostic("damping", lam, "damping λ", f"added to the {settings.name.upper()} curvature ({how})"),
-            Diagnostic("damping_mode", record["damping_mode"], "damping mode", "'auto' (from the mean eigenvalue) "
-                       "or 'fixed' (given)"),
-            Diagnostic("mean_eigenvalue", mean_eig, "mean eigenvalue of Ĥ", "mean of the (corrected) eigenvalues "
-                       "over all attributed parameters, Hessian units of the mean loss"),
-            Diagnostic("fisher", fisher, "Fisher labels", "'sampled': drawn from the model's predictive distribution "
-                       "(default cross-entropy: a Gaussian sketch of the logits' Fisher; a sample-aware influence_loss: "
-                       "its own draws): the true Fisher; 'empirical': the training labels"),
-            Diagnostic("fisher_samples", draws, "Fisher draws per example", "passes over the data with fresh "
-                       "draws per statistic"),
-            Diagnostic("kronecker_layers", ", ".join(l.label for l in layers) or "(none)", "Kronecker layers",
-                       "Linear/Conv2d layers whose weight (and bias) curvature is Kronecker-factored"),
-            Diagnostic("diagonal_params", ", ".join(plan.diagonal_user_names) or "(none)", "diagonal parameters",
-                       "attributed parameters outside Linear/Conv2d layers: curvature is their mean squared "
-                       "Fisher gradient (diagonal)"),
-            Diagnostic("factor_seconds", factor_seconds, "factor pass (s)", "seconds for the pass(es) that "
-                       "accumulate A, S and the diagonal"),
-        ]
-        if settings.corrected:
-            inv.setup.append(Diagnostic("correction_seconds", correct_seconds, "eigenvalue pass (s)",
-                                        "seconds for the pass(es) that estimate the corrected eigenvalues"))
-        return inv
+        self._diag_index = plan.diagonal_index.to(problem.device)
 
     # ------------------------------------------------------------------ applying
     def _map(self, vectors: Tensor, power: float) -> Tensor:

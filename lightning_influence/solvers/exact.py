@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from ..checks import is_int
-from ..damping import AutoDamping, hessian_damping
+from ..curvature.damping import AutoDamping, DampingChoice, DampingRule, DampingSpec, Spectrum, SpectrumRule
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, InfluenceRuntimeError
-from .base import DampingSpec, InverseHVP, SolveResult, SolverSettings
+from .base import Curvature, InverseHVP, SolveResult, SolverKind, SolverSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
@@ -23,15 +23,14 @@ __all__ = ["ExactSettings", "ExactSolver"]
 
 
 @dataclass(frozen=True)
-class ExactSettings(SolverSettings):
-    """Explicit Hessian and a dense solve.
+class ExactSettings(SolverSettings, name="exact", kind=SolverKind.DIRECT):
+    """Explicit Hessian and a dense solve. Its exact eigenvalues serve the automatic damping (no Lanczos).
 
     Args:
         max_params: refuse above this many attributed parameters (the Hessian takes ``P²`` numbers).
         block: identity columns per HVP sweep when forming the Hessian.
     """
 
-    name = "exact"
     max_params: int = 10_000
     block: int = 512
 
@@ -50,27 +49,36 @@ class ExactSettings(SolverSettings):
                 "parameters (params=[...]), or raise max_params."
             )
 
-    def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> "ExactSolver":
-        return ExactSolver(problem, damping, self)
+    @property
+    def damping_rule(self) -> DampingRule:
+        return SpectrumRule(check=False)  # an indefinite H + λI warns (below) instead of raising
+
+    def estimate(self, problem: "InfluenceProblem", damping: DampingSpec) -> Curvature:
+        """The explicit Hessian (``P / block`` sweeps over the data) and its exact extreme eigenvalues."""
+        hessian = problem.operator.dense(self.block)
+        if not bool(torch.isfinite(hessian).all()):
+            raise InfluenceRuntimeError(
+                "the Hessian has NaN/inf entries: some training example has a non-finite gradient or curvature "
+                "at the trained weights. Check the data and the loss."
+            )
+        evals = torch.linalg.eigvalsh(hessian)
+        spectrum = Spectrum(float(evals[0]), float(evals[-1]), 0, None, None, "H (dense, exact)")
+        return Curvature(spectrum, state=hessian)
+
+    def build(self, problem: "InfluenceProblem", damping: DampingChoice, curvature: Curvature) -> "ExactSolver":
+        return ExactSolver(problem, damping, self, curvature.state)
 
 
 class ExactSolver(InverseHVP):
     """Factorises ``H + λI`` once (LU, which also handles indefinite matrices); each ``solve`` is a
     pair of triangular solves."""
 
-    def __init__(self, problem: "InfluenceProblem", damping: DampingSpec, settings: ExactSettings) -> None:
+    def __init__(self, problem: "InfluenceProblem", damping: DampingChoice, settings: ExactSettings,
+                 hessian: Tensor) -> None:
+        super().__init__(problem, damping)
         p = problem.num_params
-        settings.check_size(p, problem.dtype)  # before any pass over the data (automatic damping's included)
-        choice = hessian_damping(problem, damping)
-        super().__init__(problem, choice.value)
-        self.damping_record = dict(choice.record)
         self.settings = settings
-        self.hessian = problem.operator.dense(settings.block)
-        if not bool(torch.isfinite(self.hessian).all()):
-            raise InfluenceRuntimeError(
-                "the Hessian has NaN/inf entries: some training example has a non-finite gradient or curvature "
-                "at the trained weights. Check the data and the loss."
-            )
+        self.hessian = hessian
         a = self.hessian + self.damping * torch.eye(p, dtype=self.hessian.dtype, device=self.hessian.device)
         evals = torch.linalg.eigvalsh(a)
         self.min_eig, self.max_eig = float(evals[0]), float(evals[-1])
@@ -82,9 +90,9 @@ class ExactSolver(InverseHVP):
                 f"solutions of an indefinite system and may not mean much. Use damping ≥ {need:.3g} or "
                 "damping='auto'.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        self.setup = list(choice.diagnostics) + [
+        self.setup = [
             Diagnostic("min_eigenvalue", self.min_eig, "λ_min(H + λI) (damped)",
                        "smallest eigenvalue of the damped Hessian the scores invert (dense eigendecomposition)", "min"),
             Diagnostic("max_eigenvalue", self.max_eig, "λ_max(H + λI) (damped)",

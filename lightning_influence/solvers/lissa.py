@@ -18,9 +18,8 @@ eigenvalue of ``A_B`` lies in ``(0, 2s)``; the expected error shrinks by ``1 −
   unseen minibatches whose top eigenvalue is up to twice the largest one sampled (a Ritz value never
   overestimates). Lanczos, not power iteration: a preconditioned system is close to the identity on
   almost all of its dimensions, so a power iteration's Rayleigh quotient hardly moves between its first
-  products and stops at ``≈ 1`` before the few larger eigenvalues show (measured on a 1M-parameter CNN:
-  1.001 after 2 products where 20 Lanczos steps found 2.0–3.0 on every minibatch, and the recursion at
-  ``s = 1.001`` did not settle).
+  products and stops at ``≈ 1`` before the few larger eigenvalues show (the measurement that showed it is
+  in ``benchmarks/README.md``).
 * ``batch_size="auto"``: minibatch noise is small once ``B ≳ tr(H)/λ_max(H)`` (Klochkov & Liu, 2024);
   ``tr(H)`` is estimated with Hutchinson probes and ``λ_max(H)`` by Lanczos (the curvature check) or by
   power iteration on the full Hessian;
@@ -52,7 +51,7 @@ eigenvalue of ``A_B`` lies in ``(0, 2s)``; the expected error shrinks by ``1 −
   by a factor ``1 + |μ|/s`` per step, slowly enough to pass the norm check for thousands of steps while
   the scores drift. So before solving at a fixed damping (``check_curvature=True``), ``λ_min(H)`` is
   estimated by Lanczos (``3·power_iters`` full-data HVPs) and :class:`NegativeCurvatureError` names the
-  damping needed. With ``damping="auto"`` (:mod:`lightning_influence.damping`, for every solver) the
+  damping needed. With ``damping="auto"`` (:mod:`lightning_influence.curvature.damping`, for every solver) the
   damping is chosen from the same estimate, which the solver reuses.
 
 * Preconditioning (``preconditioner="ekfac"``, ``"kfac"``, ``"arnoldi"`` or their settings): a factored
@@ -77,22 +76,24 @@ depth and relative standard error.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..checks import is_int, is_real
-from ..damping import AutoDamping, check_curvature, estimate_spectrum
+from ..curvature.damping import AutoDamping, DampingChoice, DampingRule, DampingSpec, SpectrumRule, estimate_spectrum
+from ..curvature.spectral import hutchinson_trace, lanczos_extremes, power_iteration, rademacher
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, InfluenceRuntimeError, SolverDivergedError
-from ..spectral import hutchinson_trace, lanczos_extremes, power_iteration, rademacher
-from .arnoldi import ArnoldiSettings
-from .base import DampingSpec, InverseHVP, SolveResult, SolverSettings, check_preconditioner, damping_and_preconditioner
+from ..seeds import Stream, derive_seed
+from .base import Curvature, InverseHVP, SolveResult, SolverKind, SolverSettings, hessian_curvature
+from .preconditioned import check_preconditioner
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
@@ -100,27 +101,37 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LissaSettings", "LissaSolver"]
 
 _MIN_BATCH, _MAX_BATCH = 64, 512
-#: the default preconditioner: a low-rank eigendecomposition of H that keeps every direction whose curvature
-#: exceeds a quarter of the damping (``tol=0.2``: ``|θ|/|θ + λ| > 0.2``, i.e. ``θ > λ/4`` for PSD ``H``), at most
-#: 100 of them from at most 200 full-data Lanczos steps, with Ritz pairs accepted at a 1% residual (a
-#: preconditioner needs directions, not digits: the recursion makes the answer exact). Chosen by measurement
-#: (benchmarks/README.md, section 4): keeping only curvature above λ (``tol=0.5``) left the CNN's recursion
-#: many more steps; a rank-50 cap left the tanh MLP's near-singular directions to the recursion; EK-FAC
-#: preconditioning raised LiSSA's scale on the CNN and did not converge. Its Krylov space also gives the
-#: damping and the curvature check, so no other Lanczos pass runs. On more than 4,096 training examples Lanczos sees a random 4,096 of them
-#: (the preconditioner's cost stops growing with N; the full-data residual keeps the target exact).
-DEFAULT_PRECONDITIONER = ArnoldiSettings(tol=0.2, max_rank=100, ritz_tol=1e-2, max_examples=4096)
 #: an estimate more than this many times the contracting-recursion bound counts as divergence
 _DIVERGENCE_SLACK = 10.0
 
 
+class _Diverged(Exception):
+    """A recursion that grew (internal: the solve restarts with a corrected scale, or raises
+    :class:`SolverDivergedError`). ``recent``: the minibatches of its last steps."""
+
+    def __init__(self, t: int, ratio: float, steps: List[int], hist: List[float], why: str, recent: List[Any]) -> None:
+        super().__init__(why)
+        self.t, self.ratio, self.steps, self.hist, self.why, self.recent = t, ratio, steps, hist, why, recent
+
+
+def op_batches(operator: Any, batch_size: int, seed: int, count: int) -> List[Any]:
+    """``count`` minibatches of ``batch_size`` drawn from ``seed`` (this process's parts of them)."""
+    it = operator.minibatches(batch_size, seed)
+    return [next(it) for _ in range(count)]
+
+
 def _repeat_seed(seed: int, r: int) -> int:
     """Seed of repeat ``r``'s minibatch stream: a function of ``(seed, r)`` only."""
-    return (int(seed) * 1_000_003 + 7919 * int(r) + 17) % (2**62)
+    return derive_seed(seed, Stream.REPEAT, r)
+
+
+def _setup_seed(seed: int, what: int) -> int:
+    """Seed of one setup estimate (``what``: 1 curvature check, 2 trace, 3 scale, 4 sketch, 5 tuning, …)."""
+    return derive_seed(seed, Stream.SETUP, what)
 
 
 @dataclass(frozen=True)
-class LissaSettings(SolverSettings):
+class LissaSettings(SolverSettings, name="lissa", kind=SolverKind.ITERATIVE):
     """Settings of the LiSSA recursion; every default works without tuning.
 
     Args:
@@ -139,7 +150,11 @@ class LissaSettings(SolverSettings):
         seed: seed of all sampling; the same seed gives the same result.
         power_iters: HVPs per eigenvalue estimate (power iteration for the full Hessian's ``λ_max`` when
             no Lanczos spectrum is at hand, Lanczos steps for each minibatch's ``λ_max``).
-        power_batches: minibatches sampled for the minibatch ``λ_max`` estimate.
+        power_batches: minibatches sampled for the automatic scale (their systems' spectral radius).
+        max_restarts: with ``scale="auto"``, how many times a detected divergence restarts the solve with
+            a corrected scale (the spectral radius of the minibatch systems the recursion had just used, at
+            least twice the old scale) before :class:`SolverDivergedError` is raised. Each restart is
+            recorded (``restarts``, ``scale_history``).
         trace_probes: Hutchinson probes for ``tr(H)``.
         average: tail-average the iterates (``False``: the classic last iterate).
         score_probes: random ±1 combinations of all training gradients that sketch the score vector
@@ -152,12 +167,14 @@ class LissaSettings(SolverSettings):
             (``3·power_iters`` full-data HVPs) and raise :class:`NegativeCurvatureError` naming the damping
             needed when ``H + λI`` is not positive definite. Skipped when automatic damping already
             estimated the spectrum.
-        preconditioner: a factored solver's name (``"ekfac"``, ``"kfac"``, ``"arnoldi"``) or settings
+        preconditioner: a closed-form solver's name (``"arnoldi"``, ``"ekfac"``, ``"kfac"``) or settings
             object, fitted once at the same damping (see the module docstring), or ``None`` for plain
-            LiSSA. Default: :data:`DEFAULT_PRECONDITIONER`, an Arnoldi approximation of rank ≤ 100.
+            LiSSA. Default ``"arnoldi"``: :meth:`ArnoldiSettings.as_preconditioner
+            <lightning_influence.solvers.arnoldi.ArnoldiSettings.as_preconditioner>`, a low-rank
+            eigendecomposition of ``H`` of rank ≤ 100 whose Krylov space also gives the damping and the
+            curvature check.
     """
 
-    name = "lissa"
     depth: Union[int, str] = "auto"
     max_depth: int = 5000
     tol: float = 0.05
@@ -169,13 +186,14 @@ class LissaSettings(SolverSettings):
     repeats: int = 2
     seed: int = 0
     power_iters: int = 20
-    power_batches: int = 4
+    power_batches: int = 8
+    max_restarts: int = 3
     trace_probes: int = 8
     average: bool = True
     check_curvature: bool = True
     score_probes: int = 64
     tangent_chunk: Union[int, str, None] = "auto"
-    preconditioner: Union[str, SolverSettings, None] = DEFAULT_PRECONDITIONER
+    preconditioner: Union[str, SolverSettings, None] = "arnoldi"
 
     def __post_init__(self) -> None:
         def bad(arg: str, what: str) -> InfluenceConfigError:
@@ -197,6 +215,8 @@ class LissaSettings(SolverSettings):
                     "score_probes"):
             if not pos_int(getattr(self, arg)):
                 raise bad(arg, "a positive integer")
+        if not (is_int(self.max_restarts) and self.max_restarts >= 0):
+            raise bad("max_restarts", "an integer ≥ 0")
         for arg in ("tol", "scale_margin", "batch_factor"):
             if not pos_num(getattr(self, arg)):
                 raise bad(arg, "a positive number")
@@ -209,8 +229,26 @@ class LissaSettings(SolverSettings):
             if not isinstance(getattr(self, arg), bool):
                 raise bad(arg, "True or False")
 
-    def fit(self, problem: "InfluenceProblem", damping: DampingSpec) -> "LissaSolver":
-        return LissaSolver(problem, damping, self)
+    @property
+    def damping_rule(self) -> DampingRule:
+        return SpectrumRule(check=self.check_curvature)
+
+    def estimate(self, problem: "InfluenceProblem", damping: DampingSpec) -> Curvature:
+        """Lanczos on ``H`` for automatic damping (``AutoDamping.iters`` products) and, at a fixed damping
+        with ``check_curvature``, for the negative-curvature check (``3·power_iters`` products): the
+        Neumann series diverges along any negative direction of ``H + λI``, but slowly enough (a factor
+        ``1 + |μ|/s`` per step) to pass every norm check."""
+        if isinstance(damping, AutoDamping):
+            return hessian_curvature(problem, damping.iters, damping.seed, damping.max_examples)
+        if self.check_curvature:
+            cur = hessian_curvature(problem, 3 * self.power_iters, _setup_seed(self.seed, 1), None)
+            cur.diagnostics = [Diagnostic("curvature_check_passes", cur.spectrum.passes, "curvature-check passes",
+                                          "full-data HVPs of the Lanczos check for negative curvature at the fixed damping")]
+            return cur
+        return Curvature()
+
+    def build(self, problem: "InfluenceProblem", damping: DampingChoice, curvature: Curvature) -> "LissaSolver":
+        return LissaSolver(problem, damping, self, curvature)
 
 
 def _d(name: str, value: Any, label: str, meaning: str = "", reduce: str = "first", kind: str = "scalar") -> Diagnostic:
@@ -224,43 +262,33 @@ class LissaSolver(InverseHVP):
 
     Args:
         problem: the influence problem (its Hessian operator is used).
-        damping: ``λ ≥ 0`` (Hessian units) or :class:`~lightning_influence.damping.AutoDamping`, resolved
-            from the Arnoldi preconditioner's Krylov space or by Lanczos on the full-data Hessian
-            (:func:`~lightning_influence.solvers.base.damping_and_preconditioner`).
+        damping: the damping choice (``λ``, Hessian units), made before the solver is built.
         settings: :class:`LissaSettings`.
+        curvature: the spectrum estimate of the fit (reused for the automatic batch size) and the fitted
+            preconditioner, if any.
     """
 
-    def __init__(self, problem: "InfluenceProblem", damping: DampingSpec, settings: LissaSettings) -> None:
-        choice, self.preconditioner = damping_and_preconditioner(problem, damping, settings.preconditioner)
-        super().__init__(problem, choice.value)
-        self.damping_record = dict(choice.record)
+    def __init__(self, problem: "InfluenceProblem", damping: DampingChoice, settings: LissaSettings,
+                 curvature: Optional[Curvature] = None) -> None:
+        super().__init__(problem, damping)
+        curvature = curvature or Curvature()
+        self.preconditioner = curvature.preconditioner
         self.settings = settings
         operator = self.operator = problem.operator
         hvp0 = operator.hvp_calls
         kw = dict(dtype=operator.dtype, device=operator.device)
         p = operator.num_params
         st = settings
-        base = _repeat_seed(st.seed, 10_000)
-        setup: List[Diagnostic] = list(choice.diagnostics)
+        setup: List[Diagnostic] = []
 
-        spectrum = choice.spectrum
-        if spectrum is None and st.check_curvature:
-            # the Neumann series diverges along any negative direction of H + λI, but slowly enough
-            # (a factor 1 + |μ|/s per step) to pass every norm check: look for one before solving
-            spectrum = estimate_spectrum(operator, 3 * st.power_iters, seed=base + 1)
-            setup.append(_d("curvature_check_passes", spectrum.passes, "curvature-check passes",
-                            "full-data HVPs of the Lanczos check for negative curvature at the fixed damping"))
-            setup.append(_d("lambda_min_estimate", spectrum.lambda_min, "λ_min(H) estimate (undamped)",
-                            "smallest eigenvalue of the Hessian H without damping (Lanczos)", "min"))
-        lam_max_full: Optional[float] = None
-        if spectrum is not None:
-            lam_max_full = spectrum.lambda_max
-            check_curvature(spectrum, self.damping, "lissa")
+        spectrum = curvature.spectrum
+        lam_max_full: Optional[float] = None if spectrum is None else spectrum.lambda_max
         if st.batch_size == "auto" and lam_max_full is None:
-            lam_max_full = power_iteration(operator.full_hvp, p, iters=st.power_iters, tol=1e-3, seed=base, **kw).value
+            lam_max_full = power_iteration(operator.full_hvp, p, iters=st.power_iters, tol=1e-3,
+                                           seed=_setup_seed(st.seed, 0), **kw).value
         if st.batch_size == "auto":
             assert lam_max_full is not None
-            tr = hutchinson_trace(operator.full_hvp, p, probes=st.trace_probes, seed=base + 2, **kw)
+            tr = hutchinson_trace(operator.full_hvp, p, probes=st.trace_probes, seed=_setup_seed(st.seed, 2), **kw)
             setup.append(_d("trace", tr.value, "tr(H) estimate", f"Hutchinson, {st.trace_probes} probes "
                             f"(std. error {tr.stderr:.3g}); sets the automatic batch size with λ_max(H)"))
             ratio = tr.value / max(lam_max_full, 1e-30)
@@ -270,20 +298,26 @@ class LissaSolver(InverseHVP):
             self.batch_size = int(min(int(st.batch_size), operator.num_examples))
         setup.append(_d("batch_size", self.batch_size, "minibatch size", "training examples per minibatch HVP"))
 
+        self.scale_history: List[float] = []
         if st.scale == "auto":
-            ests = self._minibatch_lambda_max(base + 3)
-            setup.append(_d("lambda_max_minibatch", max(ests), "λ_max of the minibatch system (max sampled)",
+            tops, radii = self._minibatch_extremes(op_batches(operator, self.batch_size, _setup_seed(st.seed, 3),
+                                                              st.power_batches))
+            setup.append(_d("lambda_max_minibatch", max(tops), "λ_max of the minibatch system (max sampled)",
                             f"top eigenvalue of {'S(H_B + λI)S' if self.preconditioner else 'H_B + λI'} over "
-                            f"{len(ests)} sampled minibatches (Lanczos); sets the automatic scale", "max"))
-            self.scale = float(st.scale_margin * max(ests))
-            if not self.scale > 0:
+                            f"{len(tops)} sampled minibatches (Lanczos)", "max"))
+            setup.append(_d("radius_minibatch", max(radii), "spectral radius of the minibatch system (max sampled)",
+                            "largest |eigenvalue| of the sampled minibatch systems (their negative curvature "
+                            "counts too); sets the automatic scale", "max"))
+            if not max(tops) > 0:
                 raise SolverDivergedError(
-                    f"the top eigenvalue of the minibatch Hessians plus damping is estimated as {max(ests):.3g} ≤ 0; "
+                    f"the top eigenvalue of the minibatch Hessians plus damping is estimated as {max(tops):.3g} ≤ 0; "
                     f"the Hessian has no positive curvature at damping λ={self.damping:g}. Fix: damping > "
-                    f"{self.damping - max(ests):.3g}, or damping='auto'."
+                    f"{self.damping - max(tops):.3g}, or damping='auto'."
                 )
+            self.scale = float(st.scale_margin * max(radii))
         else:
             self.scale = float(st.scale)
+        self.scale_history.append(self.scale)
         setup.append(_d("scale", self.scale, "scale s",
                         "each step divides the residual by s; contracts while every eigenvalue of the minibatch "
                         "system is below 2s"))
@@ -293,7 +327,7 @@ class LissaSolver(InverseHVP):
         self.sketch: Optional[Tensor] = None
         if st.depth == "auto" or st.repeats > 1:
             t0 = time.perf_counter()
-            self.sketch = self._precondition(self._score_sketch(base + 4))
+            self.sketch = self._precondition(self._score_sketch(_setup_seed(st.seed, 4)))
             setup.append(_d("score_sketch_seconds", time.perf_counter() - t0, "score sketch (s)",
                             f"one pass of per-example gradients into {st.score_probes} random ±1 combinations"))
         self.setup = setup
@@ -320,10 +354,8 @@ class LissaSolver(InverseHVP):
         op, k = self.operator, self.settings.score_probes
         n = op.num_examples
         signs = rademacher(n, k, seed, op.dtype, op.device)  # [n, K]
-        sketch = torch.zeros(k, op.num_params, dtype=op.dtype, device=op.device)
-        for start, _, g in self.problem.grad_chunks():  # this process's shard; summed over shards below
-            sketch.addmm_(signs[start : start + g.shape[0]].T, g)
-        sketch = self.problem.comm.all_reduce_sum(sketch)
+        sketch = self.problem.grad_sum(lambda start, g: signs[start : start + g.shape[0]].T @ g,
+                                       lambda: torch.zeros(k, op.num_params, dtype=op.dtype, device=op.device))
         if not bool(torch.isfinite(sketch).all()):
             raise InfluenceRuntimeError("a training example has a NaN/inf gradient at the trained weights; check the data.")
         return sketch / math.sqrt(n)
@@ -334,19 +366,23 @@ class LissaSolver(InverseHVP):
         assert self.sketch is not None
         return (y @ self.sketch.T).norm(dim=1)
 
-    def _minibatch_lambda_max(self, seed: int) -> List[float]:
-        """``λ_max`` of the damped (preconditioned) minibatch system on ``power_batches`` minibatches, each
-        the top Ritz value of ``power_iters`` Lanczos steps (see the module docstring for why not power
-        iteration)."""
+    def _minibatch_extremes(self, batches: List[Any]) -> Tuple[List[float], List[float]]:
+        """Top eigenvalue and spectral radius of the damped (preconditioned) system of each minibatch, from
+        ``power_iters`` Lanczos steps each (see the module docstring for why not power iteration)."""
         st, op = self.settings, self.operator
-        batches = op.minibatches(self.batch_size, seed)
-        out = []
-        for i in range(st.power_batches):
-            b = next(batches)
-            _, top = lanczos_extremes(lambda v: self._system(b, v), op.num_params, iters=st.power_iters,
-                                      seed=seed + 1 + i, dtype=op.dtype, device=op.device)
-            out.append(top.value)
-        return out
+        tops, radii = [], []
+        for i, b in enumerate(batches):
+            lo, hi = lanczos_extremes(lambda v: self._system(b, v), op.num_params, iters=st.power_iters,
+                                      seed=derive_seed(st.seed, Stream.SETUP, 100 + i), dtype=op.dtype, device=op.device)
+            tops.append(hi.value)
+            radii.append(max(abs(hi.value), abs(lo.value)))
+        return tops, radii
+
+    def _restart_scale(self, diverged: "_Diverged") -> float:
+        """The scale after a divergence: the spectral radius of the minibatch systems the recursion used
+        just before it (the batches where it grew), with the margin, and at least twice the old scale."""
+        _, radii = self._minibatch_extremes(diverged.recent)
+        return float(max(2.0 * self.scale, 1.25 * self.settings.scale_margin * max(radii, default=0.0)))
 
     # ------------------------------------------------------------------ solve
     def solve(self, rhs: Tensor) -> SolveResult:
@@ -367,7 +403,7 @@ class LissaSolver(InverseHVP):
         if st.tangent_chunk == "auto":
             if not any(d.name == "tangent_chunk" for d in self.setup) and q > 8:  # once, on the first chunk
                 tune0 = self.operator.hvp_calls
-                batch = next(self.operator.minibatches(self.batch_size, _repeat_seed(st.seed, 40_000)))
+                batch = next(self.operator.minibatches(self.batch_size, _setup_seed(st.seed, 5)))
                 # all-at-once is only a candidate for a moderate Q: its tangent activations grow with Q;
                 # timed on this process's part of a minibatch (none: an empty shard), so ranks may differ
                 chosen = (q if batch is None else
@@ -385,10 +421,22 @@ class LissaSolver(InverseHVP):
         target = v if y0 is None else v - self._full_system(y0)
         estimates: List[Tensor] = []
         per_repeat: List[Dict[str, Any]] = []
-        for r in range(repeats):
-            y, info = self._one_repeat(target, _repeat_seed(st.seed, r), y0, probe=v if quadratic else None)
+        restarts = 0
+        r = 0
+        while r < repeats:
+            try:
+                y, info = self._one_repeat(target, _repeat_seed(st.seed, r), y0, probe=v if quadratic else None)
+            except _Diverged as d:
+                if st.scale != "auto" or len(self.scale_history) > st.max_restarts:
+                    raise self._diverged(d) from None
+                self.scale = self._restart_scale(d)
+                self.scale_history.append(self.scale)
+                restarts += 1
+                estimates, per_repeat, r = [], [], 0  # every repeat at the same scale: start again
+                continue
             estimates.append(y if y0 is None else y0 + y)
             per_repeat.append(info)
+            r += 1
         stack = torch.stack(estimates)  # [R, Q, P]
         mean = stack.mean(0)
         if repeats > 1:
@@ -404,6 +452,10 @@ class LissaSolver(InverseHVP):
         converged = all(info["converged"] for info in per_repeat)
         diagnostics = [
             _d("converged", converged, "converged", "every query met the depth criterion (tol) in every repeat", "all"),
+            _d("restarts", restarts, "restarts after divergence",
+               "times a diverging recursion was restarted with a corrected automatic scale", "sum"),
+            _d("scale_used", self.scale, "scale s used", "the scale of the recursion that converged (the setup's, or a "
+               "restart's)", "max"),
             _d("steps_max", max(info["depth"] for info in per_repeat), "LiSSA steps (most)",
                "recursion steps of the longest-running query", "max"),
             _d("hvp_calls", self.operator.hvp_calls - hvp0, "solve HVPs",
@@ -426,34 +478,42 @@ class LissaSolver(InverseHVP):
         ]
         return SolveResult(self._precondition(mean), diagnostics)
 
-    def _diverged(self, t: int, ratio: float, steps: List[int], hist: List[float], why: str) -> SolverDivergedError:
-        """Build the divergence error, with fixes estimated from the spectrum (a few more HVPs)."""
-        op, st = self.operator, self.settings
-        lam_b = max(self._minibatch_lambda_max(_repeat_seed(st.seed, 20_000)))
-        lam_min = lam_max = math.nan
-        if not self.scale < 0.5 * lam_b:  # the scale is not the culprit: look for negative curvature
-            spec = estimate_spectrum(op, 3 * st.power_iters, seed=1)
-            lam_min, lam_max = spec.lambda_min, spec.lambda_max
-        history = ", ".join(f"{s}: {h:.3g}" for s, h in list(zip(steps, hist))[-8:])
+    def _diverged(self, d: "_Diverged") -> SolverDivergedError:
+        """The divergence error for the settings in use, with fixes estimated from the spectrum (a few more
+        HVPs): every hint names a setting that was in effect."""
+        st = self.settings
+        _, radii = self._minibatch_extremes(d.recent or op_batches(self.operator, self.batch_size,
+                                                                   _setup_seed(st.seed, 6), st.power_batches))
+        radius = max(radii, default=math.nan)
+        spec = estimate_spectrum(self.problem, 3 * st.power_iters, seed=_setup_seed(st.seed, 7)).spectrum
+        lam_min, lam_max = spec.lambda_min, spec.lambda_max
+        history = ", ".join(f"{s}: {h:.3g}" for s, h in list(zip(d.steps, d.hist))[-8:])
         fixes = []
-        if self.scale < 0.5 * lam_b:
-            fixes.append(f"scale={self.scale:g} is below half the top eigenvalue of the minibatch Hessian plus "
-                         f"damping (estimated {lam_b:.3g}); raise scale to at least {lam_b:.3g}, or use scale='auto'")
         if lam_min + self.damping <= 0:
             need = AutoDamping().choose(lam_min, lam_max)
             fixes.append(f"H + λI has negative curvature: the smallest Hessian eigenvalue is estimated at "
                          f"{lam_min:.3g} with damping λ={self.damping:g}; use damping ≥ {need:.3g} "
                          "(or damping='auto')")
-        if not fixes and math.isfinite(ratio):
+        if st.scale != "auto" and self.scale < 0.5 * radius:
+            fixes.append(f"scale={self.scale:g} is below half the spectral radius of the minibatch systems it met "
+                         f"(estimated {radius:.3g}); raise scale to at least {radius:.3g}, or use scale='auto'")
+        elif st.scale == "auto" and math.isfinite(d.ratio):
+            tried = ", ".join(f"{x:.3g}" for x in self.scale_history)
+            fixes.append(f"the automatic scale was raised {len(self.scale_history) - 1} time(s) (scales {tried}; "
+                         f"LissaSettings(max_restarts={st.max_restarts})) and the recursion still grew: its minibatch "
+                         f"systems' spectral radius reaches {radius:.3g}. Use solver='cg' (full-data products, no "
+                         "minibatch noise), a larger LissaSettings(batch_size=...) than "
+                         f"{self.batch_size}, or more damping than λ={self.damping:g}")
+        if not fixes and math.isfinite(d.ratio):
             fixes.append(f"raise damping above {self.damping:g} or scale above {self.scale:g} (smallest Hessian "
-                         f"eigenvalue estimate {lam_min:.3g}, top minibatch eigenvalue estimate {lam_b:.3g})")
+                         f"eigenvalue estimate {lam_min:.3g}, minibatch spectral radius estimate {radius:.3g})")
         elif not fixes:  # scale and curvature are fine: the product itself was not finite
             fixes.append(f"the spectrum estimates show a contracting recursion (smallest Hessian eigenvalue "
-                         f"{lam_min:.3g} with damping λ={self.damping:g}, top minibatch eigenvalue {lam_b:.3g} "
+                         f"{lam_min:.3g} with damping λ={self.damping:g}, minibatch spectral radius {radius:.3g} "
                          f"within 2·scale={2 * self.scale:g}), so a Hessian-vector product returned NaN/inf: look "
                          "for overflow in the model or NaN in the training data (try dtype=torch.float64)")
         return SolverDivergedError(
-            f"LiSSA diverged at step {t}: {why} (‖h_t‖/‖v‖ = {ratio:.3g}). Norm history (step: max ‖h‖/‖v‖): "
+            f"LiSSA diverged at step {d.t}: {d.why} (‖h_t‖/‖v‖ = {d.ratio:.3g}). Norm history (step: max ‖h‖/‖v‖): "
             f"{history}. Fix: " + "; ".join(fixes) + "."
         )
 
@@ -469,6 +529,7 @@ class LissaSolver(InverseHVP):
         tiny = torch.finfo(rhs.dtype).tiny
         vnorm = rhs.norm(dim=1).clamp_min(tiny)
         batches = self.operator.minibatches(self.batch_size, seed)
+        recent: Deque[Any] = collections.deque(maxlen=st.check_every)  # the minibatches a divergence came from
         x = rhs / s
         active = torch.ones(q, dtype=torch.bool, device=rhs.device)
         depth_q = [depth] * q
@@ -489,19 +550,20 @@ class LissaSolver(InverseHVP):
         for t in range(1, depth + 1):
             idx = active.nonzero().squeeze(1)
             xa = x[idx]
-            step = (rhs[idx] - self._system(next(batches), xa)) / s
+            batch = next(batches)
+            recent.append(batch)
+            step = (rhs[idx] - self._system(batch, xa)) / s
             xa = xa + step
             x[idx] = xa
             ratio_q = xa.norm(dim=1) * s / vnorm[idx]
             ratio = float(ratio_q.max())
             if not math.isfinite(ratio):
                 bad_q = int(idx[~torch.isfinite(ratio_q)][0])
-                raise self._diverged(t, ratio, steps + [t], hist + [ratio],
-                                     f"the estimate for query {bad_q} became NaN/inf")
+                raise _Diverged(t, ratio, steps + [t], hist + [ratio], f"the estimate for query {bad_q} became NaN/inf",
+                                list(recent))
             if ratio > _DIVERGENCE_SLACK * min(t + 1, bound_cap):
-                raise self._diverged(t, ratio, steps + [t], hist + [ratio],
-                                     "the norm grows geometrically, beyond the bound min(t + 1, s/λ) of a contracting "
-                                     "recursion")
+                raise _Diverged(t, ratio, steps + [t], hist + [ratio], "the norm grows geometrically, beyond the bound "
+                                "min(t + 1, s/λ) of a contracting recursion", list(recent))
             if t % st.check_every == 0:
                 steps.append(t)
                 hist.append(ratio)
