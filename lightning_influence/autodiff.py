@@ -78,6 +78,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -270,19 +271,53 @@ def composite_kernels(embedding_bag: bool = True) -> Iterator[None]:
       ``EmbeddingBag``).
 
     The user's model is not modified; every flag is restored on exit, also after an exception. The flags
-    are process-global: another thread running in the meantime sees them too. Works under ``vmap``,
-    ``jvp`` and ``grad`` (enter it outside or inside the transforms).
+    are process-global: another thread running in the meantime sees them too. Threads entering it
+    concurrently (the ranks of an in-process group, say) share one setting: the first to enter saves the
+    flags and the last to leave restores them, so that overlapping blocks never restore each other's
+    values (with per-block save and restore, two overlapping blocks left mkldnn off for the rest of the
+    process). Works under ``vmap``, ``jvp`` and ``grad`` (enter it outside or inside the transforms).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with contextlib.ExitStack() as stack:
-        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        stack.enter_context(_backend_flag(torch.backends.mkldnn, False))
-        stack.enter_context(_backend_flag(torch.backends.cudnn, False))
-        stack.enter_context(_mha_fastpath(False))
+        stack.enter_context(_GLOBAL_FLAGS)
         if embedding_bag:
-            stack.enter_context(_CompositeOps())
+            stack.enter_context(_CompositeOps())  # a TorchFunctionMode: per thread
         yield
+
+
+class _SharedFlags:
+    """The process-global part of :func:`composite_kernels`, reference-counted across threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._stack: Optional[contextlib.ExitStack] = None
+
+    def __enter__(self) -> None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with self._lock:
+            if self._depth == 0:
+                stack = contextlib.ExitStack()
+                try:
+                    stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                    stack.enter_context(_backend_flag(torch.backends.mkldnn, False))
+                    stack.enter_context(_backend_flag(torch.backends.cudnn, False))
+                    stack.enter_context(_mha_fastpath(False))
+                except BaseException:
+                    stack.close()
+                    raise
+                self._stack = stack
+            self._depth += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._stack is not None:
+                stack, self._stack = self._stack, None
+                stack.close()
+
+
+_GLOBAL_FLAGS = _SharedFlags()
 
 
 def kernels(composite: bool, embedding_bag: bool = True) -> "contextlib.AbstractContextManager[None]":

@@ -223,9 +223,14 @@ class Objective:
         except UnsupportedModelError:
             from .scoring import checked_grads  # a NaN gradient, not an unsupported op: name the example
 
-            checked_grads(self.loss, self.space, self.theta, batch, what, 0,
-                          indices=None if indices is None else torch.as_tensor(list(indices)),
-                          plan=Differentiation(hvp=None, grads="loop"))
+            try:
+                checked_grads(self.loss, self.space, self.theta, batch, what, 0,
+                              indices=None if indices is None else torch.as_tensor(list(indices)),
+                              plan=Differentiation(hvp=None, grads="loop"))
+            except InfluenceRuntimeError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop fails as the probe did: its error names the op
+                pass
             raise
         return self.differentiation
 

@@ -50,7 +50,7 @@ from .solvers.auto import chosen, is_auto, record_of
 from .validation import RunArguments, check_query_indices, check_run_arguments, warn_num_queries
 
 __all__ = ["DEFAULT_DAMPING", "ProgressFn", "QueryGradients", "SolvedQueries", "bind", "compute_influence",
-           "fit_inverse", "frozen_module", "preflight", "query_gradients", "self_influence_scores", "solve_queries"]
+           "default_query_batch", "fit_inverse", "frozen_module", "preflight", "query_gradients", "self_influence_scores", "solve_queries"]
 
 #: ``progress(phase, done, total)``, called as each phase advances; phases are ``"query_gradients"``,
 #: ``"solve"``, ``"scoring"`` and ``"self_influence"``.
@@ -281,8 +281,9 @@ def compute_influence(
         chunk_size: training examples per forward pass and per full-data HVP chunk.
         grad_chunk_size: training examples per per-example-gradient chunk ``[B, P]`` (default:
             ``chunk_size``, or fewer so that the chunk stays within 256 MiB).
-        query_batch_size: right-hand sides solved together (default: all queries at once); does not
-            change the results.
+        query_batch_size: right-hand sides solved together (default: as many as keep the iterative
+            solvers' state within 1 GiB, :func:`default_query_batch`: all of them below about
+            ``2²⁶ / P`` queries); does not change the results beyond the solvers' tolerances.
         dtype: dtype of the influence maths: ``torch.float32`` (default) or ``torch.float64`` (for
             references), or their names ``"float32"``/``"float64"``; half precision is refused.
         progress: optional ``progress(phase, done, total)`` hook.
@@ -502,12 +503,34 @@ class SolvedQueries:
     chunks: List[Tuple[int, int, List[Diagnostic]]]
 
 
+#: memory the iterative solvers' state may take for one batch of right-hand sides (bytes)
+SOLVE_BYTES = 1 << 30
+#: ``[P]`` vectors an iterative solver holds per right-hand side: its iterates, residuals and directions
+#: (CG: 5, LiSSA: 4 plus one per repeat) and the vmapped HVP's tangents and their gradients
+SOLVE_VECTORS_PER_QUERY = 16
+
+
+def default_query_batch(num_queries: int, num_params: int, itemsize: int, budget: Optional[int] = None) -> int:
+    """Right-hand sides per solve when the caller gives none: all ``num_queries`` when their solver state
+    (``SOLVE_VECTORS_PER_QUERY`` vectors of ``num_params`` numbers of ``itemsize`` bytes each) fits
+    ``budget`` bytes (default :data:`SOLVE_BYTES`), else as many as fit (at least 1), so that memory stays bounded however many queries
+    are asked. E.g. 2,000 queries on 50,000 float32 parameters: 335 per solve.
+
+    Example:
+        >>> default_query_batch(2000, 50_000, 4), default_query_batch(100, 2_000, 4)
+        (335, 100)
+    """
+    per_query = SOLVE_VECTORS_PER_QUERY * max(1, int(num_params)) * int(itemsize)
+    return int(max(1, min(int(num_queries), (SOLVE_BYTES if budget is None else budget) // per_query)))
+
+
 def solve_queries(inverse: InverseHVP, grads: Tensor, query_batch_size: Optional[int] = None,
                   progress: Optional[ProgressFn] = None) -> SolvedQueries:
     """Phase 3 (continued): ``s_test`` for every row of ``grads`` ``[Q, P]``, ``query_batch_size`` rows
-    at a time (default all; the results do not depend on it)."""
+    at a time (default: :func:`default_query_batch`, all of them when they fit; the results do not depend
+    on it beyond the solvers' tolerances)."""
     q = grads.shape[0]
-    qb = query_batch_size or q
+    qb = query_batch_size or default_query_batch(q, grads.shape[1], grads.element_size())
     parts, chunks = [], []
     for s in range(0, q, qb):
         res = inverse.solve(grads[s : s + qb])

@@ -155,6 +155,42 @@ def test_composite_kernels_substitutes_embedding_bag_and_restores_flags():
     assert rel(hv, eager_hvp(pb, v)) < 1e-12
 
 
+def test_overlapping_composite_blocks_in_two_threads_restore_the_flags():
+    """Thread A enters, B enters, A leaves, B leaves (as two in-process ranks do): with a save and restore
+    per block B restored A's 'off' and mkldnn stayed off for the rest of the process (which turned later
+    float32 LSTM and transformer probes into other plans in the full suite). The flags are off while any
+    block is open and restored when the last one closes."""
+    import threading
+
+    def flags():
+        return torch.backends.mkldnn.enabled, torch.backends.mha.get_fastpath_enabled()
+
+    before = flags()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with ad.composite_kernels(embedding_bag=False):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with ad.composite_kernels(embedding_bag=False):
+            b_in.set()
+            a_out.wait(5)
+            seen["after a left"] = flags()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["after a left"] == (False, False)
+    assert flags() == before
+
+
 # ---------------------------------------------------------------------------------------------------- HVPs
 
 def test_exact_hvps_equal_the_dense_hessian_and_each_other():

@@ -122,3 +122,19 @@ def test_an_agreement_ends_in_a_barrier_on_every_rank_and_none_after_a_failure(m
 
     assert run_ranks(2, lambda r, c: work(r, c, fail_on=-1), monkeypatch) == [(6.0, 1), (6.0, 1)]
     assert run_ranks(2, lambda r, c: work(r, c, fail_on=1), monkeypatch) == [("PeerFailedError", 0), ("ValueError", 0)]
+
+
+def test_queries_are_solved_in_chunks_within_the_memory_budget_by_default(logreg, monkeypatch):
+    """With no ``query_batch_size`` the solves take as many queries as keep the solver state within
+    ``SOLVE_BYTES``: here a budget of 3 queries' state (650 float64 parameters) gives chunks of 3, recorded,
+    and the same scores as one solve of all 8 (CG to its tolerance)."""
+    import lightning_influence.pipeline as pipeline
+
+    kw = dict(query_indices=list(range(8)), solver="cg", damping=logreg.damping, dtype=torch.float64)
+    whole = compute_influence(logreg.model, logreg.train, logreg.val, **kw)
+    assert whole.settings["query_batch_size"] == 8
+    monkeypatch.setattr(pipeline, "SOLVE_BYTES", 3 * pipeline.SOLVE_VECTORS_PER_QUERY * 650 * 8)
+    chunked = compute_influence(logreg.model, logreg.train, logreg.val, **kw)
+    assert chunked.settings["query_batch_size"] == 3
+    torch.testing.assert_close(chunked.scores, whole.scores, rtol=1e-5, atol=1e-6 * float(whole.scores.abs().max()))
+    assert pipeline.default_query_batch(10, 10**9, 4) == 1  # never 0

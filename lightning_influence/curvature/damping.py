@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence,
 
 from ..checks import is_int, is_real
 from ..errors import InfluenceConfigError, NegativeCurvatureError
-from .spectral import Lanczos
+from .spectral import Lanczos, lanczos_run
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -247,24 +247,7 @@ def estimate_spectrum(problem: "InfluenceProblem", iters: int = 60, seed: int = 
     from ``seed``. The run is returned for reuse."""
     seen = problem if max_examples is None else problem.subsample(max_examples, seed)
     op = seen.operator
-    lz = Lanczos(op.full_hvp, op.num_params, dtype=op.dtype, device=op.device, seed=seed)
-    lo: List[float] = []
-    hi: List[float] = []
-
-    def extremes(run: Lanczos) -> float:  # record this step's Ritz extremes; they scale the breakdown test
-        import torch
-
-        ev = torch.linalg.eigvalsh(run.tridiagonal())
-        lo.append(float(ev[0]))
-        hi.append(float(ev[-1]))
-        return max(abs(lo[-1]), abs(hi[-1]))
-
-    for _ in range(min(int(iters), op.num_params)):
-        if not lz.step(extremes):
-            break
-    if not lo:  # exhausted at once (one parameter): its only Ritz value
-        theta = lz.ritz()[0]
-        lo, hi = [float(theta[0])], [float(theta[-1])]
+    lo, hi, lz = lanczos_run(op.full_hvp, op.num_params, dtype=op.dtype, device=op.device, iters=iters, seed=seed)
     spectrum = Spectrum(lo[-1], hi[-1], lz.steps, seen.num_examples if seen is not problem else None)
     return HessianKrylov(spectrum, lz, seen, (None if seen is problem else int(max_examples or 0), int(seed)))
 

@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["MatVec", "SpectralEstimate", "Lanczos", "power_iteration", "lanczos_extremes", "hutchinson_trace", "rademacher"]
+__all__ = ["MatVec", "SpectralEstimate", "Lanczos", "power_iteration", "lanczos_extremes", "lanczos_run", "hutchinson_trace", "rademacher"]
 
 #: ``matvec(V [K, P]) -> A V [K, P]`` for a symmetric ``A``.
 MatVec = Callable[[Tensor], Tensor]
@@ -268,6 +268,15 @@ def lanczos_extremes(
     Returns:
         ``(λ_min, λ_max)`` estimates; ``history`` holds the Ritz value after each product.
     """
+    lo, hi, _ = lanczos_run(matvec, dim, dtype=dtype, device=device, iters=iters, seed=seed)
+    n = len(lo)
+    return SpectralEstimate(lo[-1], n, lo), SpectralEstimate(hi[-1], n, hi)
+
+
+def lanczos_run(matvec: MatVec, dim: int, *, dtype: torch.dtype, device: torch.device, iters: int,
+                seed: int = 0) -> Tuple[List[float], List[float], Lanczos]:
+    """Up to ``iters`` Lanczos steps, stopping at a breakdown: the smallest and largest Ritz values after
+    each step (never empty: a run exhausted at once gives its only Ritz value) and the run, for reuse."""
     lz = Lanczos(matvec, dim, dtype=dtype, device=device, seed=seed)
     lo: List[float] = []
     hi: List[float] = []
@@ -278,11 +287,13 @@ def lanczos_extremes(
         hi.append(float(ev[-1]))
         return max(abs(lo[-1]), abs(hi[-1]))
 
-    for _ in range(min(iters, dim)):
+    for _ in range(min(int(iters), dim)):
         if not lz.step(extremes):
             break
-    n = len(lo)
-    return SpectralEstimate(lo[-1], n, lo), SpectralEstimate(hi[-1], n, hi)
+    if not lo:  # exhausted at once (one dimension): its only Ritz value
+        theta = lz.ritz()[0]
+        lo, hi = [float(theta[0])], [float(theta[-1])]
+    return lo, hi, lz
 
 
 def hutchinson_trace(

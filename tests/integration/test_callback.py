@@ -24,6 +24,7 @@ from lightning_influence.pipeline import DEFAULT_DAMPING
 
 from ..lit_models import DictDataset, LitClassifier, LitDictClassifier, loaders, quiet_trainer
 from ..problems import diag, digits
+from ..test_autodiff import Act, OldStyle
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -195,29 +196,9 @@ def test_warns_when_listed_before_weight_averaging(tmp_path, data):
         trainer.fit(LitClassifier(), *loaders(train, val))
 
 
-class _OldStyleTanh(torch.autograd.Function):
-    """A custom op as older code writes it (``forward(ctx, x)``, no ``setup_context``): eager autograd trains
-    through it, ``torch.func`` refuses it, so no exact Hessian-vector product exists for the model."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
-class _OldStyleAct(nn.Module):
-    def forward(self, x):
-        return _OldStyleTanh.apply(x)
-
-
 def test_a_model_without_exact_second_derivatives_gets_a_working_default(tmp_path, data, caplog):
-    """The default (``solver="auto"``) on a model whose custom op ``torch.func`` cannot differentiate: the probe
+    """The default (``solver="auto"``) on a model whose custom op (``OldStyle``: a tanh written as older code
+    writes ``autograd.Function``, without ``setup_context``) ``torch.func`` cannot differentiate: the probe
     before training finds only eager per-example gradients, the automatic choice is EK-FAC (no Hessian-vector
     products), the log line says why, and its scores correlate with the exact solve's at that solver's own
     automatic damping (measured after 12 SGD epochs: Pearson 0.49-0.86; EK-FAC's Gauss-Newton curvature
@@ -226,7 +207,7 @@ def test_a_model_without_exact_second_derivatives_gets_a_working_default(tmp_pat
 
     train, val = data
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(64, 16), _OldStyleAct(), nn.Linear(16, 10))
+    net = nn.Sequential(nn.Linear(64, 16), Act(OldStyle), nn.Linear(16, 10))
     model = LitClassifier(net, lr=0.2, weight_decay=1e-3)
     cb = InfluenceCallback(num_queries=4, on_error="raise")
     with caplog.at_level(logging.INFO):
@@ -240,3 +221,20 @@ def test_a_model_without_exact_second_derivatives_gets_a_working_default(tmp_pat
     a, b = res.scores - res.scores.mean(1, keepdim=True), ref.scores - ref.scores.mean(1, keepdim=True)
     r = torch.nn.functional.cosine_similarity(a, b, dim=1)
     assert r.median() > 0.6 and r.min() > 0.3, r
+
+
+def test_a_custom_op_without_any_derivative_fails_before_training_naming_it(tmp_path, data):
+    """An ``autograd.Function`` with no backward: the checks before training probe one per-example gradient
+    and one HVP on real examples and stop the fit before its first step, naming the op and the
+    layer (not the raw torch error after the whole run)."""
+    from lightning_influence.autodiff import UnsupportedModelError
+
+    from ..test_autodiff import NoBackward
+
+    train, val = data
+    net = nn.Sequential(nn.Linear(64, 16), Act(NoBackward), nn.Linear(16, 10))
+    model = LitClassifier(net, lr=0.2)
+    trainer = quiet_trainer(tmp_path, max_epochs=50, callbacks=[InfluenceCallback(num_queries=2)])
+    with pytest.raises(UnsupportedModelError, match=r"op `tests\.test_autodiff\.NoBackward` in layer `inner\.net\.1` \(Act\)"):
+        trainer.fit(model, *loaders(train, val))
+    assert trainer.global_step == 0
