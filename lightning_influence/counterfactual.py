@@ -43,7 +43,7 @@ from .errors import InfluenceConfigError
 from .functional import batch_size_of
 from .guards import preserved_rng
 from .objective import IGNORE_INDEX, LossFn
-from .pipeline import DEFAULT_DAMPING, bind, fit_inverse, frozen_module, solve_queries
+from .pipeline import bind, fit_inverse, frozen_module, solve_queries
 from .problem import InfluenceProblem
 from .scoring import checked_grads
 from .solvers import InverseHVP, SolverSettings, resolve_solver

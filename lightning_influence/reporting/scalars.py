@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Iterable, Sequence, Union
 
-from ..checks import is_real
 from ..diagnostics import Diagnostic
 from ..results import InfluenceResults
 from . import keys

@@ -23,13 +23,12 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict
 
-from ..curvature.damping import AutoDamping, DampingChoice, DampingRule, DampingSpec
+from ..curvature.damping import DampingChoice, DampingRule, DampingSpec
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, NegativeCurvatureError
 from .base import Curvature, FactoredInverse, InverseHVP, SolverKind, SolverSettings
