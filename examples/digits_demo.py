@@ -100,8 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--noise", type=float, default=0.03, help="fraction of training labels flipped")
     parser.add_argument("--queries", type=int, default=8, help="validation examples to explain")
-    parser.add_argument("--solver", default="lissa", choices=["lissa", "arnoldi", "ekfac", "kfac", "cg", "exact"],
-                        help="the library's default (Arnoldi-preconditioned LiSSA) unless you want to compare")
+    parser.add_argument("--solver", default="auto", choices=["auto", "lissa", "arnoldi", "ekfac", "kfac", "cg", "exact"],
+                        help="the library's default (\"auto\": picks the solver from the problem) unless you want to compare")
     parser.add_argument("--damping", type=float, default=None,
                         help="fixed λ (default 'auto': the optimizer's weight decay, raised if the Hessian needs it)")
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only")

@@ -8,8 +8,12 @@ What decides (:func:`choose_solver`, the rule; ``benchmarks/README.md`` has the 
 2. **Small models: the explicit Hessian.** ``P ≤ exact_params`` (1,000) attributed parameters (and its
    ``P × P`` Hessian within ``memory_bytes``): ``"exact"`` forms ``H`` with ``P`` Hessian-vector products per
    training example and solves every query (and self-influence) by one factorisation, to round-off.
-   Measured on the zoo (``benchmarks/bench_zoo.py``): at 650 parameters exact and CG take the same 0.4 s;
-   at 1,810 (tanh MLP) exact takes 3.0 s against CG's 1.3 s, at 1,946 (BatchNorm CNN) 96 s against 22 s.
+   Measured on the zoo (``benchmarks/bench_zoo.py``, 8 queries): at 650 parameters exact and CG take the
+   same 0.4 s; at 1,810 (tanh MLP) exact takes 3.0 s against CG's 1.3 s, at 1,946 (BatchNorm CNN) 96 s
+   against 22 s. Larger models, up to the explicit solver's size limit, get it too when forming ``H`` (``P``
+   HVPs) costs less than the iterative solves would (:data:`HVPS_PER_SOLVE` per right-hand side: the
+   queries, plus every training example with self-influence), e.g. the digits demo's 2,410-parameter MLP
+   with self-influence of 1,347 examples.
 3. **Every other model trained on up to** ``full_pass_examples`` **examples: conjugate gradient on full-data
    products**, exact to its tolerance, batched over the queries, never stochastic: ``"cg"``; with many
    right-hand sides (``Q ≥ precondition_queries``, or self-influence) preconditioned by the low-rank
@@ -30,6 +34,8 @@ Example:
     ('cg', None)
     >>> choose_solver(num_params=21546, num_examples=1347, num_queries=100).settings.preconditioner
     'arnoldi'
+    >>> choose_solver(num_params=2410, num_examples=1347, num_queries=8, self_influence=True).name
+    'exact'
     >>> choose_solver(num_params=21546, num_examples=200_000, num_queries=10).name
     'lissa'
     >>> choose_solver(num_params=10**6, num_examples=10**4, num_queries=10, exact_hvp=False).name
@@ -51,7 +57,11 @@ from .base import Curvature, InverseHVP, SolverKind, SolverSettings, resolve_sol
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
 
-__all__ = ["AutoSettings", "Choice", "choose_solver"]
+__all__ = ["AutoSettings", "Choice", "HVPS_PER_SOLVE", "choose_solver"]
+
+#: Hessian-vector products an iterative solver spends per right-hand side (CG's iterations on the zoo and
+#: the digits models: 30-150); the explicit Hessian costs ``P`` of them for any number of right-hand sides
+HVPS_PER_SOLVE = 32
 
 
 @dataclass(frozen=True)
@@ -86,9 +96,15 @@ def choose_solver(num_params: int, num_examples: int, num_queries: int, *, self_
         return Choice(EKFACSettings(), "the model has no exact Hessian-vector products (finite differences only); "
                                        "EK-FAC needs per-example gradients only")
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if num_params <= exact_params and 3 * num_params**2 * itemsize <= memory_bytes:
+    fits = num_params <= ExactSettings().max_params and 3 * num_params**2 * itemsize <= memory_bytes
+    if fits and num_params <= exact_params:
         return Choice(ExactSettings(), f"P = {num_params:,} ≤ {exact_params:,}: the explicit Hessian, solved to "
                                        "round-off")
+    solves = num_queries + (num_examples if self_influence else 0)
+    if fits and num_params <= HVPS_PER_SOLVE * solves:
+        what = f"{num_queries} queries" + (f" and {num_examples:,} self-influence solves" if self_influence else "")
+        return Choice(ExactSettings(), f"P = {num_params:,} HVPs form the explicit Hessian, fewer than an iterative "
+                                       f"solver's ≈ {HVPS_PER_SOLVE} per right-hand side for {what}")
     if num_examples <= full_pass_examples:
         many = num_queries >= precondition_queries or self_influence
         why = (f"n = {num_examples:,} ≤ {full_pass_examples:,}: conjugate gradient on full-data products, exact to "

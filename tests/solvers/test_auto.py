@@ -16,8 +16,12 @@ from ..problems import digits
     "kw, name, preconditioner",
     [
         (dict(num_params=1_000, num_examples=10**6, num_queries=1), "exact", None),  # the boundary is inclusive
-        (dict(num_params=1_001, num_examples=1_347, num_queries=31), "cg", None),
-        (dict(num_params=1_001, num_examples=1_347, num_queries=32), "cg", "arnoldi"),
+        (dict(num_params=1_500, num_examples=1_347, num_queries=31), "cg", None),
+        (dict(num_params=1_500, num_examples=1_347, num_queries=32), "cg", "arnoldi"),
+        # forming H (P HVPs) costs less than ≈ 32 HVPs per right-hand side: the explicit Hessian
+        (dict(num_params=1_500, num_examples=1_347, num_queries=47), "exact", None),
+        (dict(num_params=2_410, num_examples=1_347, num_queries=8, self_influence=True), "exact", None),
+        (dict(num_params=10_001, num_examples=1_347, num_queries=1000), "cg", "arnoldi"),  # over its size limit
         (dict(num_params=50_000, num_examples=50_000, num_queries=1, self_influence=True), "cg", "arnoldi"),
         (dict(num_params=50_000, num_examples=50_001, num_queries=1), "lissa", "arnoldi"),  # LiSSA is preconditioned by default
         (dict(num_params=500, num_examples=100, num_queries=1, exact_hvp=False), "ekfac", None),
