@@ -10,9 +10,10 @@ scaling), with ``A = Q_A diag(d_A) Q_Aᵀ`` and ``S = Q_S diag(d_S) Q_Sᵀ``, th
   the Fisher's exact diagonal in that eigenbasis (``G_m`` example ``m``'s layer gradient), estimated in a
   second pass with fresh draws from the predictive distribution.
 
-Layers are independent blocks (block-diagonal across layers); parameters outside layers with an adapter (Linear, Conv1d/Conv2d,
-Embedding, MultiheadAttention, …) get their mean squared Fisher gradient (reported as ``diagonal_params``,
-with ``kronecker_coverage`` the factored fraction) (the corrected eigenvalues in the identity basis). Then
+Layers are independent blocks (block-diagonal across layers); parameters outside layers with an adapter
+(Linear, Conv1d/Conv2d, Embedding, MultiheadAttention, …) get their mean squared Fisher gradient (the
+corrected eigenvalues in the identity basis), reported as ``diagonal_params``, with ``kronecker_coverage``
+the factored fraction. Then
 
     (Ĥ + λI)⁻¹ V:   rotate each layer block ``V [Q, out, in']`` to ``Q_Sᵀ V Q_A``, divide by ``Λ + λ``,
     rotate back; ``(Ĥ + λI)^{-1/2}`` divides by ``√(Λ + λ)``;

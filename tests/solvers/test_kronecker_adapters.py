@@ -45,9 +45,9 @@ class Attention(nn.Module):
         kwargs = {}
         if self.masks:
             t = x.shape[1]
-            kwargs = {"attn_mask": torch.triu(torch.ones(t, t, dtype=torch.bool), 1),
-                      "key_padding_mask": torch.zeros(x.shape[0], t, dtype=torch.bool).index_fill_(1,
-                                                                                                 torch.tensor([t - 1]), True)}
+            padding = torch.zeros(x.shape[0], t, dtype=torch.bool)
+            padding[:, -1] = True  # the last token is padding for every example
+            kwargs = {"attn_mask": torch.triu(torch.ones(t, t, dtype=torch.bool), 1), "key_padding_mask": padding}
         out = self.attn(q, kv, kv, need_weights=False, **kwargs)[0]
         out = out if self.attn.batch_first else out.transpose(0, 1)
         return torch.tanh(out).flatten(1)
@@ -72,6 +72,7 @@ CASES = ["embedding", "conv1d", "conv1d_same_reflect", "conv1d_valid", "mha_self
          "mha_self_masks", "mha_cross", "mha_cross_seq_first"]
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
 @pytest.mark.parametrize("kind", CASES)
 def test_captured_factors_rebuild_the_per_example_gradients(kind):
     """``G_i = Σ_t g_{i,t} a_{i,t}ᵀ`` from :func:`capture_layers` equals autograd's per-example gradient
@@ -209,3 +210,25 @@ def test_adapter_registry_and_fallbacks():
     assert adapter_for(nn.Embedding(EmbeddingAdapter.max_vocab + 1, 1)) is None
     assert adapter_for(nn.MultiheadAttention(4, 2)) is MultiheadAttentionAdapter
     assert adapter_for(nn.MultiheadAttention(4, 2, kdim=3, vdim=3)) is None
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_causal_pre_norm_block_captures_exact_gradients():
+    """The zoo's causal LM (pre-norm ``TransformerEncoderLayer`` called with ``src_mask`` and
+    ``is_causal=True``, per-token cross-entropy summed per sequence): every factored layer's rebuilt
+    per-example gradient equals autograd's, so the rerouted attention honours the causal mask."""
+    from tests.zoo import CausalLM, lm_sequence_loss
+
+    torch.manual_seed(0)
+    model = CausalLM(vocab=7, seq_len=6, d_model=8, nhead=2, ff=12).double().eval()
+    x = torch.randint(0, 7, (6, 6))
+    problem = make_problem(model, TensorDataset(x[:, :-1], x[:, 1:]), lm_sequence_loss)
+    obj = problem.objective
+    batch = obj.prepare_batch((x[:, :-1], x[:, 1:]))
+    plan = plan_layers(obj, batch)
+    assert [l.name for l in plan.layers] == ["embed", "block.self_attn", "block.self_attn.out_proj",
+                                             "block.linear1", "block.linear2", "lm_head"]
+    grads = problem.example_grads(batch)
+    for layer, (a, g) in zip(plan.layers, capture_layers(obj, plan, batch)):
+        torch.testing.assert_close(torch.cat(list(per_example_blocks(a, g))), layer.gather(grads),
+                                   rtol=1e-10, atol=1e-12)

@@ -70,8 +70,9 @@ class KroneckerLayer:
     Attributes:
         name: the module's name in the user's model (``""`` for the model itself).
         adapter: the :class:`~.adapters.LayerAdapter` of its type.
-        out_features: rows of ``G`` (output features or channels).
-        in_features: columns of ``G`` without the bias column (``in`` or ``C_in·kh·kw``).
+        out_features: rows of ``G`` (output features or channels; ``V`` for an Embedding, ``3E`` for an
+            attention in-projection).
+        in_features: columns of ``G`` without the bias column (``in``, ``C_in·kh·kw``, or ``E``).
         weight_slice: ``(start, stop)`` of the weight in the flat parameter vector.
         bias_slice: ``(start, stop)`` of the bias, or ``None`` when the bias is absent or not attributed.
     """
@@ -163,9 +164,9 @@ def plan_layers(objective: Objective, probe_batch: Any = None) -> LayerPlan:
     """Assign every attributed parameter to a Kronecker layer or to the diagonal.
 
     A layer with an adapter (:func:`~.adapters.adapter_for`) whose weight is attributed becomes a Kronecker
-    layer (with its bias column if the bias is attributed too). With ``probe_batch``, one forward pass (run as
-    the capture runs it) checks that each such layer is called exactly once: never called through ``forward`` moves it to the diagonal; twice or
-    more raises.
+    layer (with its bias column if the bias is attributed too). With ``probe_batch``, one forward pass (run
+    as the capture runs it: gradients on, rerouted modules recomputed) checks that each such layer is called
+    exactly once: never called through ``forward`` moves it to the diagonal; twice or more raises.
 
     Raises:
         InfluenceConfigError: a layer is called more than once per forward (shared weights).
