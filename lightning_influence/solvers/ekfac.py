@@ -10,8 +10,10 @@ scaling), with ``A = Q_A diag(d_A) Q_Aᵀ`` and ``S = Q_S diag(d_S) Q_Sᵀ``, th
   the Fisher's exact diagonal in that eigenbasis (``G_m`` example ``m``'s layer gradient), estimated in a
   second pass with fresh draws from the predictive distribution.
 
-Layers are independent blocks (block-diagonal across layers); parameters outside layers with an adapter (Linear, Conv2d, …) get
-their mean squared Fisher gradient (the corrected eigenvalues in the identity basis). Then
+Layers are independent blocks (block-diagonal across layers); parameters outside layers with an adapter
+(Linear, Conv1d/Conv2d, Embedding, MultiheadAttention, …) get their mean squared Fisher gradient (the
+corrected eigenvalues in the identity basis), reported as ``diagonal_params``, with ``kronecker_coverage``
+the factored fraction. Then
 
     (Ĥ + λI)⁻¹ V:   rotate each layer block ``V [Q, out, in']`` to ``Q_Sᵀ V Q_A``, divide by ``Λ + λ``,
     rotate back; ``(Ĥ + λI)^{-1/2}`` divides by ``√(Λ + λ)``;
@@ -143,6 +145,9 @@ class _KroneckerSettings(SolverSettings):
                        "draws per statistic"),
             Diagnostic("kronecker_layers", ", ".join(l.label for l in layers) or "(none)", "Kronecker layers",
                        "layers whose weight (and bias) curvature is Kronecker-factored (those with an adapter)"),
+            Diagnostic("kronecker_coverage", f.plan.kronecker_coverage, "Kronecker coverage",
+                       "fraction of the attributed parameters whose curvature is Kronecker-factored (0 to 1); the "
+                       "rest, named in diagonal_params, get a diagonal curvature"),
             Diagnostic("diagonal_params", ", ".join(f.plan.diagonal_user_names) or "(none)", "diagonal parameters",
                        "attributed parameters outside the factored layers: curvature is their mean squared Fisher "
                        "gradient (diagonal)"),
@@ -225,7 +230,10 @@ def fit_factors(problem: "InfluenceProblem", settings: _KroneckerSettings) -> Kr
     for k, layer in enumerate(layers):
         # A = (1/n) Σ a aᵀ;  S = (1/(n·T)) Σ g gᵀ  (so S ⊗ A is the Fisher of the mean loss)
         ea, va = _eigh(stats["a"][k] / n_seen, layer.label, "input")
-        es, vs = _eigh(stats["s"][k] / max(float(stats["tokens"][k]), 1.0), layer.label, "output")
+        s_k = stats["s"][k] / max(float(stats["tokens"][k]), 1.0)
+        # a one-hot row vector (Embedding) makes S diagonal: its eigenbasis is the identity
+        es, vs = ((torch.diagonal(s_k).clamp_min(0), torch.eye(s_k.shape[0], dtype=s_k.dtype, device=s_k.device))
+                  if layer.adapter.diagonal_rows else _eigh(s_k, layer.label, "output"))
         q_a.append(va)
         q_s.append(vs)
         d_a.append(ea)

@@ -28,9 +28,15 @@ batch, such as BatchNorm in train mode, must be in eval mode). The user's module
 A layer called more than once per forward (shared weights) raises: its gradient is a sum over calls that
 one Kronecker factor cannot represent.
 
-Parameters that are not the weight or bias of a layer with an adapter (by default ``Linear`` and
-``Conv2d`` with ``groups=1``; not LayerNorm, embeddings, BatchNorm affine, grouped convolutions, layers
-never called through ``forward``, a bias attributed without its weight) are handled *diagonally*: their curvature is the mean squared Fisher
+Layers that use their weights without calling a module (``nn.MultiheadAttention``) are *rerouted* during
+capture: a forward hook replaces their output by the same value computed through an exposed projection
+(:meth:`~.adapters.LayerAdapter.recompute`), whose output gradient is ``g``.
+
+Parameters that are not the weight or bias of a layer with an adapter (by default ``Linear``,
+``Conv1d``/``Conv2d`` with ``groups=1``, ``Embedding`` up to 4,096 rows and ``MultiheadAttention``'s packed
+in-projection and ``out_proj``; not LayerNorm, BatchNorm affine, positional parameters, grouped
+convolutions, ``bias_k``/``bias_v``, layers never called through ``forward``, a bias attributed without its
+weight) are handled *diagonally*: their curvature is the mean squared Fisher
 gradient per coordinate, ``(1/n) Σ_i E_y[(∂ℓ_i/∂θ_k)²]``, which is exactly EK-FAC's eigenvalue
 correction in the identity basis.
 
@@ -64,8 +70,9 @@ class KroneckerLayer:
     Attributes:
         name: the module's name in the user's model (``""`` for the model itself).
         adapter: the :class:`~.adapters.LayerAdapter` of its type.
-        out_features: rows of ``G`` (output features or channels).
-        in_features: columns of ``G`` without the bias column (``in`` or ``C_in·kh·kw``).
+        out_features: rows of ``G`` (output features or channels; ``V`` for an Embedding, ``3E`` for an
+            attention in-projection).
+        in_features: columns of ``G`` without the bias column (``in``, ``C_in·kh·kw``, or ``E``).
         weight_slice: ``(start, stop)`` of the weight in the flat parameter vector.
         bias_slice: ``(start, stop)`` of the bias, or ``None`` when the bias is absent or not attributed.
     """
@@ -132,6 +139,18 @@ class LayerPlan:
     def diagonal_user_names(self) -> Tuple[str, ...]:
         return tuple(n[len(_PREFIX) :] for n in self.diagonal)
 
+    @property
+    def kronecker_numel(self) -> int:
+        """Attributed parameters inside the Kronecker layers (weights and attributed biases)."""
+        return sum(l.out_features * l.in_dim for l in self.layers)
+
+    @property
+    def kronecker_coverage(self) -> float:
+        """Fraction of the attributed parameters that are Kronecker-factored, in ``[0, 1]`` (the rest are
+        diagonal); ``0.0`` when nothing is attributed."""
+        total = self.kronecker_numel + int(self.diagonal_index.numel())
+        return self.kronecker_numel / total if total else 0.0
+
 
 def _offsets(space: ParamSpace) -> Dict[str, Tuple[int, int]]:
     out, pos = {}, 0
@@ -145,9 +164,9 @@ def plan_layers(objective: Objective, probe_batch: Any = None) -> LayerPlan:
     """Assign every attributed parameter to a Kronecker layer or to the diagonal.
 
     A layer with an adapter (:func:`~.adapters.adapter_for`) whose weight is attributed becomes a Kronecker
-    layer (with its bias column if the bias is attributed too). With ``probe_batch``, one forward pass checks that each
-    such layer is called exactly once: never called through ``forward`` (e.g. a projection used by
-    ``F.multi_head_attention_forward``) moves it to the diagonal; twice or more raises.
+    layer (with its bias column if the bias is attributed too). With ``probe_batch``, one forward pass (run
+    as the capture runs it: gradients on, rerouted modules recomputed) checks that each such layer is called
+    exactly once: never called through ``forward`` moves it to the diagonal; twice or more raises.
 
     Raises:
         InfluenceConfigError: a layer is called more than once per forward (shared weights).
@@ -191,7 +210,30 @@ def _shared_error(name: str, calls: int) -> InfluenceConfigError:
     )
 
 
+def _reroute_hooks(model: nn.Module, record: Dict[int, Any]) -> List[Any]:
+    """Forward hooks on every module of ``model`` whose adapter :attr:`~.adapters.LayerAdapter.reroutes`:
+    each replaces the module's output by :meth:`~.adapters.LayerAdapter.recompute`'s and, for a module
+    ``m`` with ``id(m)`` in ``record``, calls ``record[id(m)](inputs, target)``. Returns the handles."""
+    handles = []
+    for mod in model.modules():
+        adapter = adapter_for(mod)
+        if adapter is None or not adapter.reroutes:
+            continue
+
+        def hook(m: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], _out: Any,
+                 adapter: Type[LayerAdapter] = adapter) -> Any:
+            out, target, inputs = adapter.recompute(m, args, kwargs)
+            if id(m) in record:
+                record[id(m)](inputs, target)
+            return out
+
+        handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+    return handles
+
+
 def _count_calls(objective: Objective, modules: Sequence[nn.Module], batch: Any) -> List[int]:
+    """Calls of each module in one forward pass run as :func:`capture_layers` runs it (gradients enabled,
+    so fused inference paths that call no submodule are not taken; rerouted modules recomputed)."""
     counts = [0] * len(modules)
     handles = []
     try:
@@ -200,8 +242,10 @@ def _count_calls(objective: Objective, modules: Sequence[nn.Module], batch: Any)
                 counts[k] += 1
 
             handles.append(mod.register_forward_hook(hook))
-        with torch.no_grad():
-            objective.fisher_loss(objective.space.unflatten(objective.theta), batch)
+        handles += _reroute_hooks(objective.module, {})
+        with torch.enable_grad():
+            theta = objective.theta.detach().requires_grad_()
+            objective.fisher_loss(objective.space.unflatten(theta), batch)
     finally:
         for h in handles:
             h.remove()
@@ -221,15 +265,25 @@ def capture_layers(objective: Objective, plan: LayerPlan, batch: Any) -> List[Tu
     outputs: List[Optional[Tensor]] = [None] * len(plan.layers)
     handles = []
     theta = objective.theta.detach().requires_grad_()
+    rerouted: Dict[int, Any] = {}
+
+    def keep(k: int, inp: Tuple[Any, ...], out: Tensor) -> None:
+        if outputs[k] is not None:
+            raise _shared_error(plan.layers[k].name, 2)
+        inputs[k] = tuple(i.detach() if isinstance(i, Tensor) else i for i in inp)
+        outputs[k] = out
+
     try:
-        for k, mod in enumerate(plan.modules):
+        for k, (layer, mod) in enumerate(zip(plan.layers, plan.modules)):
+            if layer.adapter.reroutes:  # recorded by the rerouting hook: the exposed projection's output
+                rerouted[id(mod)] = lambda inp, target, k=k: keep(k, inp, target)
+                continue
+
             def hook(_m: nn.Module, inp: Any, out: Tensor, k: int = k) -> None:
-                if outputs[k] is not None:
-                    raise _shared_error(plan.layers[k].name, 2)
-                inputs[k] = tuple(i.detach() if isinstance(i, Tensor) else i for i in inp)
-                outputs[k] = out
+                keep(k, inp, out)
 
             handles.append(mod.register_forward_hook(hook))
+        handles += _reroute_hooks(objective.module, rerouted)
         with torch.enable_grad():
             losses = objective.fisher_loss(objective.space.unflatten(theta), batch)
     finally:
