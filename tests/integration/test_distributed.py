@@ -79,6 +79,7 @@ def test_ddp_fit_writes_results_report_and_wandb_tables(tmp_path):
     assert run.config["influence/num_train_total"] == 96
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_ddp_split_work_matches_one_process(tmp_path):
     """Each rank scores its half of the training set; every full-data pass is all-reduced. Exact and CG
     agree with one process to float32 round-off, the stochastic and low-rank solvers within their
@@ -95,6 +96,7 @@ def test_ddp_split_work_matches_one_process(tmp_path):
     assert here[0]["ekfac"]["scores_r"] > 0.98 and here[0]["ekfac"]["self_r"] > 0.98, here[0]["ekfac"]
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_a_failing_rank_is_reported_on_every_rank(tmp_path):
     """Rank 1's solve raises after the collective Hessian pass; under on_error='warn' rank 0 stops at its
     next collective with an error naming rank 1 and its message, and both finish the fit."""
@@ -107,6 +109,7 @@ def test_a_failing_rank_is_reported_on_every_rank(tmp_path):
     assert r0["shape"] is None and r1["shape"] is None
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_raise_on_one_rank_ends_every_process_in_seconds(tmp_path):
     """on_error='raise' with a failure on rank 0: rank 1 raises at its next collective instead of
     computing on (or waiting for the backend's timeout); the launch fails fast."""
@@ -142,6 +145,7 @@ def test_sharded_strategies_are_refused_before_training():
     assert communicator_for(trainer) is SOLO
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_ddp_fit_with_every_n_epochs(tmp_path):
     """Influence after every epoch on both ranks: the same history everywhere, on_results on every rank, the
     per-epoch files written once by rank zero, and the end reusing the last epoch's run on both ranks."""
@@ -158,6 +162,7 @@ def test_ddp_fit_with_every_n_epochs(tmp_path):
     assert os.path.isfile(r0["results_path"])
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_on_results_failing_on_one_rank_is_reported_on_every_rank(tmp_path):
     """on_results raises on rank 1 at epoch 0: under on_error='warn' rank 0 learns it at once (the callback's
     failure agreement), both keep training in step, and epoch 1 is computed on both."""
@@ -171,6 +176,7 @@ def test_on_results_failing_on_one_rank_is_reported_on_every_rank(tmp_path):
     assert (r0["error"], r1["error"]) == (None, None)  # the last run (the end, reusing epoch 1) went well
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_an_unwritable_report_stops_every_rank_before_training(tmp_path):
     """Rank zero (the only writer) checks the outputs before training and broadcasts its verdict: every
     rank raises the same error at once instead of one rank leaving the other in a training collective."""

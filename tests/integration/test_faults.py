@@ -42,6 +42,7 @@ def assert_same(a: InfluenceResults, b: InfluenceResults) -> None:
 
 
 # ---------------------------------------------------------------- outputs fail on their own
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_results_file_failure_does_not_stop_the_report(tmp_path, data, monkeypatch):
     def broken(self, path):
         raise ResultsFileError(f"could not write {path}: [Errno 28 ENOSPC] No space left on device")
@@ -70,6 +71,7 @@ def test_report_failure_does_not_stop_the_results_file(tmp_path, data, monkeypat
     assert_same(InfluenceResults.load(cb.results_path), cb.results)
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_on_error_raise_tries_every_output_first(tmp_path, data, monkeypatch):
     monkeypatch.setattr(InfluenceResults, "save", lambda self, path: (_ for _ in ()).throw(OSError(28, "full")))
     cb = InfluenceCallback(num_queries=2, solver="exact", damping=0.1, on_error="raise")
@@ -176,6 +178,7 @@ def test_influence_folder_that_is_a_file_fails_before_training(tmp_path, data):
 
 
 # ---------------------------------------------------------------- random states
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_compute_influence_restores_every_random_state(data):
     torch.manual_seed(1)
     np.random.seed(1)
@@ -275,6 +278,7 @@ def test_second_ctrl_c_is_handled_as_usual(usual_ctrl_c):
 
 
 @pytest.mark.parametrize("op", ["wraps it", "swallows it"])
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_ctrl_c_is_the_interrupt_whatever_op_was_running(tmp_path, data, usual_ctrl_c, op):
     """An op that catches the interrupt and raises its own error (the TorchScript interpreter raises a RuntimeError:
     5 of 24 Ctrl+C runs), or swallows it: still InfluenceInterrupted and the Ctrl+C warning, not a failure advising
@@ -307,6 +311,7 @@ def test_ctrl_c_is_the_interrupt_whatever_op_was_running(tmp_path, data, usual_c
     assert not list(tmp_path.rglob("results*.pt"))  # nothing written for the interrupted run
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_sigterm_during_influence_on_one_process_stops_it(tmp_path, data):
     """Lightning's SIGTERM handler only sets a flag on one process; the influence run stops at its next step."""
     cb = InfluenceCallback(num_queries=2, solver="exact", damping=0.1, chunk_size=16, on_error="raise")

@@ -266,6 +266,7 @@ def test_on_results_failure_follows_on_error(tmp_path, data, on_error):
 
 
 # ---------------------------------------------------------------- resume
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_resumed_fit_gets_the_history_back(tmp_path, data):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -297,6 +298,7 @@ def test_resumed_fit_gets_the_history_back(tmp_path, data):
     assert second.history[2].settings["global_step"] == 9
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_a_fresh_fit_starts_a_new_history(tmp_path, data):
     cb = InfluenceCallback(num_queries=2, solver="exact", params=["net.bias"], every_n_epochs=1, on_error="raise")
     quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[cb]).fit(LitClassifier(), *loaders(*data))
@@ -318,6 +320,7 @@ def test_fast_dev_run_computes_nothing_in_the_loop(tmp_path, data, monkeypatch):
     assert counter.calls == 0 and cb.history == {} and cb.results is None
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_limited_batches_in_the_loop(tmp_path, data):
     cb = InfluenceCallback(num_queries=2, solver="exact", params=["net.bias"], every_n_epochs=1, on_error="raise")
     quiet_trainer(tmp_path, callbacks=[cb], max_epochs=2, limit_train_batches=1).fit(LitClassifier(), *loaders(*data))
@@ -407,6 +410,7 @@ def test_html_shows_the_top_examples_across_epochs(history):
 
 # ---------------------------------------------------------------- precision and devices
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "64-true"])
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_training_precision_does_not_change_the_maths(tmp_path, data, precision):
     """Training under autocast or in float64, influence in float32 with autocast off: the scores of
     compute_influence on the trained model. (On the CPU Lightning runs "16-mixed" as "bf16-mixed".)"""
@@ -442,6 +446,7 @@ def test_gpu_fit_computes_on_the_gpu_and_returns_cpu_results(tmp_path, data):
 
 
 # ---------------------------------------------------------------- W&B across epochs
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_wandb_run_shows_every_epoch_and_the_movement(tmp_path, data):
     wandb = pytest.importorskip("wandb")
     from pytorch_lightning.loggers import WandbLogger

@@ -183,6 +183,7 @@ def test_other_ranks_join_the_run_folder_collective_then_report_nothing(tmp_path
     assert Strategy.calls == 1  # an explicit path needs no collective
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_wandb_not_imported_without_wandb_logger(tmp_path):
     code = textwrap.dedent(
         f"""

@@ -86,6 +86,7 @@ def test_every_registered_solver_is_deterministic_and_records_plain_data(solved,
     assert not keys & {"damping", "damping_mode", "lambda_min_estimate"}, keys  # λ is recorded once, in the record
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_chunking_and_query_batching_do_not_change_the_scores(solved, problem):
     name, res = solved
     # iterative solvers stop at their tolerance (CG: relative residual 1e-6, the error up to κ times that)

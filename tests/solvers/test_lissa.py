@@ -143,6 +143,7 @@ def test_power_iteration_and_trace_match_the_explicit_spectrum(saddle):
 
 
 # --------------------------------------------------------------------------- accuracy with defaults
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_defaults_match_exact_on_logistic_regression(logreg):
     exact = run(logreg, ExactSettings())
     res = run(logreg, LissaSettings())  # the default: preconditioned by a low-rank Arnoldi approximation
@@ -168,6 +169,7 @@ def test_defaults_match_exact_on_logistic_regression(logreg):
     assert res.total_diagnostics()[0].value < plain.total_diagnostics()[0].value
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_a_preconditioner_fitted_on_a_subset_keeps_the_solve_exact(logreg):
     # Lanczos on 300 of the 1,347 examples: a rougher preconditioner, the same target (H + λI)⁻¹ v
     exact = run(logreg, ExactSettings())
@@ -201,6 +203,7 @@ def deep_tanh_mlp():
     return problems.Problem(model, train, val, "auto")
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_unconverged_tanh_mlp_with_too_little_damping_is_refused_before_solving(deep_tanh_mlp):
     """The default LiSSA diverged here (damping = the L2 of 1e-2 plus 1e-2): now the preconditioner's Krylov
     space finds the negative curvature and the error names the damping that fixes it."""
@@ -238,6 +241,7 @@ def test_defaults_match_cg_on_relu_cnn():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_auto_scale_does_not_diverge_across_seeds(saddle, seed):
     # positive definite at λ = 0.5, with minibatches of 64 out of 256: the minibatch spectra vary a lot
     res = run(saddle, LissaSettings(seed=seed, batch_size=64, depth=100, repeats=1), damping=0.5, queries=list(range(6)))
@@ -245,6 +249,7 @@ def test_auto_scale_does_not_diverge_across_seeds(saddle, seed):
     assert max(max(h["y"]) for h in diag(res, "norm_history")) < 100
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_auto_scale_reaches_the_top_of_a_preconditioned_minibatch_system():
     """With the default (Arnoldi) preconditioner the minibatch system ``S(H_B + λI)S`` is the identity on
     almost all of its 40,010 dimensions (a linear classifier on 384 examples), with a few eigenvalues up to
@@ -390,6 +395,7 @@ def test_standard_error_shrinks_as_repeats_grow(saddle):
     assert se8 < 0.75 * se2, (se2, se8)  # ≈ 1/2 expected from 1/√R
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_standard_error_predicts_the_spread_of_the_scores(saddle):
     # eight independent one-repeat runs (seeds 0–7) give the actual spread of each query's score vector;
     # the standard error reported by one run with 8 repeats, times √8, must estimate it

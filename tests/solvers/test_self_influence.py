@@ -26,6 +26,7 @@ def exact_self(logreg):
 
 
 @pytest.mark.parametrize("solver", ["lissa", "ekfac", "kfac", "arnoldi"])
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_self_influence_ranks_like_exact(logreg, exact_self, solver):
     res = self_influence(logreg, solver)
     rho = float(spearman_corrcoef(res.self_influence, exact_self.self_influence))

@@ -70,12 +70,14 @@ def test_cg_matches_exact(logreg, exact_logreg):
     assert diag(res, "converged") and diag(res, "max_relative_residual") <= 1e-10
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_lissa_matches_exact_logreg(logreg, exact_logreg):
     res = run(logreg, LissaSettings(depth=3000, batch_size=128, scale=3.0, repeats=2, seed=1, preconditioner=None))
     cos, r = rowwise(res.scores, exact_logreg.scores)
     assert cos.median() >= 0.99 and r.median() >= 0.99, (cos, r)
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_lissa_matches_exact_tanh_mlp(mlp):
     exact = run(mlp, ExactSettings())
     res = run(mlp, LissaSettings(depth=3000, batch_size=128, scale=10.0, repeats=2, seed=1, preconditioner=None))
@@ -101,12 +103,14 @@ def test_solvers_agree_on_self_influence(small_logreg):
 
 
 @pytest.mark.parametrize("solver", [ExactSettings(), LissaSettings(depth=200, scale=5.0, seed=3)])
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_chunk_and_query_batch_size_do_not_change_scores(small_logreg, solver):
     a = run(small_logreg, solver, chunk_size=1000, query_batch_size=None)
     b = run(small_logreg, solver, chunk_size=97, query_batch_size=3)
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow  # moved out of the fast suite (>8 s); runs under -m slow
 def test_lissa_same_seed_identical_other_seed_different(logreg):
     s = LissaSettings(depth=100, scale=5.0, batch_size=32, seed=7)
     a, b = run(logreg, s), run(logreg, s)
