@@ -121,45 +121,47 @@ class LinearAdapter(LayerAdapter, module_type=nn.Linear):
                 x.reshape(batch_size, -1, module.in_features))
 
 
-class Conv2dAdapter(LayerAdapter, module_type=nn.Conv2d):
+class _ConvAdapter(LayerAdapter):
+    """Convolutions with ``groups=1``: each output location is a position, ``a`` its receptive-field patch
+    ordered as ``weight.reshape(out, -1)``, so ``cols = C_in·∏kernel``; subclasses say how to cut patches."""
+
+    @staticmethod
+    def patches(module: nn.Module, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return module.groups == 1
+
+    @classmethod
+    def dims(cls, module: nn.Module) -> Tuple[int, int]:
+        return int(module.out_channels), int(module.weight[0].numel())
+
+    @classmethod
+    def factors(cls, module: nn.Module, inputs: Tuple[Any, ...], grad_output: Tensor,
+                batch_size: int) -> Tuple[Tensor, Tensor]:
+        a = cls.patches(module, inputs[0])
+        g = grad_output.reshape(batch_size, module.out_channels, -1).transpose(1, 2)
+        return g, a
+
+
+class Conv2dAdapter(_ConvAdapter, module_type=nn.Conv2d):
     """``nn.Conv2d`` with ``groups=1``: each output location is a position, ``a`` its receptive-field
     patch (``F.unfold``, ordered as ``weight.reshape(out, -1)``), so ``cols = C_in·kh·kw`` (KFC, Grosse &
     Martens 2016)."""
 
-    @classmethod
-    def supports(cls, module: nn.Module) -> bool:
-        return module.groups == 1
-
-    @classmethod
-    def dims(cls, module: nn.Module) -> Tuple[int, int]:
-        return int(module.out_channels), int(module.weight[0].numel())
-
-    @classmethod
-    def factors(cls, module: nn.Module, inputs: Tuple[Any, ...], grad_output: Tensor,
-                batch_size: int) -> Tuple[Tensor, Tensor]:
-        a = conv2d_patches(module, inputs[0])
-        g = grad_output.reshape(batch_size, module.out_channels, -1).transpose(1, 2)
-        return g, a
+    @staticmethod
+    def patches(module: nn.Module, x: Tensor) -> Tensor:
+        return conv2d_patches(module, x)
 
 
-class Conv1dAdapter(LayerAdapter, module_type=nn.Conv1d):
+class Conv1dAdapter(_ConvAdapter, module_type=nn.Conv1d):
     """``nn.Conv1d`` with ``groups=1`` on ``[B, C, L]``: each output time step is a position, ``a`` its
     receptive-field window ordered as ``weight.reshape(out, -1)`` (channel-major), ``cols = C_in·k``."""
 
-    @classmethod
-    def supports(cls, module: nn.Module) -> bool:
-        return module.groups == 1
-
-    @classmethod
-    def dims(cls, module: nn.Module) -> Tuple[int, int]:
-        return int(module.out_channels), int(module.weight[0].numel())
-
-    @classmethod
-    def factors(cls, module: nn.Module, inputs: Tuple[Any, ...], grad_output: Tensor,
-                batch_size: int) -> Tuple[Tensor, Tensor]:
-        a = conv1d_patches(module, inputs[0])
-        g = grad_output.reshape(batch_size, module.out_channels, -1).transpose(1, 2)
-        return g, a
+    @staticmethod
+    def patches(module: nn.Module, x: Tensor) -> Tensor:
+        return conv1d_patches(module, x)
 
 
 class EmbeddingAdapter(LayerAdapter, module_type=nn.Embedding):
