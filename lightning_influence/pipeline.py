@@ -50,7 +50,8 @@ from .solvers.auto import chosen, is_auto, record_of
 from .validation import RunArguments, check_query_indices, check_run_arguments, warn_num_queries
 
 __all__ = ["DEFAULT_DAMPING", "ProgressFn", "QueryGradients", "SolvedQueries", "bind", "compute_influence",
-           "default_query_batch", "fit_inverse", "frozen_module", "preflight", "query_gradients", "self_influence_scores", "solve_queries"]
+           "default_query_batch", "fit_inverse", "frozen_module", "preflight", "query_gradients",
+           "self_influence_scores", "solve_queries"]
 
 #: ``progress(phase, done, total)``, called as each phase advances; phases are ``"query_gradients"``,
 #: ``"solve"``, ``"scoring"`` and ``"self_influence"``.
@@ -283,7 +284,7 @@ def compute_influence(
             ``chunk_size``, or fewer so that the chunk stays within 256 MiB).
         query_batch_size: right-hand sides solved together (default: as many as keep the iterative
             solvers' state within 1 GiB, :func:`default_query_batch`: all of them below about
-            ``2²⁶ / P`` queries); does not change the results beyond the solvers' tolerances.
+            ``2²⁴ / P`` float32 queries); does not change the results beyond the solvers' tolerances.
         dtype: dtype of the influence maths: ``torch.float32`` (default) or ``torch.float64`` (for
             references), or their names ``"float32"``/``"float64"``; half precision is refused.
         progress: optional ``progress(phase, done, total)`` hook.
@@ -513,8 +514,8 @@ SOLVE_VECTORS_PER_QUERY = 16
 def default_query_batch(num_queries: int, num_params: int, itemsize: int, budget: Optional[int] = None) -> int:
     """Right-hand sides per solve when the caller gives none: all ``num_queries`` when their solver state
     (``SOLVE_VECTORS_PER_QUERY`` vectors of ``num_params`` numbers of ``itemsize`` bytes each) fits
-    ``budget`` bytes (default :data:`SOLVE_BYTES`), else as many as fit (at least 1), so that memory stays bounded however many queries
-    are asked. E.g. 2,000 queries on 50,000 float32 parameters: 335 per solve.
+    ``budget`` bytes (default :data:`SOLVE_BYTES`), else as many as fit (at least 1), so that memory stays
+    bounded however many queries are asked. E.g. 2,000 queries on 50,000 float32 parameters: 335 per solve.
 
     Example:
         >>> default_query_batch(2000, 50_000, 4), default_query_batch(100, 2_000, 4)

@@ -92,7 +92,7 @@ class InfluenceCallbackBase:
         self_influence: also compute ``I_up,loss(z, z)`` for every training example; its cost depends on
             the solver's kind (a line at setup says it).
         chunk_size: training examples per chunk (memory vs speed; results unchanged).
-        query_batch_size: queries solved together (default all; results unchanged).
+        query_batch_size: queries solved together (default: as many as keep the solver state within 1 GiB; results unchanged beyond the solvers' tolerances).
         dtype: ``torch.float32`` (default) or ``torch.float64`` (or their names); half precision is refused.
         on_error: ``"warn"`` (default): a failed run is a warning and ``error``; training and checkpoints
             are unaffected. ``"raise"`` re-raises. Each output fails on its own and ``results`` is kept. A
