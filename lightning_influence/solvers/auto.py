@@ -12,7 +12,7 @@ What decides (:func:`choose_solver`, the rule; ``benchmarks/README.md`` has the 
    same 0.4 s; at 1,810 (tanh MLP) exact takes 3.0 s against CG's 1.3 s, at 1,946 (BatchNorm CNN) 96 s
    against 22 s. Larger models, up to the explicit solver's size limit, get it too when forming ``H`` (``P``
    HVPs) costs less than the iterative solves would (:data:`HVPS_PER_SOLVE` per right-hand side: the
-   queries, plus every training example with self-influence), e.g. the digits demo's 2,410-parameter MLP
+   queries, plus every training example with self-influence), e.g. the digits demo's 4,810-parameter MLP
    with self-influence of 1,347 examples.
 3. **Every other model trained on up to** ``full_pass_examples`` **examples: conjugate gradient on full-data
    products**, exact to its tolerance, batched over the queries, never stochastic: ``"cg"``; with many
@@ -34,7 +34,7 @@ Example:
     ('cg', None)
     >>> choose_solver(num_params=21546, num_examples=1347, num_queries=100).settings.preconditioner
     'arnoldi'
-    >>> choose_solver(num_params=2410, num_examples=1347, num_queries=8, self_influence=True).name
+    >>> choose_solver(num_params=4810, num_examples=1347, num_queries=8, self_influence=True).name
     'exact'
     >>> choose_solver(num_params=21546, num_examples=200_000, num_queries=10).name
     'lissa'

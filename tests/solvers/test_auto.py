@@ -20,7 +20,7 @@ from ..problems import digits
         (dict(num_params=1_500, num_examples=1_347, num_queries=32), "cg", "arnoldi"),
         # forming H (P HVPs) costs less than ≈ 32 HVPs per right-hand side: the explicit Hessian
         (dict(num_params=1_500, num_examples=1_347, num_queries=47), "exact", None),
-        (dict(num_params=2_410, num_examples=1_347, num_queries=8, self_influence=True), "exact", None),
+        (dict(num_params=4_810, num_examples=1_347, num_queries=8, self_influence=True), "exact", None),  # the demo
         (dict(num_params=10_001, num_examples=1_347, num_queries=1000), "cg", "arnoldi"),  # over its size limit
         (dict(num_params=50_000, num_examples=50_000, num_queries=1, self_influence=True), "cg", "arnoldi"),
         (dict(num_params=50_000, num_examples=50_001, num_queries=1), "lissa", "arnoldi"),  # LiSSA is preconditioned by default
