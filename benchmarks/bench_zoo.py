@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,12 +37,7 @@ sys.path.insert(0, str(ROOT))
 from lightning_influence import CGSettings, compute_influence  # noqa: E402
 from lightning_influence.solvers.base import solver_names  # noqa: E402
 from tests import zoo  # noqa: E402
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-query Pearson correlation of two ``[Q, N]`` score matrices."""
-    a, b = a.double(), b.double()
-    return F.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), dim=1)
+from tests.problems import pearson_rows as pearson  # noqa: E402
 
 
 def run_one(entry: "zoo.ZooModel", solver: Any, queries: List[int], dtype: torch.dtype) -> Any:

@@ -12,6 +12,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 
+def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row Pearson correlation of two score matrices ``[Q, N]`` (in float64), ``[Q]``."""
+    a, b = a.double(), b.double()
+    return F.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), dim=1)
+
+
 def digits(dtype: torch.dtype = torch.float64, n_train: int = 1347, image: bool = False) -> Tuple[TensorDataset, TensorDataset]:
     """sklearn digits, pixels scaled to [0, 1]; first ``n_train`` for training, the rest for validation.
     ``image=True`` shapes inputs as ``[1, 8, 8]``."""

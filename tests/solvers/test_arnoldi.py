@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -21,6 +20,7 @@ from lightning_influence.solvers.arnoldi import ArnoldiInverse, ArnoldiSettings
 from lightning_influence.curvature.spectral import Lanczos
 
 from .. import problems
+from ..problems import pearson_rows as pearson
 
 F64 = torch.float64
 
@@ -270,11 +270,6 @@ def test_zero_damping_needs_full_rank(logreg, saddle):
 
 
 # --------------------------------------------------------------------------- accuracy on digits
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return F.cosine_similarity(ac, bc, dim=1)
-
-
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = a.argsort().argsort().to(F64), b.argsort().argsort().to(F64)
     return float(pearson(ra[None], rb[None])[0])

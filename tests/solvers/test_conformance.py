@@ -17,6 +17,7 @@ from lightning_influence.solvers import FactoredInverse, SolverKind, registered_
 
 from ..problems import trained_logreg
 from ..threads import run_ranks
+from ..problems import pearson_rows as pearson
 
 QUERIES = [0, 7, 19, 44]
 
@@ -29,11 +30,6 @@ AGREEMENT = {SolverKind.ITERATIVE: 0.999, SolverKind.DIRECT: 0.999999, SolverKin
 #: rank-local minibatch parts) are another draw of the same estimator: a Pearson floor instead
 SPLIT_RTOL = {"exact": 1e-9, "cg": 1e-5, "arnoldi": 1e-5, "ekfac": 1e-9, "kfac": 1e-9}
 SPLIT_PEARSON = 0.99
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (ac * bc).sum(1) / (ac.norm(dim=1) * bc.norm(dim=1))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

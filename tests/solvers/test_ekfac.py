@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -16,6 +15,8 @@ from lightning_influence.errors import InfluenceConfigError
 from lightning_influence.objective import Objective
 from lightning_influence.problem import InfluenceProblem
 from lightning_influence.solvers.ekfac import EKFACSettings, KFACSettings, KroneckerInverse
+
+from ..problems import pearson_rows
 
 
 D = torch.float64
@@ -153,11 +154,6 @@ def test_factored_inverse_identities(settings):
 
 
 # ---------------------------------------------------------------------------------------------- digits
-def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return F.cosine_similarity(ac, bc, dim=1)
-
-
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
     return float(pearson_rows(ra[None], rb[None])[0])

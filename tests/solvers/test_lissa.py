@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -29,14 +28,9 @@ from lightning_influence.curvature.spectral import hutchinson_trace, lanczos_ext
 
 from .. import problems
 from ..problems import diag, diag_names
+from ..problems import pearson_rows as pearson
 
 QUERIES = list(range(0, 450, 45))  # 10 validation queries
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-query Pearson correlation of two score matrices ``[Q, N]``."""
-    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return F.cosine_similarity(ac, bc, dim=1)
 
 
 def run(p, solver, damping=None, queries=QUERIES, **kw):

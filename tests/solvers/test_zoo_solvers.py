@@ -15,12 +15,12 @@ from typing import Dict
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_influence import CGSettings, compute_influence
 from lightning_influence.solvers.base import solver_names
 
 from .. import zoo
+from ..problems import pearson_rows as pearson
 
 QUERIES = list(range(6))
 #: families whose kernels have no forward-mode AD, no double backward or no vmap rule (the probe's work); the
@@ -37,11 +37,6 @@ HESSIAN_FLOOR = {"auto": 0.999, "exact": 0.999, "cg": 0.999, "lissa": 0.98, "arn
 FACTORED_FLOOR = 0.3
 
 _REFERENCE: Dict[str, torch.Tensor] = {}
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.double(), b.double()
-    return F.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), dim=1)
 
 
 def run(entry: "zoo.ZooModel", solver, dtype=torch.float32):
