@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .curvature.damping import AutoDamping, resolve_damping
+from .curvature.damping import DEFAULT_DAMPING, AutoDamping, resolve_damping
 from .contract import check_first_batch
 from .data import Collate, ExampleSource
 from .diagnostics import Diagnostic, combine_scalars
@@ -57,9 +57,6 @@ __all__ = ["DEFAULT_DAMPING", "ProgressFn", "QueryGradients", "SolvedQueries", "
 #: ``"solve"``, ``"scoring"`` and ``"self_influence"``.
 ProgressFn = Callable[[str, int, int], None]
 
-#: The fixed damping of the callback's ``damping=None`` when the optimizer has no coupled L2 (Hessian units);
-#: every function's default is ``damping="auto"``.
-DEFAULT_DAMPING = 1e-3
 @contextlib.contextmanager
 def frozen_module(module: nn.Module) -> Iterator[None]:
     """Eval mode and autocast off for the duration; every
@@ -350,21 +347,8 @@ def compute_influence(
         solved = solve_queries(inverse, queries.grads, args.query_batch_size, report)
         timings["solve"] = time.perf_counter() - t0
 
-        # scores, streamed over the training set; self-influence in the same pass for a factored inverse
-        t0 = time.perf_counter()
-        n = problem.num_examples
-        factored = isinstance(inverse, FactoredInverse)
-        quadratic = _Quadratic(inverse)  # self-influence in the scoring pass (factored inverse)
-        scores, self_inf = influence_scores(problem, solved.s_test, _counter(report, "scoring", n),
-                                            quadratic if self_influence and factored else None)
-        timings["scoring"] = time.perf_counter() - t0
-        self_diags = combine_scalars(quadratic.diagnostics)
-
-        if self_influence and not factored:
-            t0 = time.perf_counter()
-            self_inf, self_diags = self_influence_scores(problem, inverse, args.query_batch_size or args.forward_chunk,
-                                                         report)
-            timings["self_influence"] = time.perf_counter() - t0
+        scores, self_inf, self_diags = _score(problem, inverse, solved, self_influence,
+                                              args.query_batch_size or args.forward_chunk, report, timings)
 
     timings["total"] = time.perf_counter() - t_start
     diagnostics = diagnostics_layout(
@@ -387,6 +371,26 @@ def compute_influence(
         timings=timings,
         record=run_record(problem, settings, inverse, args, len(queries.indices), solved.batch_size, record_of(choice)),
     )
+
+
+def _score(problem: InfluenceProblem, inverse: InverseHVP, solved: "SolvedQueries", self_influence: bool,
+           self_batch: int, report: ProgressFn, timings: Dict[str, float]
+           ) -> Tuple[Tensor, Optional[Tensor], List[Diagnostic]]:
+    """Phases 4 and 5: the scores, streamed over the training set, and self-influence when asked (in the same
+    pass for a factored inverse, else :func:`self_influence_scores` ``self_batch`` at a time), timed into
+    ``timings``."""
+    t0 = time.perf_counter()
+    factored = isinstance(inverse, FactoredInverse)
+    quadratic = _Quadratic(inverse)  # self-influence in the scoring pass (factored inverse)
+    scores, self_inf = influence_scores(problem, solved.s_test, _counter(report, "scoring", problem.num_examples),
+                                        quadratic if self_influence and factored else None)
+    timings["scoring"] = time.perf_counter() - t0
+    self_diags = combine_scalars(quadratic.diagnostics)
+    if self_influence and not factored:
+        t0 = time.perf_counter()
+        self_inf, self_diags = self_influence_scores(problem, inverse, self_batch, report)
+        timings["self_influence"] = time.perf_counter() - t0
+    return scores, self_inf, self_diags
 
 
 def run_record(problem: InfluenceProblem, settings: SolverSettings, inverse: InverseHVP, args: RunArguments,

@@ -18,6 +18,8 @@ from lightning_influence import InfluenceConfigError
 from lightning_influence import autodiff as ad
 from lightning_influence.functional import ParamSpace
 
+from .custom_ops import BrokenBackward, CustomNet, DetachedBackward, NoBackward, OldStyle
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 VOCAB, WIDTH, CLASSES, STEPS = 9, 4, 3, 4
@@ -334,80 +336,6 @@ def test_probe_on_the_float32_lstm_avoids_the_mkldnn_kernel():
     assert rel(ad.batch_hvp(plan, pb.loss, pb.space, pb.theta, pb.batch, v), eager_hvp(pb, v)) < 1e-5
 
 
-class NoBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.tanh(x)
-
-
-class BrokenBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        raise RuntimeError("BrokenBackward cannot differentiate")
-
-
-class OldStyle(torch.autograd.Function):
-    """A correct backward, but no setup_context: torch.func refuses it, eager autograd does not."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
-class DetachedBackward(torch.autograd.Function):
-    """A correct gradient whose own derivative is wrong (the saved output is detached)."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y.detach() ** 2)
-
-    @staticmethod
-    def vmap(info, in_dims, x):
-        return DetachedBackward.apply(x), in_dims[0]
-
-
-class Act(nn.Module):
-    def __init__(self, fn: type) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn.apply(x)
-
-
-class CustomNet(nn.Module):
-    def __init__(self, fn: type) -> None:
-        super().__init__()
-        self.lin, self.act, self.head = nn.Linear(3, 5), Act(fn), nn.Linear(5, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.act(self.lin(x)))
-
-
 @pytest.mark.parametrize("fn", [NoBackward, BrokenBackward])
 def test_probe_names_a_custom_function_without_a_working_backward(fn):
     """(e) nothing can differentiate it: the error names the Function and the layer applying it."""
@@ -415,7 +343,7 @@ def test_probe_names_a_custom_function_without_a_working_backward(fn):
     with pytest.raises(ad.UnsupportedModelError) as info:
         ad.probe(pb.loss, pb.space, pb.theta, pb.batch)
     msg = str(info.value)
-    assert f"no per-example gradient strategy works for this model: the failing one is op `{__name__}.{fn.__name__}` " \
+    assert f"no per-example gradient strategy works for this model: the failing one is op `{fn.__module__}.{fn.__name__}` " \
            "in layer `act` (Act)" in msg
     assert "needs a backward" in msg
 
@@ -433,7 +361,7 @@ def test_probe_without_exact_hvps_says_what_still_works():
     with pytest.raises(ad.UnsupportedModelError) as info:
         ad.probe(pb.loss, pb.space, pb.theta, pb.batch, select="first", finite_differences=False)
     msg = str(info.value)
-    assert f"no exact Hessian-vector product strategy works for this model: the failing one is op `{__name__}.OldStyle` " \
+    assert f"no exact Hessian-vector product strategy works for this model: the failing one is op `{OldStyle.__module__}.OldStyle` " \
            "in layer `act` (Act)" in msg
     assert "Per-example gradients work (grads='loop'), so solver='ekfac' or solver='kfac' can still run" in msg
 

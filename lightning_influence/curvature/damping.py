@@ -52,8 +52,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..problem import InfluenceProblem
 
-__all__ = ["AutoDamping", "DampingChoice", "DampingRule", "DampingSpec", "FactoredRule", "FixedDamping", "HessianKrylov",
-           "Spectrum", "SpectrumRule", "check_curvature", "estimate_spectrum", "optimizer_l2", "resolve_damping"]
+__all__ = ["DEFAULT_DAMPING", "AutoDamping", "DampingChoice", "DampingRule", "DampingSpec", "FactoredRule", "FixedDamping",
+           "HessianKrylov", "Spectrum", "SpectrumRule", "check_curvature", "damping_for_optimizers", "estimate_spectrum",
+           "optimizer_damping", "optimizer_l2", "resolve_damping"]
+
+#: The fixed damping of ``damping=None`` (:func:`damping_for_optimizers`) when the optimizer has no coupled L2
+#: (Hessian units); every function's default is ``damping="auto"``.
+DEFAULT_DAMPING = 1e-3
 
 #: optimizers whose ``weight_decay`` adds ``wd·θ`` to the gradient (an L2 term ``wd/2·‖θ‖²`` in the loss)
 _COUPLED_L2 = ("SGD", "Adam", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "ASGD")
@@ -185,6 +190,41 @@ def optimizer_l2(optimizers: Sequence[Any], params: Sequence[Any]) -> Tuple[Opti
     if min(decays) == 0:
         return None, "some attributed parameters have no L2 weight decay"
     return min(decays), f"{'/'.join(sorted(kinds))} weight_decay (coupled L2)"
+
+
+def optimizer_damping(optimizers: Sequence[Any], params: Sequence[Any]) -> Tuple[float, str]:
+    """The fixed damping of ``damping=None``: the optimizers' coupled L2 coefficient on ``params``
+    (:func:`optimizer_l2`), else :data:`DEFAULT_DAMPING`, and why (recorded as the damping's source)."""
+    lam, reason = optimizer_l2(optimizers, params)
+    return (DEFAULT_DAMPING, f"{reason}; default damping") if lam is None else (lam, reason)
+
+
+def damping_for_optimizers(damping: Union[None, float, str, AutoDamping, FixedDamping], optimizers: Sequence[Any],
+                           params: Sequence[Any], solver: str) -> DampingSpec:
+    """The damping of a model trained by ``optimizers`` (the callback's ``damping=`` argument): ``"auto"``:
+    :meth:`AutoDamping.from_optimizer` on ``params``, raised by ``solver``'s damping rule where the curvature
+    needs it; ``None``: exactly :func:`optimizer_damping`; anything else: exactly what was given
+    (:func:`resolve_damping`). The source says which, so the run record tells where λ came from.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(3))
+        >>> sgd = torch.optim.SGD([w], lr=0.1, weight_decay=0.01)
+        >>> damping_for_optimizers(None, [sgd], [w], "cg")
+        FixedDamping(value=0.01, source='SGD weight_decay (coupled L2)')
+        >>> damping_for_optimizers("auto", [sgd], [w], "cg").base
+        0.01
+    """
+    if damping is None:
+        return FixedDamping(*optimizer_damping(optimizers, params))
+    if isinstance(damping, str) and damping == "auto":
+        auto = AutoDamping.from_optimizer(list(optimizers), params)
+        return AutoDamping(base=auto.base, source=f"auto: {auto.source}, plus what the curvature needs (the "
+                           f"{solver} solver's damping rule)")
+    spec = resolve_damping(damping)
+    if isinstance(spec, AutoDamping):
+        return AutoDamping(**{**vars(spec), "source": spec.source or "AutoDamping set by the user: from the curvature"})
+    return spec
 
 
 def resolve_damping(damping: Union[float, str, AutoDamping, FixedDamping], source: str = "") -> DampingSpec:

@@ -12,7 +12,7 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Rand
 from ..data import check_map_dataset
 from ..errors import InfluenceConfigError
 
-__all__ = ["check_query_range", "limited_batches_note", "query_loader", "queries_may_come_later", "sampled_examples",
+__all__ = ["check_query_range", "limited_batches_note", "no_queries_yet_note", "query_loader", "queries_may_come_later", "sampled_examples",
            "train_loader"]
 
 
@@ -55,6 +55,16 @@ def query_loader(trainer: Any, explicit: Optional[DataLoader], required: bool = 
             f"the validation dataloader is a {type(loaders).__name__}; pass query_dataloader= (a torch DataLoader)."
         )
     return loaders
+
+
+def no_queries_yet_note(trainer: Any, explicit: Optional[DataLoader], trigger: str, where: str) -> Optional[str]:
+    """Why an in-loop run (``trigger`` ``"epoch"`` or ``"step"``, at ``where``) has no queries yet, and the fix;
+    ``None`` when it has them (or never will: the run then fails with the loader's own message)."""
+    if not queries_may_come_later(trainer, explicit):
+        return None
+    why = "check_val_every_n_epoch > 1" if trigger == "epoch" else "no validation has run yet"
+    return (f"InfluenceCallback: no influence {where}: Lightning has not loaded the validation data yet ({why}); pass "
+            f"query_dataloader= to have queries at every {'epoch' if trigger == 'epoch' else 'run'}.")
 
 
 def queries_may_come_later(trainer: Any, explicit: Optional[DataLoader]) -> bool:

@@ -13,9 +13,10 @@ from typing import Any, Optional, TextIO
 
 import pytorch_lightning as pl
 
+from ..errors import InfluenceInterrupted
 from ..pipeline import ProgressFn
 
-__all__ = ["trainer_progress", "PhaseBars", "PHASE_TITLES"]
+__all__ = ["checked_progress", "trainer_progress", "PhaseBars", "PHASE_TITLES"]
 
 #: how each phase is titled on its bar
 PHASE_TITLES = {
@@ -77,3 +78,21 @@ def trainer_progress(trainer: "pl.Trainer") -> Optional[ProgressFn]:
     # the validation bar's line: the training bar may still be open on the line above when fit ends
     position = 2 * int(getattr(bar, "process_position", 0) or 0) + 1
     return PhaseBars(position=position, leave=bool(getattr(bar, "_leave", False)))
+
+
+def checked_progress(trainer: "pl.Trainer", inner: Optional[ProgressFn], interrupt: Any = None) -> ProgressFn:
+    """``inner`` (may be ``None``), first stopping the run with
+    :class:`~lightning_influence.errors.InfluenceInterrupted` when a Ctrl+C arrived that an op swallowed
+    (``interrupt.check()``, a :class:`~lightning_influence.guards.Interrupt`) or, in one process, once
+    Lightning received SIGTERM (with several, the communicator stops every rank together)."""
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if interrupt is not None:
+            interrupt.check()
+        if trainer.world_size <= 1 and getattr(trainer, "received_sigterm", False):
+            raise InfluenceInterrupted("SIGTERM stopped the influence computation; training, its weights and "
+                                       "checkpoints are kept.")
+        if inner is not None:
+            inner(phase, done, total)
+
+    return progress

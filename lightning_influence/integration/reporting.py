@@ -1,8 +1,9 @@
 """The reporters' context from a Trainer: its loggers, its ``WandbLogger``'s run, the run's folder and step.
 
 The reporters themselves (:mod:`lightning_influence.reporting`) know no Lightning; this module reads what
-they need from a Trainer. :func:`report_influence` and :func:`report_epoch` send one run's results through
-the reporters the way the callback does, for users who drive a Trainer themselves.
+they need from a Trainer. :func:`report_influence` sends one run's results through the
+reporters the way the callback does, for users who drive a Trainer themselves (an in-loop run: the same with
+``key=RunKey("epoch", e, step)`` in the reporters' context, which :func:`trainer_context` builds).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..reporting.reporters import ReportContext, Reporter, default_reporters, re
 from ..results import InfluenceResults
 from .outputs import FOLDER, broadcast_from_zero, run_dir
 
-__all__ = ["WANDB_LOGGER_MODULES", "default_report_path", "find_wandb_logger", "influence_dir", "report_epoch",
+__all__ = ["WANDB_LOGGER_MODULES", "default_report_path", "find_wandb_logger", "influence_dir",
            "report_influence", "trainer_context"]
 
 #: where each Lightning namespace defines its ``WandbLogger``
@@ -110,33 +111,4 @@ def report_influence(
     out: Dict[str, Any] = {"scalars": {}, "html_path": None, "wandb_run_dir": None, "wandb_run_id": None,
                            "wandb_artifact": None, "wandb_keys": []}
     out.update(report(results, chosen, context))
-    return out
-
-
-def report_epoch(
-    trainer: Any,
-    results: InfluenceResults,
-    *,
-    epoch: int,
-    history: Mapping[Any, InfluenceResults],
-    train_dataset: Dataset,
-    top_k: int = 10,
-    self_influence_k: Optional[int] = None,
-    render_example: Optional[Callable[[Any], Any]] = None,
-    classes: Optional[Sequence[str]] = None,
-    key: Optional[RunKey] = None,
-    reporters: Optional[Sequence[Reporter]] = None,
-) -> Dict[str, Any]:
-    """Report one run inside the training loop on global rank zero (other ranks return ``{}`` at once; no
-    collectives): each reporter's ``report_run`` (the summary scalars and ``influence/epoch`` to every
-    logger at the current global step, one W&B row with, from the second run on, how the top examples
-    moved across the runs). The HTML report and the W&B tables with previews are written once, when
-    training ends, by :func:`report_influence`."""
-    if not trainer.is_global_zero:
-        return {}
-    context = trainer_context(trainer, train_dataset=train_dataset, key=key, epoch=int(epoch), history=history,
-                              render_example=render_example, classes=classes, top_k=top_k,
-                              self_influence_k=self_influence_k)
-    out: Dict[str, Any] = {"scalars": {}, "wandb_run_dir": None, "wandb_run_id": None, "wandb_keys": []}
-    out.update(report(results, list(reporters) if reporters is not None else default_reporters(), context))
     return out

@@ -10,9 +10,10 @@ parameters across processes are refused before training.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from ..errors import InfluenceConfigError
 if TYPE_CHECKING:  # pragma: no cover
     import pytorch_lightning as pl
 
-__all__ = ["DEFAULT_COLLECTIVE_TIMEOUT", "StrategyCommunicator", "check_strategy", "communicator_for"]
+__all__ = ["DEFAULT_COLLECTIVE_TIMEOUT", "StrategyCommunicator", "check_strategy", "communicator_for", "opened_communicator"]
 
 #: strategies whose processes hold different parameters (sharded or split model)
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
@@ -61,6 +62,16 @@ def check_strategy(trainer: "pl.Trainer") -> None:
 
 #: the callback's default ``collective_timeout``: seconds a rank waits in one influence collective for the others
 DEFAULT_COLLECTIVE_TIMEOUT = 600.0
+
+
+@contextlib.contextmanager
+def opened_communicator(trainer: "pl.Trainer", timeout: Optional[float] = None) -> Iterator[Communicator]:
+    """:func:`communicator_for` (a collective), closed when the block ends however it ends."""
+    comm = communicator_for(trainer, timeout)
+    try:
+        yield comm
+    finally:
+        comm.close()
 
 
 def communicator_for(trainer: "pl.Trainer", timeout: Optional[float] = None) -> Communicator:

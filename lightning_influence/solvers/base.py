@@ -289,9 +289,8 @@ class SolverSettings(ABC):
 
 
 def registered_solvers() -> Dict[str, Type[SolverSettings]]:
-    """``{name: settings class}`` of every registered solver (importing the built-in ones first)."""
-    from . import arnoldi, auto, cg, ekfac, exact, lissa  # noqa: F401 - registration by import
-
+    """``{name: settings class}`` of every registered solver (the built-in ones register when the package
+    ``lightning_influence.solvers`` is imported, which importing this module does first)."""
     return dict(_REGISTRY)
 
 

@@ -165,8 +165,6 @@ def main() -> int:
     model = Classifier()
     raised = None
     if args.stop_rank is not None or args.sigterm_rank is not None:
-        import time
-
         finished = cb._run
 
         def timed_run(*a, **kw):  # when the influence run ended, from the first solve

@@ -24,7 +24,7 @@ from lightning_influence.pipeline import DEFAULT_DAMPING
 
 from ..lit_models import DictDataset, LitClassifier, LitDictClassifier, loaders, quiet_trainer
 from ..problems import diag, digits, pearson_rows
-from ..test_autodiff import Act, OldStyle
+from ..custom_ops import Act, NoBackward, OldStyle
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -228,12 +228,10 @@ def test_a_custom_op_without_any_derivative_fails_before_training_naming_it(tmp_
     layer (not the raw torch error after the whole run)."""
     from lightning_influence.autodiff import UnsupportedModelError
 
-    from ..test_autodiff import NoBackward
-
     train, val = data
     net = nn.Sequential(nn.Linear(64, 16), Act(NoBackward), nn.Linear(16, 10))
     model = LitClassifier(net, lr=0.2)
     trainer = quiet_trainer(tmp_path, max_epochs=50, callbacks=[InfluenceCallback(num_queries=2)])
-    with pytest.raises(UnsupportedModelError, match=r"op `tests\.test_autodiff\.NoBackward` in layer `inner\.net\.1` \(Act\)"):
+    with pytest.raises(UnsupportedModelError, match=r"op `tests\.custom_ops\.NoBackward` in layer `inner\.net\.1` \(Act\)"):
         trainer.fit(model, *loaders(train, val))
     assert trainer.global_step == 0
