@@ -38,7 +38,7 @@ from .errors import InfluenceConfigError, InfluenceRuntimeError
 from .functional import ParamSpace, PerExampleLoss, batch_size_of, map_tensors, module_loss
 from .seeds import Stream, derive_seed
 
-__all__ = ["Objective", "default_loss_fn", "select_params"]
+__all__ = ["IGNORE_INDEX", "Objective", "class_dim", "default_loss_fn", "select_params"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 HOOK_NAME = "influence_loss"
@@ -46,17 +46,44 @@ HOOK_NAME = "influence_loss"
 IGNORE_INDEX = -100
 
 
+def class_dim(outputs: Tensor, targets: Tensor) -> int:
+    """The dimension of ``outputs`` that holds the classes for the default cross-entropy: the last one when
+    ``targets`` has the shape of ``outputs`` without it (a language model's ``[B, T, V]`` next-token logits
+    with ``[B, T]`` token targets), else dimension 1 (torch's ``[B, C]`` and ``[B, C, d₁, …]``)."""
+    if outputs.dim() >= 3 and tuple(targets.shape) == tuple(outputs.shape[:-1]):
+        return outputs.dim() - 1
+    return 1
+
+
 def default_loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Per-example cross-entropy (natural log, nats): ``F.cross_entropy(..., reduction="none")``."""
-    return F.cross_entropy(outputs, targets, reduction="none")
+    """Per-example cross-entropy in nats, ``[B]``.
+
+    * ``[B, C]`` logits with ``[B]`` labels (or ``[B, C]`` probabilities): ``F.cross_entropy(...,
+      reduction="none")``.
+    * Sequences: ``[B, T, V]`` logits with ``[B, T]`` integer targets (a language model; or torch's
+      ``[B, C, T, …]`` layout with ``[B, T, …]`` targets): the **sum** over the sequence's positions of the
+      token cross-entropies. Positions labelled :data:`IGNORE_INDEX` (``−100``: padding, a prompt) add
+      nothing, to the loss or its gradient. So ``R(θ)`` is the mean over sequences of their summed token
+      losses, and a removed sequence takes all its tokens with it.
+
+    Example:
+        >>> logits, tokens = torch.zeros(2, 3, 4), torch.tensor([[1, 2, -100], [0, -100, -100]])
+        >>> default_loss_fn(logits, tokens)  # 2 and 1 real tokens, each log(4) nats
+        tensor([2.7726, 1.3863])
+    """
+    if outputs.dim() >= 3 and class_dim(outputs, targets) != 1:
+        outputs = outputs.movedim(-1, 1)
+    losses = F.cross_entropy(outputs, targets, reduction="none", ignore_index=IGNORE_INDEX)
+    return losses.reshape(losses.shape[0], -1).sum(dim=1) if losses.dim() > 1 else losses
 
 
 def _fisher_sketch_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """The default cross-entropy's Fisher loss. ``targets`` from :meth:`Objective.fisher_batch`: a float
-    sketch ``δ [B, C]`` gives the pseudo-loss ``⟨outputs, δ⟩`` whose gradient with respect to the logits is
-    ``δ`` (its value means nothing; only its gradients are used); integer labels give the cross-entropy."""
+    sketch ``δ`` of the shape of ``outputs`` gives the pseudo-loss ``⟨outputs, δ⟩`` per example, whose
+    gradient with respect to the logits is ``δ`` (its value means nothing; only its gradients are used);
+    integer labels give the cross-entropy."""
     if targets.is_floating_point() and targets.shape == outputs.shape:
-        return (outputs * targets).sum(-1)
+        return (outputs * targets).reshape(outputs.shape[0], -1).sum(dim=1)
     return default_loss_fn(outputs, targets)
 
 
@@ -278,22 +305,32 @@ class Objective:
         logit gradient ``p − e_y`` of a label ``y ~ p``, so both estimate the same true Fisher
         ``Jᵀ(diag(p) − ppᵀ)J``. The label's estimate is heavy-tailed for a confident model (rare labels
         give the large gradients); ``(uᵀδ)²`` is ``uᵀ(diag(p) − ppᵀ)u·χ²₁``, with relative variance 2
-        (measured effect on EK-FAC: benchmarks/README.md). Outputs of another shape get a label drawn
-        from ``softmax``."""
+        (measured effect on EK-FAC: benchmarks/README.md).
+
+        Sequences (``[B, T, V]`` logits with ``[B, T]`` targets, or any layout :func:`class_dim` reads):
+        one independent ``δ`` per position along the class dimension, zero where the target is
+        :data:`IGNORE_INDEX`. The token terms' cross products vanish in expectation (independent, zero
+        mean), so ``E[g gᵀ]`` is the true Fisher ``Σ_t J_tᵀ(diag(p_t) − p_t p_tᵀ)J_t`` of the summed token
+        losses, as with each token drawn from the model. Outputs of another shape (``[B]``) get a label
+        drawn from ``softmax``."""
         if self.uses_hook or self.loss_fn is not default_loss_fn:
             return batch
         logits = self.outputs(batch)
         assert logits is not None
         z = logits.detach().double().cpu()
         gens = [torch.Generator().manual_seed(derive_seed(seed, Stream.FISHER_PASS, int(i))) for i in positions]
-        if z.dim() != 2:
+        if z.dim() < 2:
             probs = torch.softmax(z.reshape(z.shape[0], -1), dim=1)
             labels = torch.cat([torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(gens)])
             return (batch[0], labels.view(batch[1].shape).to(device=batch[1].device, dtype=batch[1].dtype), *batch[2:])
-        p = torch.softmax(z, dim=1)
+        cd = class_dim(logits, batch[1]) if z.dim() > 2 else 1
+        p = torch.softmax(z, dim=cd)
         root = p.sqrt()
-        eps = torch.stack([torch.randn(p.shape[1], generator=g, dtype=torch.float64) for g in gens])
-        delta = root * eps - p * (root * eps).sum(1, keepdim=True)
+        eps = torch.stack([torch.randn(p.shape[1:], generator=g, dtype=torch.float64) for g in gens])
+        delta = root * eps - p * (root * eps).sum(cd, keepdim=True)
+        targets = batch[1]
+        if z.dim() > 2 and isinstance(targets, Tensor) and not targets.is_floating_point():
+            delta = delta * (targets.cpu() != IGNORE_INDEX).unsqueeze(cd).to(delta.dtype)  # no draw for padding
         return (batch[0], delta.to(device=logits.device, dtype=logits.dtype), *batch[2:])
 
     def check_targets(self, batch: Any, indices: Sequence[int], what: str) -> List[int]:
@@ -314,7 +351,7 @@ class Objective:
             out = self.outputs(batch)
             if out is None or out.dim() < 2:
                 return []
-            self._num_classes = int(out.shape[1])
+            self._num_classes = int(out.shape[class_dim(out, targets)])
         c = self._num_classes
         flat = targets.reshape(targets.shape[0], -1)
         ignored = flat == IGNORE_INDEX
