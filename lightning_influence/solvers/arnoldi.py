@@ -94,8 +94,16 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
             the inverse left by the discarded ones, relative to ``1/λ``); in ``(0, 1)``.
         krylov_factor: ``≥ 1``; Lanczos products before the first check with a fixed rank
             (``krylov_factor·k``), and the cap on products, ``krylov_factor·max_rank`` (``≤ P``).
-        block: Lanczos products between convergence checks.
+        block: Lanczos products of the first extension at a fixed damping, and the window of the
+            automatic rank's settling test (the rank must be the same ``min(block, max(check_every, k))``
+            products earlier) and of the preconditioner's gain test (``gain_tol``).
+        check_every: Lanczos products between convergence checks (a check is an eigendecomposition of the
+            small tridiagonal ``T_m``: no product).
         ritz_tol: a kept Ritz pair has converged when its residual ``‖H y − θ y‖ ≤ ritz_tol·(|θ| + λ)``.
+        gain_tol: ``None`` (a solver of its own: grow until the criterion above is met or the cap), or, for a
+            preconditioner, a fraction in ``(0, 1)``: also stop once the last ``block`` products lowered the
+            estimated condition number of the preconditioned system (see the module docstring) by less
+            than this fraction. Its solve stays exact; more products would cost more than they save.
         seed: seed of the Lanczos start vector (and of the subset below); the same seed gives the same inverse.
         max_examples: ``None`` (default) to run Lanczos on the Hessian of the whole training set, or a cap:
             Lanczos then sees the mean-loss Hessian of at most this many training examples drawn at random,
@@ -110,7 +118,9 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
     tol: float = 0.05
     krylov_factor: float = 2.0
     block: int = 20
+    check_every: int = 5
     ritz_tol: float = 1e-3
+    gain_tol: Optional[float] = None
     seed: int = 0
     max_examples: Optional[int] = None
 
@@ -126,7 +136,7 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
 
         if not (self.rank == "auto" or pos_int(self.rank)):
             raise bad("rank", 'a positive integer or "auto"')
-        for arg in ("max_rank", "block"):
+        for arg in ("max_rank", "block", "check_every"):
             if not pos_int(getattr(self, arg)):
                 raise bad(arg, "a positive integer")
         if pos_int(self.rank) and self.rank > self.max_rank:  # type: ignore[operator]
@@ -140,6 +150,8 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
             raise bad("krylov_factor", "a number ≥ 1 (e.g. 2)")
         if not (number(self.ritz_tol) and self.ritz_tol > 0):
             raise bad("ritz_tol", "a positive number (e.g. 1e-3)")
+        if not (self.gain_tol is None or (number(self.gain_tol) and 0 < self.gain_tol < 1)):
+            raise bad("gain_tol", "None or a number in (0, 1) (e.g. 0.25)")
         if not is_int(self.seed):
             raise bad("seed", "an integer")
         if not (self.max_examples is None or pos_int(self.max_examples)):
@@ -152,8 +164,11 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
         ``θ > λ/4`` for PSD ``H``), at most 100 of them, with Ritz pairs accepted at a 1% residual (a
         preconditioner needs directions, not digits: the recursion makes the answer exact), and Lanczos on a
         random 4,096 training examples at most (its cost stops growing with ``n``; the full-data residual
-        keeps the solve exact). Chosen by measurement (``benchmarks/README.md``, section 4)."""
-        return cls(tol=0.2, max_rank=100, ritz_tol=1e-2, max_examples=4096)
+        keeps the solve exact). Chosen by measurement (``benchmarks/README.md``, section 4). Lanczos stops as
+        soon as that is met, or once ``block`` more products lowered the estimated condition number of the
+        preconditioned system by less than a quarter (``gain_tol=0.25``): on the digits demo's MLP ~50
+        products where it ran its cap of 200 (``benchmarks/bench_lanczos.py``)."""
+        return cls(tol=0.2, max_rank=100, ritz_tol=1e-2, gain_tol=0.25, max_examples=4096)
 
     def estimate(self, problem: "InfluenceProblem", damping: DampingSpec) -> Curvature:
         """The first Lanczos products on the Hessian of the training set (or of ``max_examples`` of its
@@ -261,8 +276,8 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", choice: DampingChoice
     auto_damping = choice.mode == "auto"
     fixed_rank = st._fixed_rank(p)
     cap = st._cap(p)
-    prev_k: Optional[int] = None
     converged = False
+    stop = "cap"
     restarts = 0
     lam = choice.value
     target = lz.steps
@@ -273,19 +288,20 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", choice: DampingChoice
         if not auto_damping:
             check_curvature(Spectrum(lo, hi, lz.steps), lam, "arnoldi")
         k, order, ok = _select(st, theta, res, lam, fixed_rank)
-        settled = fixed_rank is not None or k == prev_k or k >= st.max_rank
-        if ok and settled:
-            converged = True
+        if ok and _settled(st, lz, lam, k, fixed_rank):
+            converged, stop = True, "converged"
+            break
+        if st.gain_tol is not None and _stalled(st, lz, lam, fixed_rank, theta, res):
+            stop = "gain"
             break
         if lz.steps >= cap:
             break
         if lz.exhausted:  # invariant space, m < P: go on from a fresh orthogonal start vector
             restarts += 1
             if not lz.restart(derive_seed(st.seed, Stream.RESTART, restarts)):
-                converged = ok
+                converged, stop = ok, "exhausted"
                 break
-        prev_k = k
-        target = min(cap, lz.steps + st.block)
+        target = min(cap, lz.steps + st.check_every)
     spectrum = Spectrum(lo, hi, lz.steps, krylov.spectrum.examples)
     choice = choice.refined(spectrum, f"raised after {lz.steps} Lanczos steps")  # the grown space's extremes
     if choice.value != lam:
@@ -297,7 +313,7 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", choice: DampingChoice
     u = s[:, kept].T.to(dtype=problem.dtype, device=problem.device) @ lz.basis  # [k, m] @ [m, P]
     inv = ArnoldiInverse(problem, choice, theta[kept], u)
     inv.converged = converged
-    if not converged:
+    if not converged and stop != "gain":
         warnings.warn(
             f"solver='arnoldi' stopped after {lz.steps} Lanczos steps (cap {cap} = krylov_factor·max_rank) before the "
             f"{k} kept Ritz pairs converged (ritz_tol={st.ritz_tol:g}) or the automatic rank settled; the "
@@ -311,6 +327,12 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", choice: DampingChoice
     inv.spectrum = spectrum
     max_res = float((res[kept] / (theta[kept].abs() + lam)).max()) if k else 0.0
     inv.setup = _diagnostics(st, inv, lz.steps, max_res, converged, mu_next, time.perf_counter() - t0)
+    inv.setup.append(Diagnostic("lanczos_stop", stop, "Lanczos stopped by",
+                                {"converged": "the kept Ritz pairs converged and the rank settled",
+                                 "gain": f"the last {st.block} products lowered the preconditioned condition estimate "
+                                         f"by less than gain_tol={st.gain_tol}",
+                                 "cap": f"the product cap ({cap}) before convergence",
+                                 "exhausted": "an invariant Krylov space that no restart could extend"}[stop]))
     inv.setup.append(Diagnostic("lanczos_examples", seen.num_examples, "examples seen by Lanczos",
                                 f"training examples whose mean-loss Hessian the Krylov space is built from "
                                 f"(of {problem.num_examples}; max_examples={st.max_examples})"))
@@ -339,6 +361,49 @@ def _select(st: ArnoldiSettings, theta: Tensor, res: Tensor, lam: float,
     ok = bool((res[kept] <= st.ritz_tol * (theta[kept].abs() + max(lam, 0.0))).all())
     ok = ok and (fixed_rank is None or k == fixed_rank)
     return k, order, ok
+
+
+def _settled(st: ArnoldiSettings, lz: Lanczos, lam: float, k: int, fixed_rank: Optional[int]) -> bool:
+    """Whether the rank is settled: fixed, at its cap, or the same as ``min(block, max(check_every, k))``
+    products earlier (read off the leading block of the tridiagonal: no product)."""
+    if fixed_rank is not None or k >= st.max_rank:
+        return True
+    earlier = lz.steps - min(st.block, max(st.check_every, k))
+    if earlier < 1:
+        return False
+    theta = lz.ritz(earlier)[0]
+    return _select(st, theta, torch.zeros_like(theta), lam, fixed_rank)[0] == k
+
+
+def _condition(st: ArnoldiSettings, theta: Tensor, res: Tensor, lam: float,
+               fixed_rank: Optional[int]) -> Tuple[float, int]:
+    """The condition number of the preconditioned system ``P^{-1/2}(H + λI)P^{-1/2}`` that the Ritz pairs
+    predict (``1`` along the kept pairs that have converged, ``(θ + λ)/λ`` or its inverse along every other
+    Ritz direction, where ``P`` acts as ``λI``), and the number of kept pairs that have converged."""
+    k, order, _ = _select(st, theta, res, lam, fixed_rank)
+    done = torch.zeros(theta.numel(), dtype=torch.bool)
+    kept = order[:k]
+    done[kept] = res[kept] <= st.ritz_tol * (theta[kept].abs() + lam)
+    rest = (theta[~done] + lam) / lam
+    if rest.numel() == 0:
+        return 1.0, int(done.sum())
+    rest = rest.clamp_min(1e-300)
+    return float(torch.maximum(rest, 1.0 / rest).max()), int(done.sum())
+
+
+def _stalled(st: ArnoldiSettings, lz: Lanczos, lam: float, fixed_rank: Optional[int], theta: Tensor,
+             res: Tensor) -> bool:
+    """Preconditioner: the last ``block`` products lowered the predicted condition number by less than
+    ``gain_tol`` (relative) and added fewer than ``gain_tol`` times as many converged kept pairs as there
+    were (the condition estimate cannot see eigenvalues the space has not reached yet; new converged pairs
+    say that it is still reaching them)."""
+    earlier = lz.steps - st.block
+    if earlier < 1 or lam <= 0:
+        return False
+    gain = float(st.gain_tol or 0.0)
+    kappa0, done0 = _condition(st, *lz.ritz(earlier)[::2], lam, fixed_rank)
+    kappa, done = _condition(st, theta, res, lam, fixed_rank)
+    return kappa > (1.0 - gain) * kappa0 and done - done0 < gain * max(done0, 1)
 
 
 def _diagnostics(st: ArnoldiSettings, inv: ArnoldiInverse, passes: int, max_res: float, converged: bool,
