@@ -41,8 +41,27 @@ SOLVERS = ("arnoldi", "lissa", "cg-arnoldi")
 def _settings(name: str) -> Any:
     from lightning_influence import ArnoldiSettings, CGSettings, LissaSettings
 
+    if name.startswith("arnoldi-r"):  # a fixed rank, as pyDVL's ArnoldiInfluence(rank=...)
+        return ArnoldiSettings(rank=int(name[len("arnoldi-r"):]))
     return {"arnoldi": ArnoldiSettings(), "lissa": LissaSettings(), "cg-arnoldi": CGSettings(preconditioner="arnoldi"),
             "cg": CGSettings(tol=1e-8, max_iter=5000)}[name]
+
+
+def pydvl_child(path: str, rank: int, damping: float) -> Dict[str, Any]:
+    """pyDVL's ArnoldiInfluence(rank=...).fit on the same model (run under the peers' Python): its setup
+    seconds, Hessian-vector products counted by wrapping its operator's ``apply``."""
+    import torch.nn.functional as F
+    from pydvl.influence.torch import ArnoldiInfluence
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    m = torch.load(path, weights_only=False)
+    loader = DataLoader(m["train"], batch_size=256)
+    infl = ArnoldiInfluence(m["model"], F.cross_entropy, regularization=damping, rank=rank)
+    t0 = time.perf_counter()
+    infl.fit(loader)
+    return {"solver": f"pydvl-r{rank}", "wall": time.perf_counter() - t0, "setup": time.perf_counter() - t0,
+            "solve": 0.0, "passes": None, "rank": rank, "converged": None}
 
 
 def _train(name: str) -> Dict[str, Any]:
@@ -94,11 +113,14 @@ def child(path: str, solver: str, queries: int, dtype: str) -> Dict[str, Any]:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     m = torch.load(path, weights_only=False)
+    if "@" in solver:  # a fixed damping given with the solver
+        solver, lam = solver.split("@")
+        m["damping"] = float(lam)
     t0 = time.perf_counter()
     res = compute_influence(m["model"], m["train"], m["val"], query_indices=list(range(queries)),
                             solver=_settings(solver), damping=_damping(m["damping"]), dtype=getattr(torch, dtype))
     wall = time.perf_counter() - t0
-    pre = solver != "arnoldi" and solver != "cg"
+    pre = not solver.startswith("arnoldi") and solver != "cg"
     p = "preconditioner/" if pre else ""
     row = {
         "solver": solver, "wall": wall, "setup": res.timings.get("solver_setup"), "solve": res.timings.get("solve"),
@@ -121,8 +143,15 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pydvl-python", default=None, help="a Python with pydvl[influence]==0.10.0: also time its "
+                    "ArnoldiInfluence(rank=--rank).fit against our ArnoldiSettings(rank=--rank) setup")
+    ap.add_argument("--rank", type=int, default=10)
     ap.add_argument("--child", nargs=2, metavar=("MODEL_FILE", "SOLVER"), help=argparse.SUPPRESS)
+    ap.add_argument("--pydvl-child", nargs=2, metavar=("MODEL_FILE", "DAMPING"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.pydvl_child:
+        print("ROW " + json.dumps(pydvl_child(args.pydvl_child[0], args.rank, float(args.pydvl_child[1]))))
+        return
     if args.child:
         print("ROW " + json.dumps(child(args.child[0], args.child[1], args.queries, args.dtype)))
         return
@@ -151,11 +180,34 @@ def main(argv: List[str] | None = None) -> None:
                 row.update(model=name, params=num_params, tree=label, pearson_min=float(r.min()),
                            pearson_median=float(r.median()))
                 rows.append(row)
-                print(f"{name:<7} {num_params:>6} {solver:<11} {label:<7} {row['passes'] or 0:>6} {row['rank'] or 0:>5} "
-                      f"{str(row['converged'])[:5]:>5} {row['setup']:>8.2f} {row['solve']:>8.2f} {row['wall']:>8.2f} "
-                      f"{row['pearson_min']:>11.5f} {row['pearson_median']:>7.5f}", flush=True)
+                _print(row)
+        if args.pydvl_python:
+            # pyDVL at a fixed damping: ours at the damping our run chose (automatic for the MLP)
+            lam = next((r["damping"] for r in reversed(rows) if r["model"] == name), None)
+            lam = lam if lam is not None else float(str(m["damping"]).split(":")[-1])
+            for label, tree in trees:
+                row = _spawn(tree, path, f"arnoldi-r{args.rank}@{lam!r}", args.queries, args.dtype)
+                row.update(model=name, params=num_params, tree=label, pearson_min=float("nan"), pearson_median=float("nan"))
+                rows.append(row)
+                _print(row)
+            env = dict(os.environ, PYTHONPATH="")
+            out = subprocess.run([args.pydvl_python, str(Path(__file__).resolve()), "--pydvl-child", str(path), str(lam),
+                                  "--rank", str(args.rank)], env=env, capture_output=True, text=True)
+            got = [json.loads(x[4:]) for x in out.stdout.splitlines() if x.startswith("ROW ")]
+            if not got:
+                print(f"pyDVL failed: {out.stderr[-2000:]}")
+                continue
+            got[0].update(model=name, params=num_params, tree="pydvl", pearson_min=float("nan"), pearson_median=float("nan"))
+            rows.append(got[0])
+            _print(got[0])
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def _print(row: Dict[str, Any]) -> None:
+    print(f"{row['model']:<7} {row['params']:>6} {row['solver']:<11} {row['tree']:<7} {row['passes'] or 0:>6} "
+          f"{row['rank'] or 0:>5} {str(row['converged'])[:5]:>5} {row['setup']:>8.2f} {row['solve']:>8.2f} "
+          f"{row['wall']:>8.2f} {row['pearson_min']:>11.5f} {row['pearson_median']:>7.5f}", flush=True)
 
 
 def _spawn(tree: str, path: Path, solver: str, queries: int, dtype: str) -> Dict[str, Any]:

@@ -32,26 +32,39 @@ converged, see ``ritz_tol``). The diagnostics report the bound with ``μ_{k+1}``
 largest-``e`` discarded Ritz value; by interlacing a Ritz value never exceeds the eigenvalue of the
 same rank, so this estimate can be low while the Krylov space is small.
 
-Rank (``rank="auto"``): the Krylov space grows ``block`` products at a time; after each block the Ritz
-pairs are ranked by ``e`` and ``k`` is the number with ``λ·e(θ) > tol``, i.e. every direction whose
-omission would change ``(H + λI)⁻¹`` by more than ``tol/λ`` in spectral norm (``tol`` relative to the
-complement's ``1/λ``; for PSD ``H``: ``θ > λ·tol/(1 − tol)``), capped at ``max_rank``. The fit stops
-once ``k`` is the same as after the previous block (or hits ``max_rank``) and every kept pair has
+Rank (``rank="auto"``): the Krylov space grows ``check_every`` products at a time (a check is the
+eigendecomposition of the small ``T_m``, no product); at each check the Ritz pairs are ranked by ``e`` and
+``k`` is the number with ``λ·e(θ) > tol``, i.e. every direction whose omission would change
+``(H + λI)⁻¹`` by more than ``tol/λ`` in spectral norm (``tol`` relative to the complement's ``1/λ``; for
+PSD ``H``: ``θ > λ·tol/(1 − tol)``), capped at ``max_rank``. The fit stops once ``k`` is settled (it hits
+``max_rank``, or the Ritz values of the same run ``w = min(block, max(check_every, k))`` products earlier,
+read off the leading ``(m − w) × (m − w)`` block of ``T_m``, gave the same ``k``) and every kept pair has
 converged: ``β_m |s_{m,i}| ≤ ritz_tol·(|θ_i| + λ)`` (an eigenvalue error ``δ`` moves ``1/(θ + λ)`` by
-``δ/(θ + λ)`` relative). With ``rank=k`` the first check comes after ``krylov_factor·k`` products
-(extreme Ritz pairs converge well before ``m = k``, interior ones need more) and the space grows until
-the top ``k`` have converged. In both modes at most ``max(krylov_factor·max_rank, …)`` products are spent
-(``≤ P``); ending unconverged warns. If the space becomes invariant (``β_m ≈ 0``) before that, its
-Ritz pairs are exact; unless the rule is already met, Lanczos goes on from a fresh start vector
-orthogonal to the basis (:meth:`Lanczos.restart`): a single Krylov space holds one direction per
-distinct eigenvalue, so e.g. the null directions of a softmax output layer (a repeated eigenvalue 0)
-need restarts before a rank ``k = P`` is reached.
+``δ/(θ + λ)`` relative). A Hessian with a few large eigenvalues and the rest far below the threshold thus
+stops at the first check (20 products at a fixed damping). With ``rank=k`` the first check comes after
+``krylov_factor·k`` products (extreme Ritz pairs converge well before ``m = k``, interior ones need more)
+and the space grows until the top ``k`` have converged. In both modes at most
+``max(krylov_factor·max_rank, …)`` products are spent (``≤ P``); ending unconverged warns. If the space
+becomes invariant (``β_m ≈ 0``) before that, its Ritz pairs are exact; unless the rule is already met,
+Lanczos goes on from a fresh start vector orthogonal to the basis (:meth:`Lanczos.restart`): a single
+Krylov space holds one direction per distinct eigenvalue, so e.g. the null directions of a softmax output
+layer (a repeated eigenvalue 0) need restarts before a rank ``k = P`` is reached.
+
+As a preconditioner (``gain_tol``, :meth:`ArnoldiSettings.as_preconditioner`) a partly converged space is
+still a valid preconditioner (the outer solve is exact for any symmetric positive definite one), so the
+fit also stops when more products stop paying: the Ritz pairs predict the condition number of the
+preconditioned system, ``κ̂ = max (θ + λ)/λ`` (or its inverse, for ``θ < 0``) over every Ritz direction
+except the kept pairs that have converged (there it is 1); once the last ``block`` products lowered ``κ̂``
+by less than the fraction ``gain_tol`` and added fewer than ``gain_tol`` times as many converged kept
+pairs as there were, Lanczos stops (diagnostic ``lanczos_stop="gain"``, no warning). CG's iterations grow
+like ``√κ``; LiSSA's steps like ``κ``, so LiSSA's named default keeps growing to the rule above
+(:mod:`~lightning_influence.solvers.preconditioned`).
 
 Damping, from the same Krylov space (no extra passes): the fit's first step
 (:meth:`ArnoldiSettings.estimate`) runs at least ``AutoDamping.iters`` Lanczos products (``block`` for a
 fixed damping), and the damping rule reads the extreme Ritz values ``θ_min, θ_max`` of that space
 (:meth:`AutoDamping.choose`); the build then extends the same run. A fixed ``λ`` with ``θ_min + λ ≤ 0``
-raises :class:`NegativeCurvatureError` naming the damping needed (checked after every block, so it fails
+raises :class:`NegativeCurvatureError` naming the damping needed (checked at every check, so it fails
 early). Extreme Ritz values never overshoot (``θ_min ≥ λ_min(H)``, ``θ_max ≤ λ_max(H)``) and only move
 outwards as the space grows: if the final space needs more automatic damping than its first steps did,
 the rule is applied once more to the final extremes and the choice records that it was raised.
