@@ -179,8 +179,9 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
         random 4,096 training examples at most (its cost stops growing with ``n``; the full-data residual
         keeps the solve exact). Chosen by measurement (``benchmarks/README.md``, section 4). Lanczos stops as
         soon as that is met, or once ``block`` more products lowered the estimated condition number of the
-        preconditioned system by less than a quarter (``gain_tol=0.25``): on the digits demo's MLP ~50
-        products where it ran its cap of 200 (``benchmarks/bench_lanczos.py``)."""
+        preconditioned system by less than a quarter (``gain_tol=0.25``): CG's on the digits demo's MLP 75
+        products where it ran its cap of 200 (``benchmarks/bench_lanczos.py``). LiSSA's named default drops
+        the gain stop (:mod:`~lightning_influence.solvers.preconditioned`: its steps grow like κ)."""
         return cls(tol=0.2, max_rank=100, ritz_tol=1e-2, gain_tol=0.25, max_examples=4096)
 
     def estimate(self, problem: "InfluenceProblem", damping: DampingSpec) -> Curvature:
