@@ -234,21 +234,25 @@ class Lanczos:
             self.step()
         return done
 
-    def tridiagonal(self) -> Tensor:
-        """``T_m`` ``[m, m]`` in float64 on the CPU."""
-        m = self.steps
-        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+    def tridiagonal(self, steps: Optional[int] = None) -> Tensor:
+        """``T_m`` ``[m, m]`` in float64 on the CPU (``T_j``, its leading ``j × j`` block, with ``steps=j``:
+        the tridiagonal the run had after ``j`` steps)."""
+        m = self.steps if steps is None else max(0, min(int(steps), self.steps))
+        t = torch.diag(torch.tensor(self.alphas[:m], dtype=torch.float64))
         if m > 1:
             off = torch.tensor(self.betas[: m - 1], dtype=torch.float64)
             t += torch.diag(off, 1) + torch.diag(off, -1)
         return t
 
-    def ritz(self) -> Tuple[Tensor, Tensor, Tensor]:
+    def ritz(self, steps: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """Ritz values ``θ`` ``[m]`` (ascending), the eigenvectors ``S`` ``[m, m]`` of ``T_m`` (columns;
         the Ritz vectors are ``Q_mᵀ S``) and the residual norms ``β_m |S_{m,i}|`` ``[m]``, all float64 on
-        the CPU."""
-        theta, s = torch.linalg.eigh(self.tridiagonal())
-        return theta, s, self.residual_norm * s[-1].abs()
+        the CPU. ``steps=j < m``: the Ritz pairs the run had after ``j`` steps (``T_j`` and ``β_j``), no
+        product needed: a convergence test can compare the space with an earlier one of itself."""
+        m = self.steps if steps is None else max(1, min(int(steps), self.steps))
+        theta, s = torch.linalg.eigh(self.tridiagonal(m))
+        beta = self.residual_norm if m == self.steps else self.betas[m - 1]
+        return theta, s, beta * s[-1].abs()
 
 
 def lanczos_extremes(

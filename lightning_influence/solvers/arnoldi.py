@@ -32,26 +32,39 @@ converged, see ``ritz_tol``). The diagnostics report the bound with ``μ_{k+1}``
 largest-``e`` discarded Ritz value; by interlacing a Ritz value never exceeds the eigenvalue of the
 same rank, so this estimate can be low while the Krylov space is small.
 
-Rank (``rank="auto"``): the Krylov space grows ``block`` products at a time; after each block the Ritz
-pairs are ranked by ``e`` and ``k`` is the number with ``λ·e(θ) > tol``, i.e. every direction whose
-omission would change ``(H + λI)⁻¹`` by more than ``tol/λ`` in spectral norm (``tol`` relative to the
-complement's ``1/λ``; for PSD ``H``: ``θ > λ·tol/(1 − tol)``), capped at ``max_rank``. The fit stops
-once ``k`` is the same as after the previous block (or hits ``max_rank``) and every kept pair has
+Rank (``rank="auto"``): the Krylov space grows ``check_every`` products at a time (a check is the
+eigendecomposition of the small ``T_m``, no product); at each check the Ritz pairs are ranked by ``e`` and
+``k`` is the number with ``λ·e(θ) > tol``, i.e. every direction whose omission would change
+``(H + λI)⁻¹`` by more than ``tol/λ`` in spectral norm (``tol`` relative to the complement's ``1/λ``; for
+PSD ``H``: ``θ > λ·tol/(1 − tol)``), capped at ``max_rank``. The fit stops once ``k`` is settled (it hits
+``max_rank``, or the Ritz values of the same run ``w = min(block, max(check_every, k))`` products earlier,
+read off the leading ``(m − w) × (m − w)`` block of ``T_m``, gave the same ``k``) and every kept pair has
 converged: ``β_m |s_{m,i}| ≤ ritz_tol·(|θ_i| + λ)`` (an eigenvalue error ``δ`` moves ``1/(θ + λ)`` by
-``δ/(θ + λ)`` relative). With ``rank=k`` the first check comes after ``krylov_factor·k`` products
-(extreme Ritz pairs converge well before ``m = k``, interior ones need more) and the space grows until
-the top ``k`` have converged. In both modes at most ``max(krylov_factor·max_rank, …)`` products are spent
-(``≤ P``); ending unconverged warns. If the space becomes invariant (``β_m ≈ 0``) before that, its
-Ritz pairs are exact; unless the rule is already met, Lanczos goes on from a fresh start vector
-orthogonal to the basis (:meth:`Lanczos.restart`): a single Krylov space holds one direction per
-distinct eigenvalue, so e.g. the null directions of a softmax output layer (a repeated eigenvalue 0)
-need restarts before a rank ``k = P`` is reached.
+``δ/(θ + λ)`` relative). A Hessian with a few large eigenvalues and the rest far below the threshold thus
+stops at the first check (20 products at a fixed damping). With ``rank=k`` the first check comes after
+``krylov_factor·k`` products (extreme Ritz pairs converge well before ``m = k``, interior ones need more)
+and the space grows until the top ``k`` have converged. In both modes at most
+``max(krylov_factor·max_rank, …)`` products are spent (``≤ P``); ending unconverged warns. If the space
+becomes invariant (``β_m ≈ 0``) before that, its Ritz pairs are exact; unless the rule is already met,
+Lanczos goes on from a fresh start vector orthogonal to the basis (:meth:`Lanczos.restart`): a single
+Krylov space holds one direction per distinct eigenvalue, so e.g. the null directions of a softmax output
+layer (a repeated eigenvalue 0) need restarts before a rank ``k = P`` is reached.
+
+As a preconditioner (``gain_tol``, :meth:`ArnoldiSettings.as_preconditioner`) a partly converged space is
+still a valid preconditioner (the outer solve is exact for any symmetric positive definite one), so the
+fit also stops when more products stop paying: the Ritz pairs predict the condition number of the
+preconditioned system, ``κ̂ = max (θ + λ)/λ`` (or its inverse, for ``θ < 0``) over every Ritz direction
+except the kept pairs that have converged (there it is 1); once the last ``block`` products lowered ``κ̂``
+by less than the fraction ``gain_tol`` and added fewer than ``gain_tol`` times as many converged kept
+pairs as there were, Lanczos stops (diagnostic ``lanczos_stop="gain"``, no warning). CG's iterations grow
+like ``√κ``; LiSSA's steps like ``κ``, so LiSSA's named default keeps growing to the rule above
+(:mod:`~lightning_influence.solvers.preconditioned`).
 
 Damping, from the same Krylov space (no extra passes): the fit's first step
 (:meth:`ArnoldiSettings.estimate`) runs at least ``AutoDamping.iters`` Lanczos products (``block`` for a
 fixed damping), and the damping rule reads the extreme Ritz values ``θ_min, θ_max`` of that space
 (:meth:`AutoDamping.choose`); the build then extends the same run. A fixed ``λ`` with ``θ_min + λ ≤ 0``
-raises :class:`NegativeCurvatureError` naming the damping needed (checked after every block, so it fails
+raises :class:`NegativeCurvatureError` naming the damping needed (checked at every check, so it fails
 early). Extreme Ritz values never overshoot (``θ_min ≥ λ_min(H)``, ``θ_max ≤ λ_max(H)``) and only move
 outwards as the space grows: if the final space needs more automatic damping than its first steps did,
 the rule is applied once more to the final extremes and the choice records that it was raised.
@@ -94,8 +107,16 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
             the inverse left by the discarded ones, relative to ``1/λ``); in ``(0, 1)``.
         krylov_factor: ``≥ 1``; Lanczos products before the first check with a fixed rank
             (``krylov_factor·k``), and the cap on products, ``krylov_factor·max_rank`` (``≤ P``).
-        block: Lanczos products between convergence checks.
+        block: Lanczos products of the first extension at a fixed damping, and the window of the
+            automatic rank's settling test (the rank must be the same ``min(block, max(check_every, k))``
+            products earlier) and of the preconditioner's gain test (``gain_tol``).
+        check_every: Lanczos products between convergence checks (a check is an eigendecomposition of the
+            small tridiagonal ``T_m``: no product).
         ritz_tol: a kept Ritz pair has converged when its residual ``‖H y − θ y‖ ≤ ritz_tol·(|θ| + λ)``.
+        gain_tol: ``None`` (a solver of its own: grow until the criterion above is met or the cap), or, for a
+            preconditioner, a fraction in ``(0, 1)``: also stop once the last ``block`` products lowered the
+            estimated condition number of the preconditioned system (see the module docstring) by less
+            than this fraction. Its solve stays exact; more products would cost more than they save.
         seed: seed of the Lanczos start vector (and of the subset below); the same seed gives the same inverse.
         max_examples: ``None`` (default) to run Lanczos on the Hessian of the whole training set, or a cap:
             Lanczos then sees the mean-loss Hessian of at most this many training examples drawn at random,
@@ -110,7 +131,9 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
     tol: float = 0.05
     krylov_factor: float = 2.0
     block: int = 20
+    check_every: int = 5
     ritz_tol: float = 1e-3
+    gain_tol: Optional[float] = None
     seed: int = 0
     max_examples: Optional[int] = None
 
@@ -126,7 +149,7 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
 
         if not (self.rank == "auto" or pos_int(self.rank)):
             raise bad("rank", 'a positive integer or "auto"')
-        for arg in ("max_rank", "block"):
+        for arg in ("max_rank", "block", "check_every"):
             if not pos_int(getattr(self, arg)):
                 raise bad(arg, "a positive integer")
         if pos_int(self.rank) and self.rank > self.max_rank:  # type: ignore[operator]
@@ -140,6 +163,8 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
             raise bad("krylov_factor", "a number ≥ 1 (e.g. 2)")
         if not (number(self.ritz_tol) and self.ritz_tol > 0):
             raise bad("ritz_tol", "a positive number (e.g. 1e-3)")
+        if not (self.gain_tol is None or (number(self.gain_tol) and 0 < self.gain_tol < 1)):
+            raise bad("gain_tol", "None or a number in (0, 1) (e.g. 0.25)")
         if not is_int(self.seed):
             raise bad("seed", "an integer")
         if not (self.max_examples is None or pos_int(self.max_examples)):
@@ -152,8 +177,12 @@ class ArnoldiSettings(SolverSettings, name="arnoldi", kind=SolverKind.LOW_RANK):
         ``θ > λ/4`` for PSD ``H``), at most 100 of them, with Ritz pairs accepted at a 1% residual (a
         preconditioner needs directions, not digits: the recursion makes the answer exact), and Lanczos on a
         random 4,096 training examples at most (its cost stops growing with ``n``; the full-data residual
-        keeps the solve exact). Chosen by measurement (``benchmarks/README.md``, section 4)."""
-        return cls(tol=0.2, max_rank=100, ritz_tol=1e-2, max_examples=4096)
+        keeps the solve exact). Chosen by measurement (``benchmarks/README.md``, section 4). Lanczos stops as
+        soon as that is met, or once ``block`` more products lowered the estimated condition number of the
+        preconditioned system by less than a quarter (``gain_tol=0.25``): CG's on the digits demo's MLP 75
+        products where it ran its cap of 200 (``benchmarks/bench_lanczos.py``). LiSSA's named default drops
+        the gain stop (:mod:`~lightning_influence.solvers.preconditioned`: its steps grow like κ)."""
+        return cls(tol=0.2, max_rank=100, ritz_tol=1e-2, gain_tol=0.25, max_examples=4096)
 
     def estimate(self, problem: "InfluenceProblem", damping: DampingSpec) -> Curvature:
         """The first Lanczos products on the Hessian of the training set (or of ``max_examples`` of its
@@ -261,8 +290,8 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", choice: DampingChoice
     auto_damping = choice.mode == "auto"
     fixed_rank = st._fixed_rank(p)
     cap = st._cap(p)
-    prev_k: Optional[int] = None
     converged = False
+    stop = "cap"
     restarts = 0
     lam = choice.value
     target = lz.steps
@@ -273,19 +302,20 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", choice: DampingChoice
         if not auto_damping:
             check_curvature(Spectrum(lo, hi, lz.steps), lam, "arnoldi")
         k, order, ok = _select(st, theta, res, lam, fixed_rank)
-        settled = fixed_rank is not None or k == prev_k or k >= st.max_rank
-        if ok and settled:
-            converged = True
+        if ok and _settled(st, lz, lam, k, fixed_rank):
+            converged, stop = True, "converged"
+            break
+        if st.gain_tol is not None and _stalled(st, lz, lam, fixed_rank, theta, res):
+            stop = "gain"
             break
         if lz.steps >= cap:
             break
         if lz.exhausted:  # invariant space, m < P: go on from a fresh orthogonal start vector
             restarts += 1
             if not lz.restart(derive_seed(st.seed, Stream.RESTART, restarts)):
-                converged = ok
+                converged, stop = ok, "exhausted"
                 break
-        prev_k = k
-        target = min(cap, lz.steps + st.block)
+        target = min(cap, lz.steps + st.check_every)
     spectrum = Spectrum(lo, hi, lz.steps, krylov.spectrum.examples)
     choice = choice.refined(spectrum, f"raised after {lz.steps} Lanczos steps")  # the grown space's extremes
     if choice.value != lam:
@@ -297,7 +327,7 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", choice: DampingChoice
     u = s[:, kept].T.to(dtype=problem.dtype, device=problem.device) @ lz.basis  # [k, m] @ [m, P]
     inv = ArnoldiInverse(problem, choice, theta[kept], u)
     inv.converged = converged
-    if not converged:
+    if not converged and stop != "gain":
         warnings.warn(
             f"solver='arnoldi' stopped after {lz.steps} Lanczos steps (cap {cap} = krylov_factor·max_rank) before the "
             f"{k} kept Ritz pairs converged (ritz_tol={st.ritz_tol:g}) or the automatic rank settled; the "
@@ -311,6 +341,12 @@ def _fit(st: ArnoldiSettings, problem: "InfluenceProblem", choice: DampingChoice
     inv.spectrum = spectrum
     max_res = float((res[kept] / (theta[kept].abs() + lam)).max()) if k else 0.0
     inv.setup = _diagnostics(st, inv, lz.steps, max_res, converged, mu_next, time.perf_counter() - t0)
+    inv.setup.append(Diagnostic("lanczos_stop", stop, "Lanczos stopped by",
+                                {"converged": "the kept Ritz pairs converged and the rank settled",
+                                 "gain": f"the last {st.block} products lowered the preconditioned condition estimate "
+                                         f"by less than gain_tol={st.gain_tol}",
+                                 "cap": f"the product cap ({cap}) before convergence",
+                                 "exhausted": "an invariant Krylov space that no restart could extend"}[stop]))
     inv.setup.append(Diagnostic("lanczos_examples", seen.num_examples, "examples seen by Lanczos",
                                 f"training examples whose mean-loss Hessian the Krylov space is built from "
                                 f"(of {problem.num_examples}; max_examples={st.max_examples})"))
@@ -339,6 +375,49 @@ def _select(st: ArnoldiSettings, theta: Tensor, res: Tensor, lam: float,
     ok = bool((res[kept] <= st.ritz_tol * (theta[kept].abs() + max(lam, 0.0))).all())
     ok = ok and (fixed_rank is None or k == fixed_rank)
     return k, order, ok
+
+
+def _settled(st: ArnoldiSettings, lz: Lanczos, lam: float, k: int, fixed_rank: Optional[int]) -> bool:
+    """Whether the rank is settled: fixed, at its cap, or the same as ``min(block, max(check_every, k))``
+    products earlier (read off the leading block of the tridiagonal: no product)."""
+    if fixed_rank is not None or k >= st.max_rank:
+        return True
+    earlier = lz.steps - min(st.block, max(st.check_every, k))
+    if earlier < 1:
+        return False
+    theta = lz.ritz(earlier)[0]
+    return _select(st, theta, torch.zeros_like(theta), lam, fixed_rank)[0] == k
+
+
+def _condition(st: ArnoldiSettings, theta: Tensor, res: Tensor, lam: float,
+               fixed_rank: Optional[int]) -> Tuple[float, int]:
+    """The condition number of the preconditioned system ``P^{-1/2}(H + λI)P^{-1/2}`` that the Ritz pairs
+    predict (``1`` along the kept pairs that have converged, ``(θ + λ)/λ`` or its inverse along every other
+    Ritz direction, where ``P`` acts as ``λI``), and the number of kept pairs that have converged."""
+    k, order, _ = _select(st, theta, res, lam, fixed_rank)
+    done = torch.zeros(theta.numel(), dtype=torch.bool)
+    kept = order[:k]
+    done[kept] = res[kept] <= st.ritz_tol * (theta[kept].abs() + lam)
+    rest = (theta[~done] + lam) / lam
+    if rest.numel() == 0:
+        return 1.0, int(done.sum())
+    rest = rest.clamp_min(1e-300)
+    return float(torch.maximum(rest, 1.0 / rest).max()), int(done.sum())
+
+
+def _stalled(st: ArnoldiSettings, lz: Lanczos, lam: float, fixed_rank: Optional[int], theta: Tensor,
+             res: Tensor) -> bool:
+    """Preconditioner: the last ``block`` products lowered the predicted condition number by less than
+    ``gain_tol`` (relative) and added fewer than ``gain_tol`` times as many converged kept pairs as there
+    were (the condition estimate cannot see eigenvalues the space has not reached yet; new converged pairs
+    say that it is still reaching them)."""
+    earlier = lz.steps - st.block
+    if earlier < 1 or lam <= 0:
+        return False
+    gain = float(st.gain_tol or 0.0)
+    kappa0, done0 = _condition(st, *lz.ritz(earlier)[::2], lam, fixed_rank)
+    kappa, done = _condition(st, theta, res, lam, fixed_rank)
+    return kappa > (1.0 - gain) * kappa0 and done - done0 < gain * max(done0, 1)
 
 
 def _diagnostics(st: ArnoldiSettings, inv: ArnoldiInverse, passes: int, max_res: float, converged: bool,
