@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from lightning_influence import InfluenceConfigError, ResultsFileError, compute_influence
+from lightning_influence import InfluenceConfigError, InfluenceResults, ResultsFileError, compute_influence
 from lightning_influence.index import IndexMismatchError, InfluenceIndex, build_index, build_index_for_run
 from lightning_influence.pipeline import bind, fit_inverse, frozen_module
 from lightning_influence.scoring import top_k
@@ -211,3 +211,6 @@ def test_build_index_from_the_phases(logreg, references, tmp_path):
     assert index.solver == "ExactSolver" and index.disk_bytes >= 160 * 650 * 8
     res = index.explain(logreg.model, logreg.val, QUERIES)
     assert relative_error(res.scores, references["exact"].scores) < 1e-10
+    res.save(tmp_path / "results.pt")  # the report format of compute_influence: saved and read back whole
+    back = InfluenceResults.load(tmp_path / "results.pt")
+    assert torch.equal(back.scores, res.scores) and back.settings["num_queries"] == len(QUERIES)
