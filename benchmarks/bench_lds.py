@@ -148,10 +148,11 @@ def main() -> None:
                         help="retrain from a new init per subset (vary) or the full model's (same)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    import importlib
     import logging
     import warnings
 
-    import pytorch_lightning  # noqa: F401 - its loggers exist once imported
+    importlib.import_module("pytorch_lightning")  # its loggers exist once imported
 
     warnings.filterwarnings("ignore")
     for name in ("pytorch_lightning", "lightning.pytorch", "pytorch_lightning.utilities.rank_zero",

@@ -65,8 +65,6 @@ Representation = Literal["exact", "compressed"]
 REPRESENTATIONS = ("exact", "compressed")
 #: the default ``projection_dim`` of a compressed index
 DEFAULT_PROJECTION_DIM = 1024
-#: bytes of one ``[k, P]`` projection matrix kept in memory during the build (above: read from its file)
-MATRIX_BYTES = 1 << 30
 Progress = Optional[Callable[[int, int], None]]
 
 
@@ -201,8 +199,9 @@ def build_index(
         record: the run record to keep instead of the one made from ``problem`` and ``inverse``.
         progress: optional ``progress(examples_done, examples_in_shard)``.
 
-    Memory: one chunk of gradients ``[problem.grad_chunk_size, P]`` and its representation; the
-    compressed index's two ``[k, P]`` matrices. Disk: ``N·D`` numbers of ``problem.dtype``, plus ``k·P``
+    Memory: one chunk of gradients ``[problem.grad_chunk_size, P]`` and its representation; for a
+    compressed index also its ``[k, P]`` matrices (one when whitened, two when plain; the random ``R`` itself
+    is drawn ``ROW_BLOCK`` rows at a time and never held whole). Disk: ``N·D`` numbers of ``problem.dtype``, plus ``k·P``
     (whitened) or ``2·k·P`` (plain) for a compressed index.
     """
     from ..pipeline import default_query_batch  # the phases import nothing of the index
