@@ -42,7 +42,8 @@ def main() -> None:
     model = problems.fit_adam(problems.small_cnn(), train, 1e-3, epochs=args.epochs)
     queries = list(range(args.queries))
     p = sum(t.numel() for t in model.parameters())
-    print(f"# small CNN, P={p}, n={len(train)}, Q={len(queries)}, solver={args.solver}, damping={args.damping}, float32")
+    print(f"# small CNN, P={p}, n={len(train)}, Q={len(queries)}, solver={args.solver}, damping={args.damping}, "
+          "float32")
     t0 = time.perf_counter()
     ref = compute_influence(model, train, val, query_indices=queries, solver=args.solver, damping=args.damping)
     recompute = time.perf_counter() - t0

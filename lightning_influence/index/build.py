@@ -201,7 +201,8 @@ def build_index(
 
     Memory: one chunk of gradients ``[problem.grad_chunk_size, P]`` and its representation; for a
     compressed index also its ``[k, P]`` matrices (one when whitened, two when plain; the random ``R`` itself
-    is drawn ``ROW_BLOCK`` rows at a time and never held whole). Disk: ``N·D`` numbers of ``problem.dtype``, plus ``k·P``
+    is drawn ``ROW_BLOCK`` rows at a time and never held whole). Disk: ``N·D`` numbers of ``problem.dtype``,
+    plus ``k·P``
     (whitened) or ``2·k·P`` (plain) for a compressed index.
     """
     from ..pipeline import default_query_batch  # the phases import nothing of the index

@@ -65,17 +65,19 @@ class InfluenceIndex:
         for s in sorted(meta["shards"], key=lambda s: int(s["start"])):
             a, b = int(s["start"]), int(s["stop"])
             if a != covered:
-                raise InfluenceConfigError(f"{path}: the shards do not cover examples {covered}..{a - 1}; rebuild the index.")
+                raise InfluenceConfigError(
+                    f"{path}: the shards do not cover examples {covered}..{a - 1}; rebuild the index.")
             self._shards.append((a, b, open_rows(os.path.join(path, s["rows"]), b - a, self.dim, self.dtype)))
             name = s.get("self_influence")
             selfs.append(None if name is None else open_rows(os.path.join(path, name), b - a, 0, self.dtype))
             covered = b
         if covered != self.num_examples:
-            raise InfluenceConfigError(f"{path}: the shards hold {covered} of {self.num_examples} examples; rebuild the index.")
+            raise InfluenceConfigError(
+                f"{path}: the shards hold {covered} of {self.num_examples} examples; rebuild the index.")
         #: ``[N]`` ``I_up,loss(z_i, z_i)`` when the build could compute it without extra solves, else ``None``
         self.self_influence: Optional[Tensor] = (
-            torch.from_numpy(np.concatenate([np.asarray(x) for x in selfs])) if selfs and all(x is not None for x in selfs)
-            else None)
+            torch.from_numpy(np.concatenate([np.asarray(x) for x in selfs]))
+            if selfs and all(x is not None for x in selfs) else None)
         proj = meta.get("projection")
         self._query_matrix: Optional[np.ndarray] = None
         if self.representation == "compressed":
@@ -179,7 +181,8 @@ class InfluenceIndex:
         best_i = torch.empty(z.shape[0], 0, dtype=torch.long, device=z.device)
         for first, rows in self._blocks(z.device):
             v = torch.cat([best_v, -(z @ rows.T)], dim=1)
-            i = torch.cat([best_i, torch.arange(first, first + rows.shape[0], device=z.device).expand(z.shape[0], -1)], 1)
+            cols = torch.arange(first, first + rows.shape[0], device=z.device).expand(z.shape[0], -1)
+            i = torch.cat([best_i, cols], dim=1)
             order = torch.argsort(v, dim=1, descending=largest, stable=True)[:, :k]
             best_v, best_i = v.gather(1, order), i.gather(1, order)
         return self.train_indices.to(best_i.device)[best_i], best_v

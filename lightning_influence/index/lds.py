@@ -30,7 +30,8 @@ def subset_masks(num_examples: int, num_subsets: int, fraction: float = 0.5, see
     """``[m, n]`` boolean masks of ``m`` random subsets, each of exactly ``round(fraction · n)`` examples drawn
     without replacement from its own seed (subset ``j``: ``derive_seed(seed, stream, j)``)."""
     if not 0.0 < float(fraction) <= 1.0:
-        raise InfluenceConfigError(f"fraction={fraction!r} must be in (0, 1] (the share of examples each subset keeps).")
+        raise InfluenceConfigError(
+            f"fraction={fraction!r} must be in (0, 1] (the share of examples each subset keeps).")
     if num_subsets < 2:
         raise InfluenceConfigError(f"num_subsets={num_subsets!r} must be at least 2 (a correlation across subsets).")
     size = max(1, round(float(fraction) * num_examples))
@@ -79,7 +80,7 @@ def linear_datamodeling_score(scores: Tensor, masks: Tensor, outputs: Tensor) ->
     that *rises* with the loss, or negate a margin) on the subsets ``masks`` ``[m, n]``."""
     if outputs.shape != (masks.shape[0], scores.shape[0]) or masks.shape[1] != scores.shape[1]:
         raise InfluenceConfigError(
-            f"scores {tuple(scores.shape)} [Q, n], masks {tuple(masks.shape)} [m, n] and outputs {tuple(outputs.shape)} "
-            "[m, Q] disagree.")
+            f"scores {tuple(scores.shape)} [Q, n], masks {tuple(masks.shape)} [m, n] and outputs "
+            f"{tuple(outputs.shape)} [m, Q] disagree.")
     per_query = spearman(outputs.double().T, predicted_outputs(scores, masks))
     return float(per_query.nanmean()), per_query

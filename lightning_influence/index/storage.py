@@ -48,7 +48,8 @@ class RowWriter:
 
     def __init__(self, path: str, rows: int, dim: int, dtype: torch.dtype) -> None:
         self.path, self.rows, self.dim = path, int(rows), int(dim)
-        self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        name = f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        self.tmp = os.path.join(os.path.dirname(path), name)
         shape: Tuple[int, ...] = (self.rows, self.dim) if self.dim else (self.rows,)
         try:
             if self.rows * max(self.dim, 1) == 0:
@@ -114,8 +115,8 @@ def read_meta(folder: PathLike) -> Dict[str, Any]:
         raise InfluenceConfigError(f"path={folder!r} does not exist or is not a folder; pass the folder an index was "
                                    "built into (build_index(..., path=...)).")
     if not os.path.isfile(meta_path):
-        raise InfluenceConfigError(f"path={folder!r} holds no {META}: it is not an influence index folder, or its build "
-                                   "did not finish. Rebuild the index into it.")
+        raise InfluenceConfigError(f"path={folder!r} holds no {META}: it is not an influence index folder, or its "
+                                   "build did not finish. Rebuild the index into it.")
     try:
         with open(meta_path, "r", encoding="utf-8") as f:
             meta = json.load(f)

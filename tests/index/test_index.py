@@ -147,7 +147,8 @@ def test_other_weights_are_refused_naming_the_parameter_and_the_fix(logreg, tmp_
     other = copy.deepcopy(logreg.model)
     with torch.no_grad():
         other.bias[3] += 1e-9
-    with pytest.raises(IndexMismatchError, match=r"built for other weights: parameter\(s\) \['bias'\].*Rebuild the index"):
+    mismatch = r"built for other weights: parameter\(s\) \['bias'\].*Rebuild the index"
+    with pytest.raises(IndexMismatchError, match=mismatch):
         index.explain(other, logreg.val, QUERIES)
     with pytest.raises(InfluenceConfigError, match=r"\['bias'\]"):
         InfluenceIndex.load(tmp_path).scores(torch.zeros(2, index.num_params, dtype=torch.float64), module=other)

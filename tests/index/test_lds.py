@@ -48,9 +48,9 @@ def test_lds_of_exact_influence_on_ridge_regression_is_near_one():
     """Ridge regression: the retrained model on each half in closed form, the influence scores from
     compute_influence (exact solver, damping = the ridge weight). The loss of a test point is a smooth function of
     the subset weights, so the first-order prediction ranks the subsets almost as retraining does, for test points
-    whose residual is not near zero: at a residual r the loss change is r·Δf + ½Δf², and for r ≈ 0 the second-order
-    term the scores leave out dominates (one such point here has a per-query LDS of 0.08). So the queries are
-    the 5 highest-loss test points."""
+    whose residual is not near zero: at a residual r the loss change is r·Δf + ½Δf², and for r ≈ 0 the
+    second-order term the scores leave out dominates (one such point here has a per-query LDS of 0.08). So the
+    queries are the 5 highest-loss test points."""
     gen = torch.Generator().manual_seed(0)
     n, d, lam = 80, 5, 0.1
     x = torch.randn(n + 10, d, generator=gen, dtype=torch.float64)
@@ -61,7 +61,8 @@ def test_lds_of_exact_influence_on_ridge_regression_is_near_one():
 
     def fit(rows):  # argmin (1/|S|) Σ_S ½(xᵀw − y)² + ½λ‖w‖²
         xs, ys = x[rows], y[rows]
-        return torch.linalg.solve(xs.T @ xs / len(rows) + lam * torch.eye(d, dtype=torch.float64), xs.T @ ys / len(rows))
+        gram = xs.T @ xs / len(rows) + lam * torch.eye(d, dtype=torch.float64)
+        return torch.linalg.solve(gram, xs.T @ ys / len(rows))
 
     model = nn.Linear(d, 1, bias=False).double()
     with torch.no_grad():
