@@ -9,6 +9,7 @@ from .counterfactual import Counterfactual, PredictedMetrics
 from .curvature.damping import AutoDamping
 from .errors import (InfluenceConfigError, InfluenceInterrupted, InfluenceRuntimeError, NegativeCurvatureError,
                      ResultsFileError, SolverDivergedError)
+from .index import IndexMismatchError, InfluenceIndex, build_index_for_run
 from .pipeline import DEFAULT_DAMPING, compute_influence
 from .results import InfluenceResults, Ranked
 from .record import RunKey, RunRecord
@@ -26,7 +27,9 @@ __all__ = [
     "DEFAULT_DAMPING",
     "ExactSettings",
     "InfluenceCallback",
+    "IndexMismatchError",
     "InfluenceConfigError",
+    "InfluenceIndex",
     "InfluenceInterrupted",
     "InfluenceResults",
     "InfluenceRuntimeError",
@@ -42,6 +45,7 @@ __all__ = [
     "SolverDivergedError",
     "SolverKind",
     "SolverSettings",
+    "build_index_for_run",
     "compute_influence",
     "solver_names",
 ]
