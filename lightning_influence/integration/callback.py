@@ -19,10 +19,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from ..curvature.damping import AutoDamping, DampingSpec, damping_for_optimizers, optimizer_damping
+from ..curvature.damping import AutoDamping, DampingSpec, FixedDamping, damping_for_optimizers, optimizer_damping
 from ..distributed import Communicator
-from ..errors import InfluenceInterrupted
+from ..errors import InfluenceConfigError, InfluenceInterrupted
 from ..guards import Interrupt, interruptible, preserved_rng
+from ..index import DEFAULT_PROJECTION_DIM, InfluenceIndex, build_index_for_run
 from ..objective import LossFn, select_params
 from ..pipeline import ProgressFn, compute_influence, preflight
 from ..record import RunKey
@@ -31,7 +32,8 @@ from ..results import InfluenceResults
 from ..solvers import SolverKind, SolverSettings, resolve_solver
 from ..validation import check_run_arguments
 from . import loaders
-from .checks import averaging_order_note, check_callback_arguments, check_timeout, nothing_trained_note
+from .checks import (averaging_order_note, check_build_index, check_callback_arguments, check_timeout,
+                     nothing_trained_note)
 from .outputs import FitOutputs, fit_outputs, release_folder
 from .progress import checked_progress
 from .schedule import EveryNEpochs, Schedule, from_arguments
@@ -100,6 +102,13 @@ class InfluenceCallbackBase:
             scalars, the HTML report, W&B when the Trainer has a ``WandbLogger``); each gets every run
             (``report_run``) and the end of training (``report_fit``).
         on_results: ``on_results(trainer, pl_module, results)`` after each computation, on every rank.
+        build_index: ``True`` (or ``"exact"``, ``"compressed"``): when training ends, also build an
+            :class:`~lightning_influence.index.InfluenceIndex` of the training set under the same solver and
+            damping as the run (``influence/index/`` in the fit's folder; ``cb.index``), so that
+            :meth:`explain` answers new queries without a pass over the training set. ``"compressed"``
+            stores ``index_projection_dim`` numbers per example instead of ``P``. A failed build is an
+            output failure (``output_errors["influence index"]``), never a lost run.
+        index_projection_dim: the compressed index's projection size ``k``.
         collective_timeout: with several processes (DDP), seconds a rank waits in one influence collective
             for the others (default 600): a rank that stopped (SIGSTOP), hangs or died ends the run with an
             error on every rank within it, instead of Lightning's process-group timeout (30 minutes). The
@@ -126,6 +135,8 @@ class InfluenceCallbackBase:
         error / errors: the latest run's exception / every failed run's, keyed by run.
         output_errors: ``{output: exception}`` for the latest run's outputs that failed.
         results_path: where global rank zero saved the latest results. outputs: what the reporters wrote.
+        index: the :class:`~lightning_influence.index.InfluenceIndex` built when training ended
+            (``build_index=True``; ``None`` otherwise or on failure).
     """
 
     def __init__(
@@ -153,6 +164,8 @@ class InfluenceCallbackBase:
         schedule: Optional[Schedule] = None,
         reporters: Optional[Sequence[Reporter]] = None,
         on_results: Optional[OnResults] = None,
+        build_index: Union[bool, Literal["exact", "compressed"]] = False,
+        index_projection_dim: int = DEFAULT_PROJECTION_DIM,
         collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT,
     ) -> None:
         args = check_run_arguments(num_queries=num_queries, query_indices=query_indices, params=params,
@@ -171,6 +184,9 @@ class InfluenceCallbackBase:
         self.reporters = None if reporters is None else list(reporters)
         self.on_results = on_results
         self.collective_timeout = check_timeout(collective_timeout)
+        self.build_index = check_build_index(build_index, index_projection_dim)
+        self.index_projection_dim = index_projection_dim
+        self.index: Optional[InfluenceIndex] = None
         self.store = ResultsStore(save=save_results)
         self.results: Optional[InfluenceResults] = None
         self.error: Optional[BaseException] = None
@@ -185,6 +201,7 @@ class InfluenceCallbackBase:
         self._outputs: Optional[FitOutputs] = None  # this fit's folder and report path (on_train_start)
         self._train_indices: Optional[List[int]] = None  # the examples the training sampler draws from, when known
         self._interrupt: Optional[Interrupt] = None  # the current run's Ctrl+C guard
+        self._module: Any = None  # the module the index was built for (explain)
 
     # ------------------------------------------------------------------ public state
     @property
@@ -371,9 +388,47 @@ class InfluenceCallbackBase:
                     rank_zero_info(f"InfluenceCallback: solver='auto' chose {self.results.settings['auto_reason']}.")
                 self.store.keep(key, self.results, fingerprint)
             self._finish(trainer, self.results, train, query, key)
+        if self.build_index and final:
+            self._index(trainer, pl_module, train, comm)
         if self.on_results is not None and not reuse:
             with comm.agreement():  # the user's code fails on one rank: every rank stops together
                 self.on_results(trainer, pl_module, self.results)
+
+    def _index(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", train: DataLoader,
+               comm: Communicator) -> None:
+        """Build :attr:`index` under the run's solver and damping (:func:`~lightning_influence.index.build_index_for_run`,
+        every rank together); a failure is an output failure."""
+        assert self.results is not None
+        folder = self._fit_outputs(trainer).folder
+        try:
+            with comm.agreement():
+                if folder is None:
+                    raise InfluenceConfigError("build_index=True needs the fit's influence folder; keep "
+                                               "save_results=True (or report=True) so that the fit has one.")
+                solver = self.results.settings.get("auto_choice") or self.solver
+                self.index = build_index_for_run(
+                    pl_module, train.dataset, os.path.join(folder, "index"), representation=self.build_index,
+                    projection_dim=self.index_projection_dim, loss_fn=self.loss_fn, params=self.params,
+                    solver=solver, damping=FixedDamping(self.results.damping, "the run's damping"),
+                    collate_fn=train.collate_fn, chunk_size=self.chunk_size, dtype=self.dtype, comm=comm,
+                    train_indices=self._train_indices)
+            self._module = pl_module
+        except Exception as err:  # noqa: BLE001 - the run's results and outputs are kept
+            self.index, self.output_errors = None, {**self.output_errors, "influence index": err}
+            self.error = settle_failures({"influence index": err}, self.on_error, rank_zero_warn)
+
+    def explain(self, dataset: Any, indices: Optional[Sequence[int]] = None, *, num_queries: int = 16,
+                collate_fn: Optional[Callable[..., Any]] = None) -> InfluenceResults:
+        """The influence of every training example on the examples ``indices`` of ``dataset`` (default: its
+        ``num_queries`` highest-loss ones), answered from :attr:`index` (``build_index=True``) with one
+        product per query, no pass over the training set: :class:`InfluenceResults` as ``results`` (positive =
+        harmful), for the weights training ended with. Raises
+        :class:`~lightning_influence.index.IndexMismatchError` if the model's weights have changed since."""
+        if self.index is None:
+            raise InfluenceConfigError("InfluenceCallback.explain needs the index built when training ends: pass "
+                                       "build_index=True (and check output_errors if it failed).")
+        return self.index.explain(self._module, dataset, indices, num_queries=num_queries, loss_fn=self.loss_fn,
+                                  collate_fn=collate_fn, chunk_size=self.chunk_size)
 
     def _damping(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> DampingSpec:
         """The damping argument for this run: what the user set, or what the optimizer implies."""

@@ -16,7 +16,7 @@ from ..curvature.damping import resolve_damping
 from ..errors import InfluenceConfigError
 from ..validation import check_flag
 
-__all__ = ["AVERAGING_CALLBACKS", "averaging_order_note", "check_callback_arguments", "check_timeout",
+__all__ = ["AVERAGING_CALLBACKS", "averaging_order_note", "check_build_index", "check_callback_arguments", "check_timeout",
            "nothing_trained_note"]
 
 #: callbacks that swap averaged weights into the model in their own ``on_train_end``
@@ -30,6 +30,18 @@ def check_timeout(value: Any) -> float:
         raise InfluenceConfigError(f"collective_timeout={value!r} must be a number of seconds > 0 (or a "
                                    "datetime.timedelta), e.g. collective_timeout=600.")
     return float(seconds)
+
+
+def check_build_index(build_index: Any, projection_dim: Any) -> Optional[str]:
+    """``build_index`` as the index's representation (``None`` for no index): ``True`` is ``"exact"``."""
+    if build_index is False or build_index is None:
+        return None
+    if build_index is True:
+        build_index = "exact"
+    if build_index not in ("exact", "compressed"):
+        raise InfluenceConfigError(f"build_index={build_index!r} must be True, False, 'exact' or 'compressed'.")
+    check_positive_int("index_projection_dim", projection_dim)
+    return str(build_index)
 
 
 def check_callback_arguments(**kw: Any) -> None:
