@@ -19,11 +19,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from ..curvature.damping import AutoDamping, DampingSpec, FixedDamping, damping_for_optimizers, optimizer_damping
+from ..curvature.damping import AutoDamping, DampingSpec, damping_for_optimizers, optimizer_damping
 from ..distributed import Communicator
 from ..errors import InfluenceConfigError, InfluenceInterrupted
 from ..guards import Interrupt, interruptible, preserved_rng
-from ..index import DEFAULT_PROJECTION_DIM, InfluenceIndex, build_index_for_run
+from ..index import DEFAULT_PROJECTION_DIM, InfluenceIndex
 from ..objective import LossFn, select_params
 from ..pipeline import ProgressFn, compute_influence, preflight
 from ..record import RunKey
@@ -39,7 +39,7 @@ from .progress import checked_progress
 from .schedule import EveryNEpochs, Schedule, from_arguments
 from .store import ResultsStore, RunHistory
 from .strategy import DEFAULT_COLLECTIVE_TIMEOUT, check_strategy, opened_communicator
-from .writer import check_outputs_writable, settle_failures, write_outputs
+from .writer import build_run_index, check_outputs_writable, settle_failures, write_outputs
 
 __all__ = ["InfluenceCallback", "InfluenceCallbackBase", "OnResults", "callback_bases", "optimizer_damping"]
 
@@ -396,22 +396,13 @@ class InfluenceCallbackBase:
 
     def _index(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", train: DataLoader,
                comm: Communicator) -> None:
-        """Build :attr:`index` under the run's solver and damping (:func:`~lightning_influence.index.build_index_for_run`,
-        every rank together); a failure is an output failure."""
-        assert self.results is not None
-        folder = self._fit_outputs(trainer).folder
+        """Build :attr:`index` for the run's weights (:func:`~.writer.build_run_index`, every rank together); a
+        failure is an output failure."""
         try:
-            with comm.agreement():
-                if folder is None:
-                    raise InfluenceConfigError("build_index=True needs the fit's influence folder; keep "
-                                               "save_results=True (or report=True) so that the fit has one.")
-                solver = self.results.settings.get("auto_choice") or self.solver
-                self.index = build_index_for_run(
-                    pl_module, train.dataset, os.path.join(folder, "index"), representation=self.build_index,
-                    projection_dim=self.index_projection_dim, loss_fn=self.loss_fn, params=self.params,
-                    solver=solver, damping=FixedDamping(self.results.damping, "the run's damping"),
-                    collate_fn=train.collate_fn, chunk_size=self.chunk_size, dtype=self.dtype, comm=comm,
-                    train_indices=self._train_indices)
+            self.index = build_run_index(pl_module, train, self.results, self._fit_outputs(trainer).folder, comm,
+                                         representation=self.build_index, projection_dim=self.index_projection_dim,
+                                         solver=self.solver, loss_fn=self.loss_fn, params=self.params,
+                                         chunk_size=self.chunk_size, dtype=self.dtype, train_indices=self._train_indices)
             self._module = pl_module
         except Exception as err:  # noqa: BLE001 - the run's results and outputs are kept
             self.index, self.output_errors = None, {**self.output_errors, "influence index": err}

@@ -1,14 +1,19 @@
 """A run's outputs, written on global rank zero with no collectives: the results file (through the
-:class:`~.store.ResultsStore`) and whatever the reporters write. Each output fails on its own; the failures
+:class:`~.store.ResultsStore`) and whatever the reporters write; and, on every rank together, the
+influence index of the end of training (:func:`build_run_index`). Each output fails on its own; the failures
 are handed back, and :func:`settle_failures` turns them into one error (``on_error="raise"``) or one warning
 each. Also the check, before training, that every output can be written where it will go."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
-from ..errors import InfluenceRuntimeError
+from ..curvature.damping import FixedDamping
+from ..distributed import Communicator
+from ..errors import InfluenceConfigError, InfluenceRuntimeError
+from ..index import InfluenceIndex, build_index_for_run
 from ..record import RunKey
 from ..reporting import reporters as _reporters
 from ..reporting.reporters import Reporter
@@ -18,7 +23,7 @@ from .outputs import FitOutputs, check_owners
 from .reporting import trainer_context
 from .store import ResultsStore
 
-__all__ = ["Written", "check_outputs_writable", "settle_failures", "write_outputs"]
+__all__ = ["Written", "build_run_index", "check_outputs_writable", "settle_failures", "write_outputs"]
 
 
 @dataclass
@@ -92,3 +97,20 @@ def check_outputs_writable(trainer: Any, outputs: FitOutputs, *, save_results: b
         check_writable_file(outputs.report, "report_path" if outputs.explicit_report else "HTML report",
                             "Pass report_path= a writable file path, or report=False.")
     check_owners(outputs, trainer, others)
+
+
+def build_run_index(module: Any, train: Any, results: InfluenceResults, folder: Optional[str], comm: Communicator,
+                    *, representation: str, solver: Any, **kwargs: Any) -> InfluenceIndex:
+    """The :class:`~lightning_influence.index.InfluenceIndex` of the training loader ``train``'s dataset
+    under the solver and the damping ``results`` used (``solver="auto"``: the one it chose), in
+    ``folder/index`` (:func:`~lightning_influence.index.build_index_for_run`; ``kwargs``: its other
+    arguments). Every rank calls it; a failure on one raises on every rank."""
+    with comm.agreement():
+        if folder is None:
+            raise InfluenceConfigError("build_index=True needs the fit's influence folder; keep save_results=True "
+                                       "(or report=True) so that the fit has one.")
+        return build_index_for_run(module, train.dataset, os.path.join(folder, "index"),
+                                   representation=representation,  # type: ignore[arg-type]
+                                   solver=results.settings.get("auto_choice") or solver,
+                                   damping=FixedDamping(results.damping, "the run's damping"),
+                                   collate_fn=train.collate_fn, comm=comm, **kwargs)

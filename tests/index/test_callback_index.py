@@ -64,7 +64,7 @@ def test_a_failed_build_keeps_the_run(tmp_path, data, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("lightning_influence.integration.callback.build_index_for_run", broken)
+    monkeypatch.setattr("lightning_influence.integration.writer.build_index_for_run", broken)
     torch.manual_seed(0)
     cb = InfluenceCallback(num_queries=4, solver="exact", params=["net"], report=False, build_index=True)
     with pytest.warns(UserWarning, match="could not write the influence index"):
