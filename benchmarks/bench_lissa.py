@@ -62,6 +62,15 @@ def _problem(name: str, dtype: torch.dtype, cache: str):
     return p
 
 
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB (``VmRSS`` of ``/proc/self/status``; NaN elsewhere)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB: ``VmHWM`` of ``/proc/self/status`` on Linux.
     (``ru_maxrss`` is wrong for a spawned worker there: it keeps the high-water mark of the parent's

@@ -44,21 +44,13 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from bench_lissa import _problem, peak_rss_mb, spawn  # noqa: E402
+from bench_lissa import _problem, peak_rss_mb, rss_mb, spawn  # noqa: E402
 from peers import EXPLICIT, EXPLICIT_MAX_PARAMS, MODULES, NOT_INSTALLABLE, PEERS, package_versions  # noqa: E402
 
 MODELS = ("logreg", "mlp", "cnn")
 LABELS = {"logreg": "logreg", "mlp": "tanh MLP", "cnn": "ReLU CNN"}
 DEFAULT_DTYPE = {"logreg": "float64", "mlp": "float64", "cnn": "float32"}
 CACHE = os.path.join(HERE, ".cache")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _data(name: str, dtype: torch.dtype):

@@ -24,15 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from bench_lissa import peak_rss_mb, spawn  # noqa: E402
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from bench_lissa import peak_rss_mb, rss_mb, spawn  # noqa: E402
 
 
 def _model_and_data(num_queries: int):
@@ -67,7 +59,7 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
     from lightning_influence.curvature.damping import AutoDamping
 
     net, train, queries, opt = _model_and_data(job["queries"])
-    base = _rss_mb()
+    base = rss_mb()
     t0 = time.perf_counter()
     res = compute_influence(net, train, queries, query_indices=list(range(job["queries"])), solver=job["solver"],
                             damping=AutoDamping.from_optimizer(opt))
