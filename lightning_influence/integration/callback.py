@@ -458,8 +458,9 @@ class InfluenceCallbackBase:
                 key: RunKey) -> None:
         """Write every output on global rank zero (no collectives, :func:`~.writer.write_outputs`); each fails
         on its own (its own warning, or one error naming them all for ``on_error="raise"``)."""
-        done = write_outputs(trainer, results, key, store=self.store, folder=self._fit_outputs(trainer).folder,
-                             report=self.report, report_path=self._fit_outputs(trainer).report,
+        outputs = self._fit_outputs(trainer)
+        done = write_outputs(trainer, results, key, store=self.store, folder=outputs.folder,
+                             report=self.report, report_path=outputs.report,
                              reporters=self.reporters, train_dataset=train.dataset, query_dataset=query.dataset,
                              render_example=self.render_example, top_k=self.top_k)
         self.results_path, self.outputs, self.output_errors = done.results_path, done.outputs, done.failures
