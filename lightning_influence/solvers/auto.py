@@ -11,13 +11,22 @@ What decides (:func:`choose_solver`, the rule; ``benchmarks/README.md`` has the 
    Measured on the zoo (``benchmarks/bench_zoo.py``, 8 queries): at 650 parameters exact and CG take the
    same 0.4 s; at 1,810 (tanh MLP) exact takes 3.0 s against CG's 1.3 s, at 1,946 (BatchNorm CNN) 96 s
    against 22 s. Larger models, up to the explicit solver's size limit, get it too when forming ``H`` (``P``
-   HVPs) costs less than the iterative solves would (:data:`HVPS_PER_SOLVE` per right-hand side: the
-   queries, plus every training example with self-influence), e.g. the digits demo's 4,810-parameter MLP
-   with self-influence of 1,347 examples.
+   full-data products) costs less than the iterative solve would (:func:`cg_products`: per right-hand side
+   :data:`HVPS_PER_SOLVE` products, or :data:`HVPS_PER_PRECONDITIONED_SOLVE` plus the preconditioner's
+   :data:`PRECONDITIONER_PRODUCTS` once; the right-hand sides are the queries, plus every training example
+   with self-influence), e.g. the digits demo's 4,810-parameter MLP with self-influence of 1,347 examples.
 3. **Every other model trained on up to** ``full_pass_examples`` **examples: conjugate gradient on full-data
-   products**, exact to its tolerance, batched over the queries, never stochastic: ``"cg"``; with many
-   right-hand sides (``Q ≥ precondition_queries``, or self-influence) preconditioned by the low-rank
-   Arnoldi approximation of ``H`` (its Lanczos passes then cost less than the CG iterations they save).
+   products**, batched over the queries, never stochastic: ``"cg"``; with many right-hand sides
+   (``Q ≥ precondition_queries``, or self-influence) preconditioned by the low-rank Arnoldi approximation of
+   ``H`` (its Lanczos passes then cost less than the CG iterations they save). Its tolerance is
+   ``cg_tol = 1e-3`` (relative residual), not ``CGSettings``' 1e-6: on every zoo family (11 models, 8
+   queries, float32 against CG to 1e-10 in float64) 1e-3 kept the per-query Pearson at ≥ 0.99997 (minimum
+   over queries and models) with half the iterations (plain: 12-115 against 24-221; preconditioned: 1-36
+   against 5-73), and on a 50,698-parameter MLP with 100 queries 7 preconditioned iterations against 16
+   (Pearson 0.999999). At 1e-2 the minimum fell to 0.993 (regression MLP). The cost of CG grows with the
+   number of right-hand sides (each iteration is one full-data product per query); with thousands of
+   queries the closed-form solvers (``"arnoldi"``, ``"ekfac"``: one fit, then a cheap application per
+   query) are many times faster at lower accuracy, and the reason says so.
 4. **More training examples: LiSSA** (``"lissa"``, preconditioned by Arnoldi on at most 4,096 of them),
    whose steps cost a minibatch, not a pass over the whole set.
 
@@ -49,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
-from ..checks import is_int
+from ..checks import is_int, is_real
 from ..curvature.damping import DampingChoice, DampingSpec
 from ..errors import InfluenceConfigError
 from .base import Curvature, InverseHVP, SolverKind, SolverSettings, resolve_solver
@@ -57,11 +66,28 @@ from .base import Curvature, InverseHVP, SolverKind, SolverSettings, resolve_sol
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
 
-__all__ = ["AutoSettings", "Choice", "HVPS_PER_SOLVE", "choose_solver"]
+__all__ = ["AutoSettings", "Choice", "HVPS_PER_PRECONDITIONED_SOLVE", "HVPS_PER_SOLVE", "PRECONDITIONER_PRODUCTS",
+           "choose_solver", "cg_products"]
 
-#: Hessian-vector products an iterative solver spends per right-hand side (CG's iterations on the zoo and
-#: the digits models: 30-150); the explicit Hessian costs ``P`` of them for any number of right-hand sides
+#: full-data Hessian-vector products plain CG spends per right-hand side at ``cg_tol = 1e-3`` (its iterations
+#: on the zoo: 12-115, median 34); the explicit Hessian costs ``P`` of them for any number of right-hand sides
 HVPS_PER_SOLVE = 32
+#: the same with the Arnoldi preconditioner (its iterations on the zoo at 1e-3: 1-36, median 3)
+HVPS_PER_PRECONDITIONED_SOLVE = 6
+#: the Arnoldi preconditioner's Lanczos passes, in batched-product units (75-200 single-vector passes, each
+#: about twice a batched product's time per vector on the 50k-parameter MLP: 49 ms against 27 ms)
+PRECONDITIONER_PRODUCTS = 300
+#: right-hand sides from which the reason points to the closed-form solvers (CG then costs thousands of passes)
+MANY_SOLVES = 1_000
+
+
+def cg_products(solves: int, preconditioned: bool) -> int:
+    """Full-data Hessian-vector products (one right-hand side each) CG is expected to spend on ``solves``
+    right-hand sides: ``HVPS_PER_SOLVE · solves`` plain, ``PRECONDITIONER_PRODUCTS + HVPS_PER_PRECONDITIONED_SOLVE ·
+    solves`` preconditioned."""
+    if preconditioned:
+        return PRECONDITIONER_PRODUCTS + HVPS_PER_PRECONDITIONED_SOLVE * solves
+    return HVPS_PER_SOLVE * solves
 
 
 @dataclass(frozen=True)
@@ -85,7 +111,7 @@ class Choice:
 def choose_solver(num_params: int, num_examples: int, num_queries: int, *, self_influence: bool = False,
                   exact_hvp: bool = True, dtype: torch.dtype = torch.float32, exact_params: int = 1_000,
                   full_pass_examples: int = 50_000, precondition_queries: int = 32,
-                  memory_bytes: int = 2 * 2**30) -> Choice:
+                  memory_bytes: int = 2 * 2**30, cg_tol: float = 1e-3) -> Choice:
     """The rule of the module docstring, for ``P`` parameters, ``n`` training examples and ``Q`` queries."""
     from .cg import CGSettings
     from .ekfac import EKFACSettings
@@ -101,18 +127,22 @@ def choose_solver(num_params: int, num_examples: int, num_queries: int, *, self_
         return Choice(ExactSettings(), f"P = {num_params:,} ≤ {exact_params:,}: the explicit Hessian, solved to "
                                        "round-off")
     solves = num_queries + (num_examples if self_influence else 0)
-    if fits and num_params <= HVPS_PER_SOLVE * solves:
+    many = num_queries >= precondition_queries or self_influence
+    products = cg_products(solves, many)
+    if fits and num_params <= products:
         what = f"{num_queries} queries" + (f" and {num_examples:,} self-influence solves" if self_influence else "")
-        return Choice(ExactSettings(), f"P = {num_params:,} HVPs form the explicit Hessian, fewer than an iterative "
-                                       f"solver's ≈ {HVPS_PER_SOLVE} per right-hand side for {what}")
+        return Choice(ExactSettings(), f"P = {num_params:,} HVPs form the explicit Hessian, fewer than the ≈ "
+                                       f"{products:,} conjugate gradient would spend for {what}")
     if num_examples <= full_pass_examples:
-        many = num_queries >= precondition_queries or self_influence
-        why = (f"n = {num_examples:,} ≤ {full_pass_examples:,}: conjugate gradient on full-data products, exact to "
-               "its tolerance")
+        why = (f"n = {num_examples:,} ≤ {full_pass_examples:,}: conjugate gradient on full-data products, to a "
+               f"relative residual of {cg_tol:g}")
+        if solves >= MANY_SOLVES:
+            why += (f"; ≈ {products:,} full-data products for {solves:,} right-hand sides: solver='arnoldi' or "
+                    "'ekfac' is many times faster at lower accuracy")
         if many:
             what = "self-influence" if self_influence else f"Q = {num_queries} ≥ {precondition_queries}"
-            return Choice(CGSettings(preconditioner="arnoldi"), f"{why}; {what}: preconditioned by Arnoldi")
-        return Choice(CGSettings(), why)
+            return Choice(CGSettings(tol=cg_tol, preconditioner="arnoldi"), f"{why}; {what}: preconditioned by Arnoldi")
+        return Choice(CGSettings(tol=cg_tol), why)
     return Choice(LissaSettings(), f"n = {num_examples:,} > {full_pass_examples:,}: LiSSA's steps cost a minibatch, "
                                    "not a pass over the training set")
 
@@ -126,18 +156,22 @@ class AutoSettings(SolverSettings, name="auto", kind=SolverKind.AUTO):
         full_pass_examples: largest ``n`` for conjugate gradient on full-data products (beyond: LiSSA).
         precondition_queries: ``Q`` from which CG is preconditioned by Arnoldi.
         memory_bytes: memory the explicit Hessian may take (three ``P × P`` copies while factorising).
+        cg_tol: relative residual at which the chosen conjugate gradient stops (module docstring, rule 3).
     """
 
     exact_params: int = 1_000
     full_pass_examples: int = 50_000
     precondition_queries: int = 32
     memory_bytes: int = 2 * 2**30
+    cg_tol: float = 1e-3
 
     def __post_init__(self) -> None:
         for arg in ("exact_params", "full_pass_examples", "precondition_queries", "memory_bytes"):
             v = getattr(self, arg)
             if not (is_int(v) and v >= 0):
                 raise InfluenceConfigError(f"AutoSettings.{arg}={v!r} must be an integer ≥ 0.")
+        if not (is_real(self.cg_tol) and 0 < self.cg_tol < 1):
+            raise InfluenceConfigError(f"AutoSettings.cg_tol={self.cg_tol!r} must be a number in (0, 1), e.g. 1e-3.")
 
     def choose(self, problem: "InfluenceProblem", num_queries: int = 16, self_influence: bool = False) -> Choice:
         """The choice for ``problem`` (its sizes, and whether its differentiation has exact HVPs)."""
@@ -145,7 +179,8 @@ class AutoSettings(SolverSettings, name="auto", kind=SolverKind.AUTO):
         return choose_solver(problem.num_params, problem.num_examples, num_queries, self_influence=self_influence,
                              exact_hvp=plan.hvp is not None and plan.exact, dtype=problem.dtype,
                              exact_params=self.exact_params, full_pass_examples=self.full_pass_examples,
-                             precondition_queries=self.precondition_queries, memory_bytes=self.memory_bytes)
+                             precondition_queries=self.precondition_queries, memory_bytes=self.memory_bytes,
+                             cg_tol=self.cg_tol)
 
     def fit(self, problem: "InfluenceProblem", damping: Any = "auto") -> InverseHVP:
         """Fit the solver :meth:`choose` picks for 16 queries without self-influence; the pipeline asks

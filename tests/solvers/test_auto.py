@@ -18,8 +18,9 @@ from ..problems import digits
         (dict(num_params=1_000, num_examples=10**6, num_queries=1), "exact", None),  # the boundary is inclusive
         (dict(num_params=1_500, num_examples=1_347, num_queries=31), "cg", None),
         (dict(num_params=1_500, num_examples=1_347, num_queries=32), "cg", "arnoldi"),
-        # forming H (P HVPs) costs less than ≈ 32 HVPs per right-hand side: the explicit Hessian
-        (dict(num_params=1_500, num_examples=1_347, num_queries=47), "exact", None),
+        # forming H (P HVPs) costs no more than preconditioned CG's ≈ 300 + 6 HVPs per right-hand side
+        (dict(num_params=1_200, num_examples=1_347, num_queries=149), "cg", "arnoldi"),
+        (dict(num_params=1_200, num_examples=1_347, num_queries=150), "exact", None),
         (dict(num_params=4_810, num_examples=1_347, num_queries=8, self_influence=True), "exact", None),  # the demo
         (dict(num_params=10_001, num_examples=1_347, num_queries=1000), "cg", "arnoldi"),  # over its size limit
         (dict(num_params=50_000, num_examples=50_000, num_queries=1, self_influence=True), "cg", "arnoldi"),
@@ -35,6 +36,21 @@ def test_the_rule_on_a_few_sizes(kw, name, preconditioner):
     assert choice.name == name
     assert getattr(choice.settings, "preconditioner", None) == preconditioner
     assert choice.describe().startswith(name)
+
+
+def test_cg_gets_the_auto_tolerance_and_many_right_hand_sides_are_named():
+    few = choose_solver(21_546, 1_347, 10)
+    assert few.settings.tol == 1e-3 and "relative residual of 0.001" in few.reason
+    assert "arnoldi" not in few.reason.split(":", 1)[1]
+    many = choose_solver(50_698, 1_347, 2_000)
+    assert many.settings.preconditioner == "arnoldi" and many.settings.tol == 1e-3
+    # 300 + 6 · 2,000 products: the reason points to the closed-form solvers
+    assert "≈ 12,300 full-data products for 2,000 right-hand sides" in many.reason
+    assert "solver='arnoldi' or 'ekfac'" in many.reason
+    assert choose_solver(21_546, 1_347, 10, cg_tol=1e-5).settings.tol == 1e-5
+    for bad in (0, 1, -1e-3, "1e-3"):
+        with pytest.raises(InfluenceConfigError, match=r"AutoSettings.cg_tol=.* must be a number in \(0, 1\)"):
+            AutoSettings(cg_tol=bad)
 
 
 def test_thresholds_move_the_rule_and_are_validated():
@@ -56,4 +72,12 @@ def test_the_choice_is_recorded_and_an_explicit_solver_wins():
     assert explicit.solver == "cg" and "auto_choice" not in explicit.settings
     torch.testing.assert_close(explicit.scores, auto.scores, rtol=1e-3, atol=1e-4)
     moved = compute_influence(model, train, val, num_queries=2, damping=0.1, solver=AutoSettings(exact_params=100))
-    assert moved.settings["auto_choice"] == "cg"
+    assert moved.settings["auto_choice"] == "cg" and moved.settings["tol"] == 1e-3
+    tight = compute_influence(model, train, val, num_queries=2, damping=0.1,
+                              solver=AutoSettings(exact_params=100, cg_tol=1e-8))
+    assert tight.settings["tol"] == 1e-8
+    torch.testing.assert_close(tight.scores, auto.scores, rtol=1e-4, atol=1e-5)
+    # relative residual 1e-3: not elementwise round-off, but the same ranking and size (measured: Pearson 0.9999999, norms within 1e-4)
+    for got, want in zip(moved.scores.double(), auto.scores.double()):
+        assert torch.corrcoef(torch.stack([got, want]))[0, 1] > 0.9995
+        assert abs(float(got.norm() / want.norm()) - 1) < 1e-2
