@@ -38,6 +38,7 @@ from .data import Collate, ExampleSource
 from .diagnostics import Diagnostic, combine_scalars
 from .distributed import Communicator, local_communicator
 from .errors import InfluenceConfigError, InfluenceRuntimeError
+from .autodiff import UnsupportedModelError
 from .functional import batch_size_of
 from .guards import preserved_rng
 from .objective import IGNORE_INDEX, LossFn, Objective
@@ -122,7 +123,7 @@ def bind(
     loss_fn: Optional[LossFn] = None,
     collate_fn: Optional[Collate] = None,
     comm: Optional[Communicator] = None,
-    need_hvp: bool = True,
+    need_hvp: Union[bool, str] = True,
     train_indices: Optional[Sequence[int]] = None,
 ) -> InfluenceProblem:
     """Phase 1: the objective and the training examples as an :class:`InfluenceProblem`, checked on a
@@ -138,7 +139,8 @@ def bind(
         args: the checked run arguments (default: :func:`check_run_arguments` defaults).
         loss_fn / collate_fn: as in :func:`compute_influence`.
         comm: the processes sharing the work; each holds a contiguous shard of the training set.
-        need_hvp: whether the solver takes Hessian-vector products (every kind but the factored ones).
+        need_hvp: whether the solver takes Hessian-vector products (every kind but the factored ones);
+            ``"optional"``: probe them, and go on without them when no strategy works (:func:`needs_hvp`).
         train_indices: the dataset positions of the training examples (default: all; e.g. those a
             ``SubsetRandomSampler`` trained on): ``R`` averages over them and the scores' columns are them.
 
@@ -151,14 +153,24 @@ def bind(
     train_indices = check_query_indices(train_indices, "train_indices", "the training dataset", duplicates="error")
     train = ExampleSource(train_dataset, collate_fn, objective.prepare_batch, indices=train_indices, what="training")
     batch = check_first_examples(objective, train)
-    objective.choose_differentiation(batch, need_hvp=need_hvp, indices=train.indices[: batch_size_of(batch)].tolist())
+    first = train.indices[: batch_size_of(batch)].tolist()
+    try:
+        objective.choose_differentiation(batch, need_hvp=bool(need_hvp), indices=first)
+    except UnsupportedModelError:
+        if need_hvp != "optional":
+            raise
+        objective.choose_differentiation(batch, need_hvp=False, indices=first)
     return InfluenceProblem(objective, train, args.forward_chunk, args.grad_chunk_for(objective.num_params), comm)
 
 
-def needs_hvp(settings: SolverSettings) -> bool:
-    """Whether fitting ``settings`` takes Hessian-vector products (every solver but the factored kinds,
-    unless one preconditions an iterative solver)."""
-    return settings.composed().kind is not SolverKind.FACTORED
+def needs_hvp(settings: SolverSettings) -> Union[bool, str]:
+    """Whether fitting ``settings`` takes Hessian-vector products: ``True`` for every solver but the
+    factored kinds (also when one preconditions an iterative solver); ``"optional"`` for a factored solver
+    that calibrates its magnitude with one (it fits without them); ``False`` otherwise."""
+    plan = settings.composed()
+    if plan.kind is not SolverKind.FACTORED:
+        return True
+    return "optional" if getattr(plan, "calibrate", False) else False
 
 
 def check_first_examples(objective: Objective, source: ExampleSource) -> Any:
@@ -536,14 +548,22 @@ def solve_queries(inverse: InverseHVP, grads: Tensor, query_batch_size: Optional
     on it beyond the solvers' tolerances)."""
     q = grads.shape[0]
     qb = query_batch_size or default_query_batch(q, grads.shape[1], grads.element_size())
-    parts, chunks = [], []
+    if q <= qb:  # one solve: its solution is the result
+        res = inverse.solve(grads)
+        if progress:
+            progress("solve", q, q)
+        return SolvedQueries(res.solution, qb, [(0, q, res.diagnostics)])
+    out, chunks = None, []  # written chunk by chunk: never the chunks and their concatenation at once
     for s in range(0, q, qb):
         res = inverse.solve(grads[s : s + qb])
-        parts.append(res.solution)
+        if out is None:
+            out = res.solution.new_empty((q,) + tuple(res.solution.shape[1:]))
+        out[s : s + res.solution.shape[0]] = res.solution
         chunks.append((s, s + res.solution.shape[0], res.diagnostics))
+        del res
         if progress:
             progress("solve", min(s + qb, q), q)
-    return SolvedQueries(torch.cat(parts), qb, chunks)
+    return SolvedQueries(out, qb, chunks)
 
 
 def self_influence_scores(problem: InfluenceProblem, inverse: InverseHVP, batch_size: Optional[int] = None,

@@ -25,6 +25,11 @@ solver's. Influence scores keep Koh & Liang's sign: ``I(z_i, z_q) = −∇ℓ_q�
 
 Automatic damping (``damping="auto"``): ``λ = max(base, damping_fraction · mean(Λ))``, the mean over every
 attributed parameter's (corrected) eigenvalue, never below the damping the training loss implies.
+
+Magnitudes (``calibrate=True``, the default): the fitted inverse is ``α (Ĥ + λI)⁻¹`` with ``α`` the Galerkin
+scale of :mod:`~lightning_influence.solvers.calibration` (``xᵀv / xᵀ(H + λI)x`` on 16 training-gradient probes,
+one full-data Hessian-vector product), so scores and predicted loss changes have the size of the Hessian
+solve; the ranking is the factored one. ``res.settings``/diagnostics record ``magnitude_scale``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from ..errors import InfluenceConfigError, InfluenceRuntimeError
 from ..functional import batch_size_of
 from ..seeds import Stream, derive_seed
 from .base import Curvature, FactoredInverse, SolverKind, SolverSettings
+from .calibration import magnitude_scale
 from .kronecker import LayerPlan, capture_layers, diagonal_grads, per_example_blocks, plan_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,12 +95,15 @@ class _KroneckerSettings(SolverSettings):
         chunk_size: training examples per streamed chunk (``None``: the problem's ``chunk_size``).
         fisher_samples: Fisher draws per training example (each a full pass over the data); more draws
             lower the Monte-Carlo noise of ``S`` and ``Λ``. Ignored (one pass) for an empirical Fisher.
+        calibrate: scale the inverse to the Hessian's magnitude (module docstring; needs exact
+            Hessian-vector products, else ``α = 1``). ``False``: the plain ``(Ĥ + λI)⁻¹``.
     """
 
     damping_fraction: float = 0.1
     seed: int = 0
     chunk_size: Optional[int] = None
     fisher_samples: int = 1
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
@@ -114,6 +123,8 @@ class _KroneckerSettings(SolverSettings):
             raise bad("chunk_size", "a positive integer or None (the problem's chunk size)")
         if not pos_int(self.fisher_samples):
             raise bad("fisher_samples", "a positive integer (label draws per example)")
+        if not isinstance(self.calibrate, bool):
+            raise bad("calibrate", "True or False")
 
     @property
     def corrected(self) -> bool:
@@ -157,6 +168,11 @@ class _KroneckerSettings(SolverSettings):
         if self.corrected:
             inv.setup.append(Diagnostic("correction_seconds", f.seconds["correction"], "eigenvalue pass (s)",
                                         "seconds for the pass(es) that estimate the corrected eigenvalues"))
+        if self.calibrate:
+            t0 = time.perf_counter()
+            inv.scale, found = magnitude_scale(problem, inv, seed=self.seed)
+            inv.setup += found + [Diagnostic("calibration_seconds", time.perf_counter() - t0, "calibration (s)",
+                                             "seconds for the probes' gradients and their Hessian-vector product")]
         return inv
 
 
@@ -286,6 +302,8 @@ class KroneckerInverse(FactoredInverse):
         self.plan = plan
         self.q_a, self.q_s, self.eigenvalues, self.diagonal = q_a, q_s, eigenvalues, diagonal
         self._diag_index = plan.diagonal_index.to(problem.device)
+        #: ``α``: the inverse applied is ``α (Ĥ + λI)⁻¹`` (1 until calibrated; see ``calibrate``)
+        self.scale = 1.0
 
     # ------------------------------------------------------------------ applying
     def _map(self, vectors: Tensor, power: float) -> Tensor:
@@ -302,15 +320,17 @@ class KroneckerInverse(FactoredInverse):
         return out
 
     def apply(self, vectors: Tensor) -> Tensor:
-        """``(Ĥ + λI)⁻¹ V`` for every row of ``vectors`` ``[Q, P]``."""
-        return self._map(vectors, 1.0)
+        """``α (Ĥ + λI)⁻¹ V`` for every row of ``vectors`` ``[Q, P]``."""
+        out = self._map(vectors, 1.0)
+        return out if self.scale == 1.0 else out.mul_(self.scale)
 
     def apply_inverse_sqrt(self, vectors: Tensor) -> Tensor:
-        """``(Ĥ + λI)^{-1/2} V`` (symmetric square root) for every row of ``vectors`` ``[Q, P]``."""
-        return self._map(vectors, 0.5)
+        """``√α (Ĥ + λI)^{-1/2} V`` (symmetric square root) for every row of ``vectors`` ``[Q, P]``."""
+        out = self._map(vectors, 0.5)
+        return out if self.scale == 1.0 else out.mul_(math.sqrt(self.scale))
 
     def quadratic(self, grads: Tensor) -> Tuple[Tensor, List[Diagnostic]]:
-        """``g_iᵀ (Ĥ + λI)⁻¹ g_i`` per row of ``grads`` ``[B, P]``: ``Σ (Q_Sᵀ G Q_A)² / (Λ + λ)`` per layer
+        """``α g_iᵀ (Ĥ + λI)⁻¹ g_i`` per row of ``grads`` ``[B, P]``: ``Σ (Q_Sᵀ G Q_A)² / (Λ + λ)`` per layer
         plus ``Σ g²/(d + λ)`` on the diagonal; no back rotation."""
         total = grads.new_zeros(grads.shape[0])
         for k, layer in enumerate(self.plan.layers):
@@ -320,7 +340,7 @@ class KroneckerInverse(FactoredInverse):
         if self._diag_index.numel():
             g = grads[:, self._diag_index]
             total += (g.square() / (self.diagonal.to(grads.dtype) + self.damping)).sum(dim=1)
-        return total, []
+        return total if self.scale == 1.0 else total.mul_(self.scale), []
 
 
 def _eigh(m: Tensor, layer: str, which: str) -> Tuple[Tensor, Tensor]:
