@@ -369,7 +369,7 @@ def compute_influence(
         tokens = queries.tokens
         token_solved = None
         if tokens is not None:  # the token terms: more right-hand sides of the same fitted inverse
-            token_solved = solve_queries(inverse, tokens.grads, args.query_batch_size or solved.batch_size)
+            token_solved = solve_queries(inverse, tokens.grads, args.query_batch_size)  # default: as many as fit
             solved = SolvedQueries(torch.cat([solved.s_test, token_solved.s_test]), solved.batch_size, solved.chunks)
         timings["solve"] = time.perf_counter() - t0
 

@@ -126,7 +126,8 @@ class InfluenceCallbackBase:
             others wait).
 
     The end-of-training run reuses the last in-loop run when the weights are bit-identical to those it saw.
-    ``state_dict`` keeps the history (about ``(4·(Q+1) + 8)·N`` bytes per run in float32), so a fit resumed
+    ``state_dict`` keeps the history (about ``(4·(Q+1) + 8)·N`` bytes per run in float32, ``4·R·N`` more with
+    ``per_token`` for ``R`` query tokens), so a fit resumed
     with ``ckpt_path=`` gets it back.
 
     Example:
