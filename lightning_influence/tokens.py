@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .errors import InfluenceConfigError
+from .functional import map_tensors
 from .objective import HOOK_NAME, IGNORE_INDEX, Objective
 from .scoring import checked_grads
 
@@ -93,10 +94,9 @@ def expand_tokens(batch: Any, rows: Tensor, positions: Tensor) -> Any:
     flat = targets.reshape(b, -1)
     masked = torch.full((rows.numel(), flat.shape[1]), IGNORE_INDEX, dtype=flat.dtype, device=flat.device)
     masked[torch.arange(rows.numel(), device=flat.device), positions] = flat[rows, positions]
-    rows_dev = rows.to(flat.device)
 
-    def pick(item: Any) -> Any:
-        return item.index_select(0, rows_dev.to(item.device)) if isinstance(item, Tensor) and item.dim() and item.shape[0] == b else item
+    def pick(item: Any) -> Any:  # every tensor with the batch's leading size, however nested
+        return map_tensors(item, lambda t: t.index_select(0, rows.to(t.device)) if t.dim() and t.shape[0] == b else t)
 
     return (pick(batch[0]), masked.view(rows.numel(), *targets.shape[1:]), *(pick(x) for x in batch[2:]))
 

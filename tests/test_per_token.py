@@ -176,3 +176,27 @@ def test_per_token_refuses_what_it_cannot_split(lm):
         compute_influence(hooked, data, **kw)
     with pytest.raises(InfluenceConfigError, match="per_token='yes' must be True or False"):
         compute_influence(model, data, **{**kw, "per_token": "yes"})
+
+
+def test_nested_inputs_are_indexed_per_token(lm):
+    """Inputs as a dict of tensors (any nesting): each token's copy takes its query's entries."""
+    model, data = lm
+
+    class DictLM(TinyLM):
+        def forward(self, inputs):
+            return super().forward(inputs["ids"])
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            x, y = data[i]
+            return {"ids": x}, y
+
+    nested = DictLM().double()
+    nested.load_state_dict(model.state_dict())
+    kw = dict(query_indices=QUERIES, solver="exact", damping=DAMPING, dtype=D, per_token=True)
+    want = compute_influence(model, data, **kw)
+    got = compute_influence(nested, Dicts(), **kw)
+    torch.testing.assert_close(got.token_scores, want.token_scores, rtol=1e-12, atol=1e-12)
