@@ -130,7 +130,8 @@ class InfluenceResults:
             ``scores``; ``self_influence`` the self-influence solves' scalars, already combined;
             ``totals`` whole-run counts. Read them through :meth:`setup_diagnostics`,
             :meth:`solve_chunks`, :meth:`per_query_diagnostics`, :meth:`summary_diagnostics` and
-            :meth:`diagnostic`.
+            :meth:`diagnostic`. With per-token scores, ``"token_solve"`` holds the token solves' scalars, combined
+            (their right-hand sides are not rows of ``scores``).
         timings: seconds per phase, and ``total``.
         token_scores: with ``per_token=True``, ``[R, N]`` per-token scores in a compact layout: row ``r`` is
             ``−∇L_t(z_q)ᵀ (H + λI)⁻¹ ∇L(z_i)`` for target position ``t = token_positions[r]`` of query row

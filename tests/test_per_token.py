@@ -200,3 +200,12 @@ def test_nested_inputs_are_indexed_per_token(lm):
     want = compute_influence(model, data, **kw)
     got = compute_influence(nested, Dicts(), **kw)
     torch.testing.assert_close(got.token_scores, want.token_scores, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["lissa", "arnoldi", "kfac"])
+def test_token_rows_sum_to_the_sequence_scores_with_the_other_solvers(lm, solver):
+    """Each solver's fitted inverse is linear in its right-hand sides (LiSSA's seeded recursion too), so the token
+    rows, solved apart from the sequences, add up to the sequence scores to rounding."""
+    model, data = lm
+    res = compute_influence(model, data, query_indices=QUERIES, solver=solver, damping=DAMPING, dtype=D, per_token=True)
+    torch.testing.assert_close(_summed(res), res.scores, rtol=1e-10, atol=1e-12 * float(res.scores.abs().max()))
