@@ -282,8 +282,33 @@ def check_results_state(state: Dict[str, Any], path: str) -> None:
     for name in ("settings", "record", "diagnostics", "timings"):
         if not isinstance(state.get(name, {}), dict):
             raise _shape_error(path, f"{name!r} must be a dict, got {type(state.get(name)).__name__}")
-    for name in ("scores", "query_losses", "self_influence"):
+    _check_token_state(state, path, q, n)
+    for name in ("scores", "query_losses", "self_influence", "token_scores"):
         value = state.get(name)
         if isinstance(value, Tensor) and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             raise _shape_error(path, f"{name!r} holds {bad} NaN/inf values (computed results are always finite)")
+
+
+def _check_token_state(state: Dict[str, Any], path: str, q: int, n: int) -> None:
+    """The per-token fields (format 4): all four or none; ``token_scores [R, N]`` floating, ``token_rows``,
+    ``token_positions``, ``token_targets`` ``[R]`` integers, the rows within ``0..Q-1``."""
+    names = ("token_scores", "token_rows", "token_positions", "token_targets")
+    present = [k for k in names if state.get(k) is not None]
+    if not present:
+        return
+    if len(present) != len(names):
+        raise _shape_error(path, f"the per-token fields {sorted(set(names) - set(present))} are missing beside {present}")
+    scores = state["token_scores"]
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[1] != n or not scores.is_floating_point():
+        got = f"shape {tuple(scores.shape)}" if isinstance(scores, Tensor) else type(scores).__name__
+        raise _shape_error(path, f"'token_scores' must be a 2-D floating tensor [R, {n}], got {got}")
+    r = scores.shape[0]
+    for name in names[1:]:
+        value = state[name]
+        if not isinstance(value, Tensor) or tuple(value.shape) != (r,) or value.is_floating_point():
+            got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise _shape_error(path, f"{name!r} must be {r} integers, got {got}")
+    rows = state["token_rows"]
+    if r and (int(rows.min()) < 0 or int(rows.max()) >= q):
+        raise _shape_error(path, f"'token_rows' must be query rows 0..{q - 1}")

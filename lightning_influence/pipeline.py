@@ -48,7 +48,8 @@ from .results import InfluenceResults, diagnostics_layout
 from .scoring import checked_grads, influence_scores, self_influence as _solved_self_influence
 from .solvers import FactoredInverse, InverseHVP, SolverKind, SolverSettings, resolve_solver
 from .solvers.auto import chosen, is_auto, record_of
-from .validation import RunArguments, check_query_indices, check_run_arguments, warn_num_queries
+from .tokens import QueryTokens, check_per_token, concat_tokens, token_gradients
+from .validation import RunArguments, check_flag, check_query_indices, check_run_arguments, warn_num_queries
 
 __all__ = ["DEFAULT_DAMPING", "ProgressFn", "QueryGradients", "SolvedQueries", "bind", "compute_influence",
            "default_query_batch", "fit_inverse", "frozen_module", "preflight", "query_gradients",
@@ -94,13 +95,16 @@ def preflight(
     query_indices: Optional[Sequence[int]] = None,
     num_queries: Optional[int] = None,
     train_indices: Optional[Sequence[int]] = None,
+    per_token: bool = False,
 ) -> None:
     """The cheap checks of :func:`compute_influence`, for running before training starts: parameters,
     the solver's size limit, the training dataset (format, labels and a finite per-example loss on a few
     examples) and, when ``query_dataset`` is given, the queries (the explicit ``query_indices`` in range,
     the batch format, labels and loss on the first few of them, or of the dataset). Random states and
-    the model are left as they were."""
+    the model are left as they were. With ``per_token``, that the loss can be split into token terms
+    (:func:`~lightning_influence.tokens.check_per_token`, on the first queries when given)."""
     args = check_run_arguments(params=params, dtype=dtype)
+    check_flag("per_token", per_token)
     with preserved_rng(), frozen_module(model):
         settings = None if solver is None else resolve_solver(solver)
         objective = bind(model, train_dataset, args, loss_fn=loss_fn, collate_fn=collate_fn,
@@ -112,7 +116,11 @@ def preflight(
                                     indices=query_indices, what="query")
             if query_indices is None and num_queries is not None:
                 warn_num_queries(num_queries, len(queries))
-            check_first_examples(objective, queries)
+            batch = check_first_examples(objective, queries)
+            if per_token:
+                check_per_token(objective, batch)
+        elif per_token:
+            check_per_token(objective)
 
 
 def bind(
@@ -248,6 +256,7 @@ def compute_influence(
     progress: Optional[ProgressFn] = None,
     comm: Optional[Communicator] = None,
     train_indices: Optional[Sequence[int]] = None,
+    per_token: bool = False,
 ) -> InfluenceResults:
     """Influence of every training example on chosen query examples (Koh & Liang, 2017).
 
@@ -304,9 +313,20 @@ def compute_influence(
         train_indices: the positions of ``train_dataset`` that training drew from (default: all of it), e.g.
             a ``SubsetRandomSampler``'s ``indices``: ``R`` averages over them, and only they are scored
             (``results.train_indices``).
+        per_token: also score every target token of each query (a language model's query, whose loss is the
+            sum of its token losses): ``results.token_scores[r] = −∇L_t(z_q)ᵀ(H + λI)⁻¹∇L(z_i)`` for token
+            ``t = results.token_positions[r]`` of query row ``results.token_rows[r]``, in the same units and
+            sign as ``scores``; a query's token rows sum to its row of ``scores``. The token gradients are
+            extra right-hand sides of the same fitted solver and are scored in the same pass over the training
+            set (memory: ``Q + R`` solved vectors of ``P`` numbers, ``R`` the number of query tokens). A
+            token's loss is the query's loss with every other target set to ``-100`` (exact for the default
+            loss and any loss that sums token losses ignoring ``-100``, checked on the first queries; see
+            :mod:`~lightning_influence.tokens`); ``-100`` (padding) positions get no row. The
+            ``influence_loss`` hook path is refused.
 
     Returns:
-        :class:`InfluenceResults` with scores ``[Q, N]`` (positive = harmful, negative = helpful).
+        :class:`InfluenceResults` with scores ``[Q, N]`` (positive = harmful, negative = helpful), and with
+        ``per_token`` the token scores ``[R, N]``.
 
     Example:
         >>> import torch
@@ -325,6 +345,7 @@ def compute_influence(
                                chunk_size=chunk_size, grad_chunk_size=grad_chunk_size,
                                query_batch_size=query_batch_size, dtype=dtype, self_influence=self_influence,
                                damping=damping)
+    per_token = check_flag("per_token", per_token)
     settings = resolve_solver(solver)
     damping_spec = resolve_damping(damping)
     if train_dataset is None:
@@ -345,7 +366,7 @@ def compute_influence(
         t0 = time.perf_counter()
         queries = query_gradients(problem, query_dataset, query_indices=args.query_indices,
                                   num_queries=args.num_queries, query_collate_fn=query_collate_fn,
-                                  collate_fn=collate_fn, progress=report)
+                                  collate_fn=collate_fn, progress=report, per_token=per_token)
         timings["query_gradients"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -357,10 +378,17 @@ def compute_influence(
         timings["solver_setup"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         solved = solve_queries(inverse, queries.grads, args.query_batch_size, report)
+        tokens = queries.tokens
+        token_solved = None
+        if tokens is not None:  # the token terms: more right-hand sides of the same fitted inverse
+            token_solved = solve_queries(inverse, tokens.grads, args.query_batch_size)  # default: as many as fit
+            solved = SolvedQueries(torch.cat([solved.s_test, token_solved.s_test]), solved.batch_size, solved.chunks)
         timings["solve"] = time.perf_counter() - t0
 
         scores, self_inf, self_diags = _score(problem, inverse, solved, self_influence,
                                               args.query_batch_size or args.forward_chunk, report, timings)
+        num_q = len(queries.indices)
+        scores, token_scores = scores[:num_q], (scores[num_q:] if tokens is not None else None)
 
     timings["total"] = time.perf_counter() - t_start
     diagnostics = diagnostics_layout(
@@ -371,6 +399,8 @@ def compute_influence(
         [Diagnostic("hvp_calls", inverse.hvp_calls, "HVPs in all",
                     "batched Hessian-vector products over the whole run (setup, solves, self-influence)", "sum")],
     )
+    if token_solved is not None:  # the token solves' scalars, combined (their rows are not rows of scores)
+        diagnostics["token_solve"] = [d.to_dict() for d in combine_scalars([c[2] for c in token_solved.chunks])]
     return InfluenceResults(
         scores=scores.cpu(),
         query_indices=queries.indices.clone(),
@@ -382,6 +412,10 @@ def compute_influence(
         diagnostics=diagnostics,
         timings=timings,
         record=run_record(problem, settings, inverse, args, len(queries.indices), solved.batch_size, record_of(choice)),
+        token_scores=None if token_scores is None else token_scores.cpu(),
+        token_rows=None if tokens is None else tokens.rows.clone(),
+        token_positions=None if tokens is None else tokens.positions.clone(),
+        token_targets=None if tokens is None else tokens.targets.clone(),
     )
 
 
@@ -434,6 +468,7 @@ class QueryGradients:
         losses: ``L(z_q, θ̂)`` ``[Q]``.
         predictions: argmax of 2-D outputs ``[Q]``, or ``None``.
         targets: 1-D integer labels ``[Q]`` of ``(inputs, targets)`` batches, or ``None``.
+        tokens: with ``per_token``, the token terms of the queries (:class:`~lightning_influence.tokens.QueryTokens`).
     """
 
     indices: Tensor
@@ -441,6 +476,7 @@ class QueryGradients:
     losses: Tensor
     predictions: Optional[Tensor]
     targets: Optional[Tensor]
+    tokens: Optional[QueryTokens] = None
 
 
 def query_gradients(
@@ -452,11 +488,15 @@ def query_gradients(
     query_collate_fn: Optional[Collate] = None,
     collate_fn: Optional[Collate] = None,
     progress: Optional[ProgressFn] = None,
+    per_token: bool = False,
 ) -> QueryGradients:
     """Phase 2: the queries (``query_indices`` of ``query_dataset``, or its ``num_queries`` highest-loss
-    examples) with their gradients, losses and predictions. ``query_dataset`` defaults to the training
-    set (then ``collate_fn`` collates it). The same on every process (no collectives)."""
+    examples) with their gradients, losses and predictions, and with ``per_token`` the gradients of their
+    token terms (:func:`~lightning_influence.tokens.token_gradients`). ``query_dataset`` defaults to the
+    training set (then ``collate_fn`` collates it). The same on every process (no collectives)."""
     objective = problem.objective
+    if per_token:
+        check_per_token(objective)
     qdata = problem.train.dataset if query_dataset is None else query_dataset
     qcollate = query_collate_fn or (collate_fn if query_dataset is None else None)
     chunk = problem.chunk_size
@@ -472,6 +512,7 @@ def query_gradients(
     preds: List[Tensor] = []
     targets: List[Tensor] = []
     ignored: List[int] = []
+    token_parts: List[QueryTokens] = []
     for start, batch in queries.chunks(chunk):
         ignored += objective.check_targets(batch, queries.indices[start : start + batch_size_of(batch)].tolist(),
                                            "query")
@@ -483,6 +524,12 @@ def query_gradients(
             preds.append(out.argmax(dim=1))
         if not objective.uses_hook and isinstance(batch[1], Tensor) and batch[1].dim() == 1:
             targets.append(batch[1])
+        if per_token:
+            part = token_gradients(objective, batch, start,
+                                   queries.indices[start : start + batch_size_of(batch)].tolist(),
+                                   problem.grad_chunk_size, check=start == 0)
+            if part is not None:
+                token_parts.append(part)
         report("query_gradients", start + grads[-1].shape[0], q)
     if ignored:
         warnings.warn(
@@ -497,6 +544,7 @@ def query_gradients(
         losses=torch.cat(losses),
         predictions=torch.cat(preds) if len(preds) == len(losses) and preds else None,
         targets=torch.cat(targets) if len(targets) == len(losses) and targets else None,
+        tokens=concat_tokens(token_parts) if per_token else None,
     )
 
 

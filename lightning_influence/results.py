@@ -20,14 +20,26 @@ from .scoring import top_k
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["InfluenceResults", "Ranked", "SolveChunk", "diagnostics_layout"]
+__all__ = ["InfluenceResults", "Ranked", "SolveChunk", "TokenScores", "diagnostics_layout"]
 
 #: 2: ``diagnostics`` holds typed diagnostics (``solver``, ``setup``, ``solve`` chunks, ``self_influence``,
 #: ``totals``; see :class:`InfluenceResults`); 3: a typed ``record`` replaces the flat ``settings``, and the
-#: checksum covers the metadata too
-_FORMAT_VERSION = 3
+#: checksum covers the metadata too; 4: optional per-token scores (``token_scores``, ``token_rows``,
+#: ``token_positions``, ``token_targets``). Files of formats 2 and 3 are read (they have no token scores).
+_FORMAT_VERSION = 4
+_READABLE = (2, 3, _FORMAT_VERSION)
 _GROUP_LABELS = {"setup": "setup", "solve": "query solves", "self_influence": "self-influence solves",
                  "total": "whole run"}
+
+
+class TokenScores(NamedTuple):
+    """One query's per-token scores: the flat ``positions`` of its scored targets ``[T_q]``, the target
+    token ids there ``[T_q]`` and ``scores [T_q, N]`` (row ``j``: token ``positions[j]``; sum over ``j`` =
+    the query's row of ``scores``)."""
+
+    positions: Tensor
+    targets: Tensor
+    scores: Tensor
 
 
 class Ranked(NamedTuple):
@@ -72,6 +84,7 @@ def _number(v: Any) -> float:
 
 _TENSORS = ("scores", "query_indices", "train_indices", "query_losses", "self_influence", "query_targets",
             "query_predictions")
+_TOKEN_TENSORS = ("token_scores", "token_rows", "token_positions", "token_targets")
 _DATA = ("record", "diagnostics", "timings")
 
 
@@ -117,8 +130,16 @@ class InfluenceResults:
             ``scores``; ``self_influence`` the self-influence solves' scalars, already combined;
             ``totals`` whole-run counts. Read them through :meth:`setup_diagnostics`,
             :meth:`solve_chunks`, :meth:`per_query_diagnostics`, :meth:`summary_diagnostics` and
-            :meth:`diagnostic`.
+            :meth:`diagnostic`. With per-token scores, ``"token_solve"`` holds the token solves' scalars, combined
+            (their right-hand sides are not rows of ``scores``).
         timings: seconds per phase, and ``total``.
+        token_scores: with ``per_token=True``, ``[R, N]`` per-token scores in a compact layout: row ``r`` is
+            ``−∇L_t(z_q)ᵀ (H + λI)⁻¹ ∇L(z_i)`` for target position ``t = token_positions[r]`` of query row
+            ``q = token_rows[r]`` (same units and sign as ``scores``; a query's rows sum to ``scores[q]``).
+            Only scored targets have rows: ``-100`` (padding) positions have none. ``None`` otherwise.
+        token_rows / token_positions / token_targets: ``[R]`` integers: the query row (ascending), the flat
+            position in the query's targets, and the target token id there. Read them per query with
+            :meth:`tokens_of`, or as a padded ``[Q, T, N]`` tensor with :meth:`dense_token_scores`.
 
     Example:
         >>> import torch
@@ -145,6 +166,10 @@ class InfluenceResults:
         timings: Optional[Dict[str, float]] = None,
         *,
         record: Optional[RunRecord] = None,
+        token_scores: Optional[Tensor] = None,
+        token_rows: Optional[Tensor] = None,
+        token_positions: Optional[Tensor] = None,
+        token_targets: Optional[Tensor] = None,
     ) -> None:
         if record is not None and settings:
             raise InfluenceConfigError("pass record= or settings= to InfluenceResults, not both.")
@@ -160,6 +185,20 @@ class InfluenceResults:
                 f"scores {tuple(self.scores.shape)} disagree with query_indices {tuple(self.query_indices.shape)} "
                 f"or train_indices {tuple(self.train_indices.shape)}."
             )
+        self.token_scores, self.token_rows = token_scores, token_rows
+        self.token_positions, self.token_targets = token_positions, token_targets
+        given = [t is not None for t in (token_scores, token_rows, token_positions, token_targets)]
+        if any(given) and not all(given):
+            raise InfluenceConfigError("token_scores, token_rows, token_positions and token_targets go together: "
+                                       "pass all four (per_token=True results) or none.")
+        if token_scores is not None:
+            r = token_scores.shape[0] if token_scores.dim() == 2 else -1
+            if (token_scores.dim() != 2 or token_scores.shape[1] != n
+                    or any(t.shape != (r,) for t in (token_rows, token_positions, token_targets))):  # type: ignore[union-attr]
+                raise InfluenceConfigError(
+                    f"token_scores {tuple(token_scores.shape)} must be [R, {n}] with token_rows, token_positions and "
+                    f"token_targets of shape [R]."
+                )
 
     @property
     def settings(self) -> Mapping[str, Any]:
@@ -379,12 +418,49 @@ class InfluenceResults:
         ``−scores / n`` (loss units)."""
         return -self.scores / float(self.settings.get("num_train_total", self.num_train))
 
+    # ------------------------------------------------------------------ per-token scores
+    @property
+    def has_token_scores(self) -> bool:
+        """Whether per-token scores were computed (``per_token=True``)."""
+        return self.token_scores is not None
+
+    def _check_tokens(self) -> None:
+        if self.token_scores is None:
+            raise InfluenceConfigError("per-token scores were not computed; pass per_token=True to compute_influence "
+                                       "or InfluenceCallback (a language model's queries: a loss summed over tokens).")
+
+    def tokens_of(self, row: Optional[int] = None, *, query_id: Optional[int] = None) -> TokenScores:
+        """One query's per-token scores (:class:`TokenScores`), by ``row`` of ``scores`` or ``query_id``
+        (as :meth:`top_harmful`); empty when the query has no scored token."""
+        self._check_tokens()
+        q = int(self.row_of(query_id)) if query_id is not None else int(self._row_index(row))
+        keep = (self.token_rows == q).nonzero().flatten()  # type: ignore[operator]
+        return TokenScores(self.token_positions[keep], self.token_targets[keep],  # type: ignore[index]
+                           self.token_scores[keep])  # type: ignore[index]
+
+    def dense_token_scores(self) -> Tensor:
+        """The per-token scores as ``[Q, T, N]``, ``T`` one more than the largest scored position; NaN where a
+        query has no scored token at that position (padding, or beyond its length). ``nansum`` over ``T``
+        gives ``scores``. Memory ``Q·T·N`` numbers: prefer :meth:`tokens_of` for long sequences."""
+        self._check_tokens()
+        t = int(self.token_positions.max()) + 1 if self.token_positions.numel() else 0  # type: ignore[union-attr]
+        out = torch.full((self.num_queries, t, self.num_train), math.nan, dtype=self.token_scores.dtype)  # type: ignore[union-attr]
+        out[self.token_rows, self.token_positions] = self.token_scores  # type: ignore[index]
+        return out
+
+    def _row_index(self, row: Optional[int]) -> int:
+        if row is None or not -self.num_queries <= int(row) < self.num_queries:
+            raise IndexError(f"row={row!r} is out of range for {self.num_queries} queries (0..{self.num_queries - 1}).")
+        return int(row) % self.num_queries
+
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> Dict[str, Any]:
         """The results as plain data: every tensor (detached, on the CPU), the record as plain data,
         diagnostics and timings, ``format_version`` and a ``checksum`` of all of it (tensors and metadata).
         What :meth:`save` writes and the callback's ``state_dict`` stores; :meth:`from_state` reads it back."""
         state: Dict[str, Any] = {k: getattr(self, k) for k in _TENSORS}
+        if self.token_scores is not None:
+            state.update({k: getattr(self, k) for k in _TOKEN_TENSORS})
         state = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in state.items()}
         state.update(record=self.record.to_dict(), diagnostics=self.diagnostics, timings=self.timings)
         state["format_version"] = _FORMAT_VERSION
@@ -406,16 +482,17 @@ class InfluenceResults:
         if version is None:
             raise InfluenceConfigError(f"{source} is not an InfluenceResults file (no format_version): another "
                                        "file, or one whose metadata is corrupted. Recompute the results.")
-        if version not in (2, _FORMAT_VERSION):
+        if version not in _READABLE:
             raise InfluenceConfigError(
                 f"{source} is an InfluenceResults file of format {version}; this version of "
-                f"lightning-influence reads format 2 or {_FORMAT_VERSION}. Recompute the results."
+                f"lightning-influence reads format {', '.join(map(str, _READABLE[:-1]))} or {_FORMAT_VERSION}. "
+                "Recompute the results."
             )
         checksum = state.pop("checksum", None)  # absent in format-2 files written before checksums
         expected = _expected_checksum(state, version, source)
-        if checksum is None and version == _FORMAT_VERSION:  # every file of this format carries one
+        if checksum is None and version != 2:  # every file of format 3 on carries one
             raise ResultsFileError(f"{source} is corrupted: it has no checksum, which every file of format "
-                                   f"{_FORMAT_VERSION} carries. Recompute the results.")
+                                   f"{version} carries. Recompute the results.")
         if checksum is not None and checksum != expected:
             what = "tensors" if version == 2 else "contents (scores, settings, diagnostics or timings)"
             raise ResultsFileError(
@@ -423,6 +500,8 @@ class InfluenceResults:
                 "(bytes changed on disk or in transfer). Recompute the results."
             )
         known = set(_TENSORS) | ({"settings", "diagnostics", "timings"} if version == 2 else set(_DATA))
+        if version >= 4:
+            known |= set(_TOKEN_TENSORS)
         unknown = sorted(set(state) - known)
         if unknown:
             raise ResultsFileError(f"{source} has unknown fields {unknown}; it is not an InfluenceResults file, or it "

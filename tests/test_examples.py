@@ -1,5 +1,6 @@
 """The reproduction scripts in ``examples/``: every ``--help``, and each ``--quick`` run (tiny sizes) writes its
-table, JSON, PNG and offline W&B run. Only the cheapest quick run (``clean_in_loop``) is in the fast suite."""
+table, JSON, PNG and offline W&B run. Only the cheapest quick runs (``clean_in_loop``, ``language_model``) are in the
+fast suite."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from .wandb_reader import OfflineRun
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SCRIPTS = ["loo_retraining", "mislabelled", "explain_mistakes", "clean_in_loop", "retraining_check"]
+SCRIPTS = ["loo_retraining", "mislabelled", "explain_mistakes", "clean_in_loop", "retraining_check", "language_model"]
 
 
 @pytest.fixture(autouse=True)
@@ -130,3 +131,28 @@ def test_retraining_check_quick(tmp_path, capsys):
     assert all(r["cosine"] > 0.99 for r in rows)  # a first-order prediction of retraining, logistic regression
     assert "| harmful | 1 |" in out and (tmp_path / "out" / "retraining_check.png").stat().st_size > 0
     assert len(offline_run(tmp_path).table("retraining_check/table").rows) == 4
+
+
+def test_language_model_quick(tmp_path, capsys):
+    """The character-level LM: per-token scores of each completion, the HTML heat maps with decoded text and the
+    W&B token table (about 10 s)."""
+    from lightning_influence import InfluenceResults
+    from lightning_influence.reporting.wandb import TOKEN_KEY
+
+    rc = load("language_model").main(["--quick", "--out", str(tmp_path / "out"), "--wandb-dir", str(tmp_path / "wandb")])
+    assert rc == 0
+    import wandb
+
+    wandb.teardown()
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "out" / "language_model.json").read_text())
+    assert len(data["queries"]) == 3 and all(len(q["tokens"]) == len(q["completion"]) for q in data["queries"])
+    assert "per character, the most helpful window" in out and "sum to 1.0000" in out
+    res = InfluenceResults.load(data["results"])
+    summed = res.scores.double().new_zeros(res.scores.shape).index_add_(0, res.token_rows, res.token_scores.double())
+    assert float((summed - res.scores.double()).abs().max()) <= 1e-4 * float(res.scores.abs().max())
+    page = Path(data["report"]).read_text(encoding="utf-8")
+    assert page.count('<div class="tokens" id=') == 3 and "token ids" not in page
+    table = offline_run(tmp_path).table(TOKEN_KEY)
+    assert len(table.rows) == 2 * res.token_scores.shape[0]
+    assert {r["token"] for r in table.records()} <= {c for q in data["queries"] for c in q["completion"]}

@@ -94,6 +94,15 @@ class InfluenceCallbackBase:
         report: hand the results to the reporters.
         report_path: path of the HTML report (default ``influence/report.html`` under the log dir).
         render_example: ``render_example(example) -> value`` for report previews.
+        decode: ``decode(token_ids: list[int]) -> str`` (a tokenizer's ``decode``): token ids (inputs, sequence
+            labels, what ``render_example`` returns, the tokens of the per-token heat map) are shown as this
+            text in every report; ``render_example`` picks what is shown, ``decode`` turns ids into text. A
+            ``decode`` that fails on an example shows its ids (one warning); one that is not callable is refused
+            here.
+        per_token: also score each target token of every query (a language model's queries, loss summed over
+            tokens): ``results.token_scores`` (see :func:`~lightning_influence.pipeline.compute_influence`), in
+            the same solve and training pass; the HTML report shows a heat map per query and W&B a table
+            ``influence/token_influence``. Refused before training when the loss cannot be split into tokens.
         every_n_epochs: also run at the end of every ``k``-th epoch (after its validation, before
             ``ModelCheckpoint`` saves); files ``results_epoch{e}.pt``.
         every_n_steps: also run after every ``k``-th optimizer step; files ``results_step{s}.pt``.
@@ -117,7 +126,8 @@ class InfluenceCallbackBase:
             others wait).
 
     The end-of-training run reuses the last in-loop run when the weights are bit-identical to those it saw.
-    ``state_dict`` keeps the history (about ``(4·(Q+1) + 8)·N`` bytes per run in float32), so a fit resumed
+    ``state_dict`` keeps the history (about ``(4·(Q+1) + 8)·N`` bytes per run in float32, ``4·R·N`` more with
+    ``per_token`` for ``R`` query tokens), so a fit resumed
     with ``ckpt_path=`` gets it back.
 
     Example:
@@ -159,6 +169,8 @@ class InfluenceCallbackBase:
         report: bool = True,
         report_path: Optional[Union[str, os.PathLike]] = None,
         render_example: Optional[Callable[[Any], Any]] = None,
+        decode: Optional[Callable[[List[int]], str]] = None,
+        per_token: bool = False,
         every_n_epochs: Optional[int] = None,
         every_n_steps: Optional[int] = None,
         schedule: Optional[Schedule] = None,
@@ -172,7 +184,8 @@ class InfluenceCallbackBase:
                                    chunk_size=chunk_size, query_batch_size=query_batch_size, dtype=dtype,
                                    self_influence=self_influence, damping=damping)
         check_callback_arguments(query_dataloader=query_dataloader, on_error=on_error, damping=damping, loss_fn=loss_fn,
-                                 render_example=render_example, on_results=on_results, top_k=top_k,
+                                 render_example=render_example, decode=decode, per_token=per_token,
+                                 on_results=on_results, top_k=top_k,
                                  reporters=reporters, save_results=save_results, report=report, report_path=report_path)
         self.solver: SolverSettings = resolve_solver(solver)
         self.schedule = from_arguments(schedule, every_n_epochs, every_n_steps)
@@ -181,6 +194,7 @@ class InfluenceCallbackBase:
         self.params, self.loss_fn, self.top_k, self.self_influence = params, loss_fn, top_k, bool(self_influence)
         self.chunk_size, self.query_batch_size, self.dtype = chunk_size, query_batch_size, args.dtype
         self.on_error, self.report, self.report_path, self.render_example = on_error, report, report_path, render_example
+        self.decode, self.per_token = decode, bool(per_token)
         self.reporters = None if reporters is None else list(reporters)
         self.on_results = on_results
         self.collective_timeout = check_timeout(collective_timeout)
@@ -273,7 +287,7 @@ class InfluenceCallbackBase:
         preflight(pl_module, train.dataset, loss_fn=self.loss_fn, params=self.params, collate_fn=train.collate_fn,
                   dtype=self.dtype, solver=self.solver, query_dataset=None if query is None else query.dataset,
                   query_collate_fn=None if query is None else query.collate_fn, query_indices=self.query_indices,
-                  num_queries=self.num_queries, train_indices=self._train_indices)
+                  num_queries=self.num_queries, train_indices=self._train_indices, per_token=self.per_token)
         check_outputs_writable(trainer, self._fit_outputs(trainer), save_results=self.save_results,
                                others=self._other_outputs(trainer))
 
@@ -433,7 +447,8 @@ class InfluenceCallbackBase:
             loss_fn=self.loss_fn, params=self.params, solver=self.solver, damping=self._damping(trainer, pl_module),
             self_influence=self.self_influence, collate_fn=train.collate_fn, query_collate_fn=query.collate_fn,
             chunk_size=self.chunk_size, query_batch_size=self.query_batch_size, dtype=self.dtype,
-            progress=checked_progress(trainer, self._progress(trainer), self._interrupt), comm=comm, train_indices=self._train_indices)
+            progress=checked_progress(trainer, self._progress(trainer), self._interrupt), comm=comm,
+            train_indices=self._train_indices, per_token=self.per_token)
 
     def _progress(self, trainer: "pl.Trainer") -> Optional[ProgressFn]:
         from .progress import trainer_progress
@@ -462,7 +477,7 @@ class InfluenceCallbackBase:
         done = write_outputs(trainer, results, key, store=self.store, folder=outputs.folder,
                              report=self.report, report_path=outputs.report,
                              reporters=self.reporters, train_dataset=train.dataset, query_dataset=query.dataset,
-                             render_example=self.render_example, top_k=self.top_k)
+                             render_example=self.render_example, decode=self.decode, top_k=self.top_k)
         self.results_path, self.outputs, self.output_errors = done.results_path, done.outputs, done.failures
         self.error = settle_failures(done.failures, self.on_error, rank_zero_warn) or self.error
 

@@ -46,10 +46,10 @@ def check_build_index(build_index: Any, projection_dim: Any) -> Optional[str]:
 
 def check_callback_arguments(**kw: Any) -> None:
     """The callback's own arguments, by name (``top_k``, ``save_results``, ``report``, ``report_path``,
-    ``query_dataloader``, ``on_error``, ``damping``, ``loss_fn``, ``render_example``, ``on_results``,
-    ``reporters``)."""
+    ``query_dataloader``, ``on_error``, ``damping``, ``loss_fn``, ``render_example``, ``decode``, ``on_results``,
+    ``reporters``, ``per_token``)."""
     check_positive_int("top_k", kw["top_k"])
-    for flag in ("save_results", "report"):
+    for flag in ("save_results", "report", "per_token"):
         check_flag(flag, kw[flag])
     path = kw["report_path"]
     if path is not None and not isinstance(path, (str, os.PathLike)):
@@ -63,6 +63,7 @@ def check_callback_arguments(**kw: Any) -> None:
         resolve_damping(kw["damping"])
     for name, signature in (("loss_fn", "loss_fn(outputs, targets) -> Tensor[B]"),
                             ("render_example", "render_example(example) -> value"),
+                            ("decode", "decode(token_ids: list[int]) -> str (e.g. a tokenizer's decode)"),
                             ("on_results", "on_results(trainer, pl_module, results)")):
         if kw[name] is not None and not callable(kw[name]):
             raise InfluenceConfigError(f"{name}={kw[name]!r} is not callable; pass a function {signature} or None.")

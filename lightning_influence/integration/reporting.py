@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
 
@@ -75,6 +75,7 @@ def report_influence(
     results_path: Optional[str] = None,
     report_path: Optional[Union[str, os.PathLike]] = None,
     render_example: Optional[Callable[[Any], Any]] = None,
+    decode: Optional[Callable[[List[int]], str]] = None,
     top_k: int = 10,
     html: bool = True,
     wandb: bool = True,
@@ -87,7 +88,8 @@ def report_influence(
     """Send ``results`` to every logger of ``trainer`` and write the HTML report, on global rank zero: the
     full report of :func:`~lightning_influence.reporting.report` with ``reporters`` (default
     :func:`~lightning_influence.reporting.default_reporters`; ``html=False`` leaves out the HTML report,
-    ``wandb=False`` the W&B run) in :func:`trainer_context`.
+    ``wandb=False`` the W&B run) in :func:`trainer_context`. ``render_example`` and ``decode`` say how examples
+    are shown (:class:`~lightning_influence.reporting.ReportContext`).
 
     Call it on every process: without ``report_path`` the default path is resolved by global rank zero and
     broadcast (:func:`influence_dir`), a collective; after that, other ranks return at once.
@@ -105,7 +107,7 @@ def report_influence(
     if not html:
         chosen = [r for r in chosen if r.name != "HTML report"]
     context = trainer_context(trainer, train_dataset=train_dataset, query_dataset=query_dataset, report_path=path,
-                              wandb=wandb, render_example=render_example, classes=classes, top_k=top_k,
+                              wandb=wandb, render_example=render_example, decode=decode, classes=classes, top_k=top_k,
                               self_influence_k=self_influence_k, results_path=results_path, history=history,
                               history_paths=history_paths)
     out: Dict[str, Any] = {"scalars": {}, "html_path": None, "wandb_run_dir": None, "wandb_run_id": None,

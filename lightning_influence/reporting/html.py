@@ -19,6 +19,7 @@ from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryVi
 from .evolution import KINDS, Ranking, rankings
 from .previews import ExampleCatalog
 from .scalars import format_value
+from .tokens import TokenView
 
 __all__ = ["render_html", "write_html", "histogram_svg", "series_svg"]
 
@@ -48,6 +49,9 @@ figure.series{margin:10px 0}figure.series figcaption{max-width:640px;color:#667;
 details{margin:8px 0}
 svg text{font-family:system-ui,sans-serif}
 table.grid td.ids{text-align:left}.tid.new{font-weight:bold}
+table.heatmap{border-collapse:collapse;font-size:13px;margin:4px 0}table.heatmap td{padding:3px 6px;vertical-align:top}
+table.heatmap td.who{white-space:nowrap;color:#445}
+.tok{font-family:ui-monospace,monospace;white-space:pre;padding:1px 0;border-radius:2px}.tok.unscored{color:#99a}
 """
 
 
@@ -133,7 +137,62 @@ def _example_figure(entry: Entry, catalog: ExampleCatalog) -> str:
     )
 
 
-def _query_section(view: QueryView, train: ExampleCatalog, query: ExampleCatalog) -> str:
+def _token_colour(score: float, scale: float) -> str:
+    """Red for harmful (positive), green for helpful (negative), opacity ``|score| / scale``."""
+    alpha = min(1.0, abs(score) / scale) * 0.85
+    rgb = "208,69,59" if score > 0 else "46,158,91"
+    return f"rgba({rgb},{alpha:.3f})"
+
+
+def _visible(text: str) -> str:
+    """A token's text with line breaks and tabs made visible, HTML-escaped."""
+    return html.escape(text.replace("\n", "↵").replace("\t", "⇥") or "∅")
+
+
+def _token_section(tv: TokenView) -> str:
+    """The heat map of one query: each line a training sequence (or the total over the query's top-k of a kind),
+    each token coloured by its score for it (red harmful, green helpful, one scale per query), and a table of
+    each token's most harmful and most helpful training sequence."""
+    scale = tv.scale
+    rows = []
+    for line in tv.lines:
+        who = (f"{line.kind} #{line.rank}: train #{line.train_id}" if line.train_id is not None
+               else f"sum over the top {line.rank} {line.kind.split()[0]}")
+        spans = []
+        for cell, score in zip(tv.cells, line.scores):
+            if score is None:
+                spans.append(f'<span class="tok unscored" data-position="{cell.position}" title="position '
+                             f'{cell.position}: not scored (-100)">{_visible(cell.text)}</span>')
+                continue
+            tip = f"position {cell.position} · {cell.text!r} (id {cell.token_id}) · score {_fmt(score)}"
+            spans.append(f'<span class="tok" data-position="{cell.position}" data-token-id="{cell.token_id}" '
+                         f'data-score="{score!r}" style="background:{_token_colour(score, scale)}" '
+                         f'title="{html.escape(tip)}">{_visible(cell.text)}</span>')
+        train = "" if line.train_id is None else f' data-train-id="{line.train_id}"'
+        rows.append(f'<tr data-kind="{html.escape(line.kind)}"{train} data-sequence-score="{line.sequence_score!r}">'
+                    f'<td class="who">{html.escape(who)} (score {_fmt(line.sequence_score)})</td>'
+                    f'<td class="toks">{"".join(spans)}</td></tr>')
+    tops = "".join(
+        f'<tr data-position="{t.position}"><td>{t.position}</td><td class="ids"><span class="tok">{_visible(t.text)}'
+        f'</span></td><td>#{t.harmful_id}</td><td>{_fmt(t.harmful_score)}</td><td>#{t.helpful_id}</td>'
+        f"<td>{_fmt(t.helpful_score)}</td></tr>"
+        for t in tv.tops
+    )
+    head = ("<tr><th>position</th><th>token</th><th>most harmful</th><th>score</th><th>most helpful</th>"
+            "<th>score</th></tr>")
+    return (
+        f'<div class="tokens" id="tokens-{tv.query_id}" data-query-id="{tv.query_id}">'
+        '<h3 class="tokens">Per-token influence: each target token coloured by its score '
+        "−∇L_t(z_query)ᵀ(H+λI)⁻¹∇L(z_train) for the training sequence of the line (red harmful, green helpful; "
+        f"full colour = |score| {_fmt(scale)}; the tokens' scores add up to the line's score)</h3>"
+        f'<table class="heatmap">{"".join(rows)}</table>'
+        f"<details><summary>Each token's most harmful and most helpful training sequence</summary>"
+        f'<table class="grid token-tops">{head}{tops}</table></details></div>'
+    )
+
+
+def _query_section(view: QueryView, train: ExampleCatalog, query: ExampleCatalog,
+                   tokens: Optional[TokenView] = None) -> str:
     label = query.label(view.query_id)
     if label is None:
         label = view.target
@@ -153,6 +212,8 @@ def _query_section(view: QueryView, train: ExampleCatalog, query: ExampleCatalog
         f'<div class="qhead">{query.preview(view.query_id).to_html(f"query #{view.query_id}", size=96)}'
         f'<div class="facts">{" · ".join(facts)}</div></div>',
     ]
+    if tokens is not None:
+        out.append(_token_section(tokens))
     for kind, title, entries in (("helpful", HELPFUL, view.helpful), ("harmful", HARMFUL, view.harmful)):
         if not entries:
             sign = "negative" if kind == "helpful" else "positive"
@@ -418,11 +479,13 @@ def render_html(
     history: Optional[Mapping[Any, InfluenceResults]] = None,
     top_k: int = 10,
     self_influence_k: Optional[int] = None,
+    tokens: Sequence[TokenView] = (),
 ) -> str:
     """The report as one HTML string: queries with previews and their top helpful / harmful examples,
     score histograms, self-influence suspects, settings, timings and diagnostics; with a ``history`` of
     more than one run (``{epoch: results}``), a section on how the ``top_k`` top examples and the
-    ``self_influence_k`` suspects moved across those runs."""
+    ``self_influence_k`` suspects moved across those runs; with per-token scores (``tokens``, from
+    :func:`~.tokens.token_views`), a token heat map in each language-model query's section."""
     evolution = history is not None and len(history) > 1
     s = results.settings
     head = (
@@ -445,7 +508,8 @@ def render_html(
     ]
     if not views:
         parts.append('<p class="muted">No queries.</p>')
-    parts.extend(_query_section(v, train, query) for v in views)
+    by_row = {tv.row: tv for tv in tokens}
+    parts.extend(_query_section(v, train, query, by_row.get(v.row)) for v in views)
     parts.append("</section>")
 
     parts.append('<section id="histograms"><h2>Score distribution</h2>')

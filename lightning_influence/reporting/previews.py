@@ -6,9 +6,16 @@ or anything else as an input without label). The input becomes a :class:`Preview
 - tensors shaped like images (``C×H×W`` with ``C ∈ {1, 3}``, ``H×W×C``, or ``H×W``) become pixels,
   normalised to ``uint8`` (see :func:`to_uint8`);
 - 1-D feature vectors and token ids, scalars and strings become a short text;
-- a user's ``render_example(example)`` overrides both: a tensor or array it returns goes through the same
+- a user's ``render_example(example) -> value`` overrides both: a tensor or array it returns goes through the same
   rules (so ``lambda ex: ex[0].view(8, 8)`` shows flat digits as images), a string is text, and anything
-  else (a ``wandb.Image``, ``wandb.Html``, …) is passed to W&B unchanged.
+  else (a ``wandb.Image``, ``wandb.Html``, …) is passed to W&B unchanged;
+- a user's ``decode(token_ids: list[int]) -> str`` (a tokenizer's ``decode``) turns token ids into text:
+  every 1-D integer tensor, array or list of ints shown (an input, a sequence label such as a language
+  model's targets, what ``render_example`` returned, a token of the per-token heat map) is decoded, its
+  ``-100`` (padding) entries dropped first. Precedence: ``render_example`` picks *what* is shown, ``decode``
+  then shows token ids as text; without either, ids are listed (``[273 109 …] (32 token ids)``). A ``decode``
+  that raises or returns a non-string falls back to the ids for that example, with one warning naming
+  ``decode`` (a failing preview never loses a report).
 
 Previews are made only for the examples a report shows (:class:`ExampleCatalog` caches them by index),
 never for the whole dataset.
@@ -20,16 +27,22 @@ import base64
 import html
 import io
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import InfluenceConfigError
+
 __all__ = [
     "Preview",
+    "Decoder",
     "ExampleCatalog",
+    "check_decode",
+    "token_ids_of",
     "split_example",
     "make_preview",
     "to_uint8",
@@ -45,6 +58,71 @@ _WANDB_MIN_SIDE = 64
 _HTML_MAX_SIDE = 128
 _TEXT_VALUES = 8
 _TEXT_CHARS = 160
+#: decoded text is kept to this many characters in a preview
+_DECODED_CHARS = 400
+#: what ``decode`` must be (the messages name it)
+DECODE_SIGNATURE = "decode(token_ids: list[int]) -> str (e.g. a tokenizer's decode)"
+_IGNORE_INDEX = -100
+
+
+def check_decode(decode: Any) -> Optional[Callable[[List[int]], str]]:
+    """``decode`` if it is ``None`` or callable; anything else raises
+    :class:`~lightning_influence.errors.InfluenceConfigError` naming the argument and its signature."""
+    if decode is not None and not callable(decode):
+        raise InfluenceConfigError(f"decode={decode!r} is not callable; pass a function {DECODE_SIGNATURE}, or None "
+                                   "to show token ids.")
+    return decode
+
+
+def token_ids_of(value: Any) -> Optional[List[int]]:
+    """The token ids of ``value`` as a list of ints (``-100`` entries dropped) when it is a 1-D integer tensor
+    or array or a list/tuple of ints; ``None`` otherwise."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        arr = _numpy(value)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            return None
+        ids = arr.tolist()
+    elif isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in value):
+        ids = [int(v) for v in value]
+    else:
+        return None
+    return [int(i) for i in ids if int(i) != _IGNORE_INDEX]
+
+
+class Decoder:
+    """A user's ``decode`` with a per-call fallback: :meth:`text` returns the decoded text, or, when
+    ``decode`` raises or returns something other than a ``str``, the ids as text (``[1 2 3] (3 token ids,
+    decode failed)``) and warns once naming ``decode`` and the fix."""
+
+    def __init__(self, decode: Optional[Callable[[List[int]], str]]) -> None:
+        self.decode = check_decode(decode)
+        self._warned = False
+
+    def __bool__(self) -> bool:
+        return self.decode is not None
+
+    def text(self, ids: Sequence[int]) -> str:
+        """``decode(ids)``; without ``decode``, the ids as text."""
+        ids = [int(i) for i in ids]
+        if self.decode is None:
+            return _vector_text(np.asarray(ids, dtype=np.int64))
+        try:
+            out = self.decode(ids)
+            if not isinstance(out, str):
+                raise TypeError(f"it returned {type(out).__name__}, not str")
+            return out
+        except Exception as err:  # noqa: BLE001 - a failing preview falls back to the ids
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"decode failed on token ids {ids[:8]}{' …' if len(ids) > 8 else ''} ({type(err).__name__}: "
+                    f"{err}); the reports show those examples' token ids instead. decode must be {DECODE_SIGNATURE}, "
+                    "e.g. decode=lambda ids: tokenizer.decode(ids).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return _vector_text(np.asarray(ids, dtype=np.int64)).replace("token ids)", "token ids, decode failed)")
 
 
 @dataclass(frozen=True)
@@ -110,15 +188,17 @@ def split_example(example: Any) -> Tuple[Any, Any]:
     return example, None
 
 
-def label_value(label: Any, classes: Optional[Sequence[str]] = None) -> Any:
+def label_value(label: Any, classes: Optional[Sequence[str]] = None, decoder: Optional[Decoder] = None) -> Any:
     """A label as a plain value for tables: ``int``/``float`` for scalars (``"3 (cat)"`` with class
-    names), short text otherwise, ``None`` when absent."""
+    names), short text otherwise (token ids decoded by ``decoder`` when it has a ``decode``), ``None`` when
+    absent."""
     if label is None:
         return None
     if isinstance(label, (torch.Tensor, np.ndarray)):
         arr = _numpy(label)
         if arr.size != 1:
-            return _vector_text(arr)
+            ids = token_ids_of(arr) if decoder else None
+            return _short(decoder.text(ids), _DECODED_CHARS) if ids is not None and decoder else _vector_text(arr)
         label = arr.reshape(-1)[0].item()
     if isinstance(label, (bool, np.bool_)):
         label = int(label)
@@ -132,10 +212,15 @@ def label_value(label: Any, classes: Optional[Sequence[str]] = None) -> Any:
     return _short(str(label))
 
 
-def make_preview(value: Any) -> Preview:
-    """The :class:`Preview` of an input (or of what ``render_example`` returned)."""
+def make_preview(value: Any, decoder: Optional[Decoder] = None) -> Preview:
+    """The :class:`Preview` of an input (or of what ``render_example`` returned); token ids become the text
+    ``decoder`` gives them when it has a ``decode``."""
     if isinstance(value, Preview):
         return value
+    if decoder:
+        ids = token_ids_of(value)
+        if ids is not None:
+            return Preview(text=_short(decoder.text(ids), _DECODED_CHARS))
     if isinstance(value, str):
         return Preview(text=_short(value))
     if isinstance(value, (torch.Tensor, np.ndarray)):
@@ -163,6 +248,8 @@ class ExampleCatalog:
         dataset: any map-style dataset.
         render_example: optional ``render_example(example) -> value``; see the module docstring.
         classes: class names for integer labels (default: ``dataset.classes`` when it exists).
+        decode: optional ``decode(token_ids: list[int]) -> str`` for token ids (see the module docstring), or a
+            :class:`Decoder` shared with other catalogs (one warning for all of them).
     """
 
     def __init__(
@@ -170,10 +257,12 @@ class ExampleCatalog:
         dataset: Any,
         render_example: Optional[Callable[[Any], Any]] = None,
         classes: Optional[Sequence[str]] = None,
+        decode: Union[Callable[[List[int]], str], "Decoder", None] = None,
     ) -> None:
         self.dataset = dataset
         self.render_example = render_example
         self.classes = classes if classes is not None else _dataset_classes(dataset)
+        self.decoder = decode if isinstance(decode, Decoder) else Decoder(decode)
         self._cache: Dict[int, Tuple[Preview, Any]] = {}
 
     def _get(self, index: int) -> Tuple[Preview, Any]:
@@ -182,8 +271,18 @@ class ExampleCatalog:
             example = self.dataset[index]
             x, y = split_example(example)
             rendered = self.render_example(example) if self.render_example is not None else x
-            self._cache[index] = (make_preview(rendered), label_value(y, self.classes))
+            self._cache[index] = (make_preview(rendered, self.decoder), label_value(y, self.classes, self.decoder))
         return self._cache[index]
+
+    def example(self, index: int) -> Tuple[Any, Any]:
+        """``(input, label)`` of example ``index`` as stored (no preview), or ``(None, None)`` without a dataset."""
+        if self.dataset is None:
+            return None, None
+        return split_example(self.dataset[int(index)])
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text: ``decode([token_id])``, or its id without ``decode``."""
+        return self.decoder.text([int(token_id)]) if self.decoder else str(int(token_id))
 
     def preview(self, index: int) -> Preview:
         return self._get(index)[0]

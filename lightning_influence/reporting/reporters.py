@@ -47,7 +47,8 @@ from ..record import RunKey
 from ..results import InfluenceResults
 from . import keys
 from .content import Entry, QueryView, query_views, suspects
-from .previews import ExampleCatalog
+from .previews import Decoder, ExampleCatalog, check_decode
+from .tokens import TokenView, token_views
 
 __all__ = ["Html", "ReportContext", "Reporter", "Scalars", "Wandb", "default_reporters", "report"]
 
@@ -61,6 +62,10 @@ class ReportContext:
             may be ``None`` (the examples are then shown by index only).
         render_example: ``render_example(dataset[i]) -> value`` for previews (see
             :mod:`lightning_influence.reporting.previews`).
+        decode: ``decode(token_ids: list[int]) -> str`` (a tokenizer's ``decode``): token ids are shown as this
+            text in every report (HTML, W&B tables, top-k lists, the per-token heat map). ``render_example``
+            picks what is shown, then ``decode`` turns any token ids in it into text; a ``decode`` that fails
+            on an example shows its ids (one warning). Not callable: an error at construction.
         classes: class names for integer labels (default ``dataset.classes`` when present).
         top_k: helpful and harmful examples shown per query.
         self_influence_k: self-influence suspects shown (default ``max(top_k, 10)``).
@@ -84,6 +89,7 @@ class ReportContext:
     train_dataset: Optional[Dataset] = None
     query_dataset: Optional[Dataset] = None
     render_example: Optional[Callable[[Any], Any]] = None
+    decode: Optional[Callable[[List[int]], str]] = None
     classes: Optional[Sequence[str]] = None
     top_k: int = 10
     self_influence_k: Optional[int] = None
@@ -99,6 +105,14 @@ class ReportContext:
     outputs: Dict[str, Any] = field(default_factory=dict)
     #: the views and suspects already computed, by (what, id of the results)
     _cache: Dict[Any, Any] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_decode(self.decode)
+
+    @cached_property
+    def decoder(self) -> Decoder:
+        """``decode`` with its fallback, shared by the train and query catalogs."""
+        return Decoder(self.decode)
 
     @property
     def in_loop(self) -> bool:
@@ -118,17 +132,24 @@ class ReportContext:
 
     @cached_property
     def train(self) -> ExampleCatalog:
-        return ExampleCatalog(self.train_dataset, self.render_example, self.classes)
+        return ExampleCatalog(self.train_dataset, self.render_example, self.classes, self.decoder)
 
     @cached_property
     def query(self) -> ExampleCatalog:
-        return ExampleCatalog(self.query_dataset, self.render_example, self.classes)
+        return ExampleCatalog(self.query_dataset, self.render_example, self.classes, self.decoder)
 
     def views(self, results: InfluenceResults) -> List[QueryView]:
         """Each query's top helpful and harmful examples (computed once per results object)."""
         key = ("views", id(results))
         if key not in self._cache:
             self._cache[key] = query_views(results, self.top_k)
+        return self._cache[key]
+
+    def tokens(self, results: InfluenceResults) -> List[TokenView]:
+        """The per-token heat maps of the queries (empty without per-token scores)."""
+        key = ("tokens", id(results))
+        if key not in self._cache:
+            self._cache[key] = token_views(results, self.views(results), self.query)
         return self._cache[key]
 
     def suspects(self, results: InfluenceResults) -> List[Entry]:
@@ -250,7 +271,7 @@ class Wandb(Reporter):
         return log_to_wandb(self._run(context), results, context.views(results), context.suspects(results),
                             context.train, context.query, step=context.step, results_path=context.results_path,
                             html=render_report(results, context), history=context.history,
-                            history_paths=context.history_paths, top_k=context.top_k)
+                            history_paths=context.history_paths, top_k=context.top_k, tokens=context.tokens(results))
 
 
 def render_report(results: InfluenceResults, context: ReportContext) -> str:
@@ -260,7 +281,8 @@ def render_report(results: InfluenceResults, context: ReportContext) -> str:
 
     links = {"results": context.results_path} if context.results_path else None
     return render_html(results, context.views(results), context.suspects(results), context.train, context.query,
-                       links=links, history=context.history, top_k=context.top_k, self_influence_k=context.suspects_k)
+                       links=links, history=context.history, top_k=context.top_k, self_influence_k=context.suspects_k,
+                       tokens=context.tokens(results))
 
 
 #: what a full report returns for the outputs that wrote nothing (no W&B run, no HTML report)

@@ -24,6 +24,7 @@ from .content import HARMFUL, HELPFUL, SIGN_CONVENTION, SUSPECTS, Entry, QueryVi
 from .evolution import kept_fractions, rankings
 from .previews import ExampleCatalog, Preview
 from .scalars import config_values, summary_scalars, summary_values
+from .tokens import TokenView
 
 __all__ = [
     "log_to_wandb",
@@ -36,6 +37,8 @@ __all__ = [
     "SUSPECT_COLUMNS",
     "SERIES_COLUMNS",
     "SERIES_PREFIX",
+    "TOKEN_COLUMNS",
+    "TOKEN_KEY",
     "ARTIFACT_TYPE",
     "MAX_TABLE_ROWS",
 ]
@@ -68,6 +71,13 @@ SERIES_PREFIX = "influence/series/"
 OVER_EPOCHS_KEY = "influence/over_epochs"
 OVER_EPOCHS_COLUMNS = ["epoch", "global_step", "kind", "query_id", "rank", "train_id", "score", "label",
                        "previous_rank", "new"]
+#: per-token influence (``per_token=True``): one row per scored token of each query and kind (the training
+#: sequence with the most harmful / most helpful score for that token); ``token`` is its decoded text
+#: (``decode``) or id, ``score`` the token's score, ``train_sequence_score`` that training sequence's score
+#: for the whole query
+TOKEN_KEY = keys.table("token_influence")
+TOKEN_COLUMNS = ["query_id", "position", "token_id", "token", "kind", "train_id", "score", "train_sequence_score",
+                 "train_preview"]
 _MEANING = {"helpful": HELPFUL.split("(", 1)[1].rstrip(")"), "harmful": HARMFUL.split("(", 1)[1].rstrip(")")}
 
 
@@ -184,6 +194,24 @@ def _tables(
     return tables
 
 
+def _token_table(tokens: Sequence[TokenView], results: InfluenceResults, train: ExampleCatalog) -> Any:
+    """:data:`TOKEN_KEY`'s table, at most :data:`MAX_TABLE_ROWS` rows."""
+    import wandb
+
+    column = {int(i): c for c, i in enumerate(results.train_indices.tolist())}
+    table = wandb.Table(columns=TOKEN_COLUMNS)
+    rows = [(tv, t, kind) for tv in tokens for t in tv.tops for kind in ("harmful", "helpful")]
+    if len(rows) > MAX_TABLE_ROWS:
+        _warn(f"The {TOKEN_KEY} table would have {len(rows)} rows; W&B keeps {MAX_TABLE_ROWS}, so it shows the first "
+              f"{MAX_TABLE_ROWS}. All token scores are in the artifact's results.pt (token_scores).")
+    previews = _Previews(train, "train")
+    for tv, t, kind in rows[:MAX_TABLE_ROWS]:
+        train_id, score = (t.harmful_id, t.harmful_score) if kind == "harmful" else (t.helpful_id, t.helpful_score)
+        sequence = float(results.scores[tv.row, column[train_id]])
+        table.add_data(tv.query_id, t.position, t.token_id, t.text, kind, train_id, score, sequence, previews(train_id))
+    return table
+
+
 def _diagnostic_columns(views: Sequence[QueryView]) -> Dict[str, str]:
     """``{diagnostic name: column name}`` for the per-query diagnostics with a value for some query."""
     names: Dict[str, str] = {}
@@ -242,16 +270,19 @@ def log_to_wandb(
     history: Optional[Mapping[Any, InfluenceResults]] = None,
     history_paths: Optional[Mapping[Any, str]] = None,
     top_k: int = 10,
+    tokens: Sequence[TokenView] = (),
 ) -> Dict[str, Any]:
     """Log tables, histograms, scalars (one row), summary, config and the ``influence-scores`` artifact to
     ``run`` (a wandb run), at ``trainer/global_step = step``. With a ``history`` of more than one run (``{epoch: results}``), the row also holds
     :data:`OVER_EPOCHS_KEY` and the kept fractions (:func:`over_epochs_row`), and the artifact the runs'
-    results files (``history_paths``, as ``epoch_<k>/results.pt``). Returns the run directory, the artifact
-    name and the logged keys."""
+    results files (``history_paths``, as ``epoch_<k>/results.pt``). With per-token scores (``tokens``), the
+    row holds :data:`TOKEN_KEY`. Returns the run directory, the artifact name and the logged keys."""
     import wandb
 
     step = int(step)
     row: Dict[str, Any] = dict(_tables(views, suspects, train, query))
+    if tokens:
+        row[TOKEN_KEY] = _token_table(tokens, results, train)
     if history is not None and len(history) > 1:
         row.update(over_epochs_row(history, train, top_k, len(suspects) or None))
     series = series_lines(results)
