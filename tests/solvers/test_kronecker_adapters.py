@@ -232,3 +232,41 @@ def test_causal_pre_norm_block_captures_exact_gradients():
     for layer, (a, g) in zip(plan.layers, capture_layers(obj, plan, batch)):
         torch.testing.assert_close(torch.cat(list(per_example_blocks(a, g))), layer.gather(grads),
                                    rtol=1e-10, atol=1e-12)
+
+
+class _TokenEncoder(nn.Module):
+    """Embedding, one ``nn.TransformerEncoderLayer`` batch-first or not (the same weights), mean pool, head."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(12, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x if self.batch_first else x.T)  # sequence-first: tokens [T, B], activations [T, B, E]
+        h = self.enc(h)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("settings", [EKFACSettings(calibrate=False), KFACSettings(calibrate=False)], ids=["ekfac", "kfac"])
+def test_a_sequence_first_transformer_is_factored_as_the_batch_first_one(settings):
+    """``TransformerEncoderLayer(batch_first=False)``: its Linear layers see ``[T, B, E]`` and the embedding
+    ``[T, B]`` tokens; they are factored over the same (example, position) pairs as batch-first, so the inverse,
+    the coverage and the scores are the batch-first model's to round-off."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 12, (60, 8)), torch.randint(0, 3, (60,))
+    ds = TensorDataset(x, y)
+    torch.manual_seed(1)
+    first = _TokenEncoder(True).to(D)
+    seq = _TokenEncoder(False).to(D)
+    seq.load_state_dict(first.state_dict())
+    fits = [settings.fit(make_problem(m, ds), 0.1) for m in (first, seq)]
+    v = torch.randn(3, sum(p.numel() for p in first.parameters()), dtype=D)
+    torch.testing.assert_close(fits[1].apply(v), fits[0].apply(v), rtol=1e-9, atol=1e-12)
+    setup = [{d.name: d.value for d in f.setup} for f in fits]
+    assert setup[0]["kronecker_coverage"] == setup[1]["kronecker_coverage"] > 0.9
+    assert setup[0]["kronecker_layers"] == setup[1]["kronecker_layers"]
+    assert "linear1" in setup[1]["kronecker_layers"] and "emb" in setup[1]["kronecker_layers"]

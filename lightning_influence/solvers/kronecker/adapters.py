@@ -67,6 +67,10 @@ class LayerAdapter:
     diagonal_rows: ClassVar[bool] = False
     #: ``True``: the capture replaces the module's output by :meth:`recompute` (see the module docstring)
     reroutes: ClassVar[bool] = False
+    #: ``True``: every axis but the batch is a position, so sequence-first inputs ``[T, B, ...]`` (e.g. inside
+    #: ``nn.TransformerEncoderLayer(batch_first=False)`` or ``nn.LSTM`` without ``batch_first``) are taken
+    #: batch-first by moving their axis 1 in front, with the output gradient alike
+    sequence_first: ClassVar[bool] = False
 
     def __init_subclass__(cls, module_type: Optional[Type[nn.Module]] = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -107,7 +111,10 @@ class LayerAdapter:
 
 
 class LinearAdapter(LayerAdapter, module_type=nn.Linear):
-    """``nn.Linear`` on ``[B, *, in]``: every leading position after the batch is a position ``t``."""
+    """``nn.Linear`` on ``[B, *, in]``: every leading position after the batch is a position ``t``
+    (``[T, B, in]`` is taken as ``[B, T, in]``)."""
+
+    sequence_first = True
 
     @classmethod
     def dims(cls, module: nn.Module) -> Tuple[int, int]:
@@ -175,6 +182,7 @@ class EmbeddingAdapter(LayerAdapter, module_type=nn.Embedding):
     as such). ``scale_grad_by_freq`` (a gradient that depends on the whole batch) is not supported."""
 
     diagonal_rows = True
+    sequence_first = True
     #: the largest ``num_embeddings`` factored (``V²`` numbers per factor: 4,096 rows are 128 MiB in float64)
     max_vocab: ClassVar[int] = 4096
 

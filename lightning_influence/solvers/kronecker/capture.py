@@ -302,6 +302,10 @@ def capture_layers(objective: Objective, plan: LayerPlan, batch: Any) -> List[Tu
         if g is None:
             g = torch.zeros_like(out)
         first = x[0] if x and isinstance(x[0], Tensor) else None
+        if (layer.adapter.sequence_first and first is not None and first.shape[:1] != (n,) and first.dim() >= 2
+                and first.shape[1] == n and out.dim() >= 2 and out.shape[1] == n):  # [T, B, ...]: batch first
+            x = (first.movedim(1, 0),) + tuple(x[1:])
+            first, out, g = x[0], out.movedim(1, 0), g.movedim(1, 0)
         if first is not None and first.shape[:1] != (n,) or out.shape[:1] != (n,):
             shape = tuple(first.shape) if first is not None else tuple(out.shape)
             raise InfluenceConfigError(
