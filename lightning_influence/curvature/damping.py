@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ..checks import is_int, is_real
 from ..errors import InfluenceConfigError, NegativeCurvatureError
@@ -74,7 +74,11 @@ class AutoDamping:
         safety: ``> 1``; with negative curvature, ``λ ≥ safety · |λ̂_min|`` (unless ``base`` is larger).
         floor: ``> 0``; the smallest eigenvalue of ``H + λI`` is kept at least ``floor · |λ̂_max(H)|``
             (unless ``base`` gives more), which bounds its condition number by about ``1/floor``.
-        iters: Lanczos steps (full-data Hessian-vector products) for the estimate.
+        iters: at most this many Lanczos steps (full-data Hessian-vector products) for the estimate.
+        settle_tol: stop Lanczos early (after at least ``2 · settle_every`` steps, checked every
+            ``settle_every``) once the damping this rule would choose moved by at most ``settle_tol`` (relative)
+            over the last ``settle_every`` steps; ``None``: always ``iters`` steps. A solver whose Krylov space
+            later finds more negative curvature raises ``λ`` by the same rule (``damping_rule`` in the record).
         seed: start vector of Lanczos (and the subset below).
         max_examples: Lanczos sees the mean-loss Hessian of at most this many training examples, drawn at
             random (``None``: all of them), so the estimate costs ``iters × max_examples`` example-HVPs
@@ -90,6 +94,8 @@ class AutoDamping:
     seed: int = 0
     max_examples: Optional[int] = 4096
     source: str = ""
+    settle_tol: Optional[float] = 0.02
+    settle_every: int = 10
 
     def __post_init__(self) -> None:
         def number(v: Any) -> bool:
@@ -110,6 +116,19 @@ class AutoDamping:
                                        "integer (e.g. 4096).")
         if not isinstance(self.source, str):
             raise InfluenceConfigError(f"AutoDamping.source={self.source!r} must be a string.")
+        if not (self.settle_tol is None or (number(self.settle_tol) and self.settle_tol >= 0)):
+            raise InfluenceConfigError(f"AutoDamping.settle_tol={self.settle_tol!r} must be None or a number ≥ 0 "
+                                       "(e.g. 0.02).")
+        if not is_int(self.settle_every) or self.settle_every < 1:
+            raise InfluenceConfigError(f"AutoDamping.settle_every={self.settle_every!r} must be a positive integer.")
+
+    def settled(self, lo: List[float], hi: List[float]) -> bool:
+        """Whether the Lanczos run with Ritz extremes ``lo``/``hi`` after each step may stop (``settle_tol``)."""
+        k, every = len(lo), self.settle_every
+        if self.settle_tol is None or k < 2 * every or k % every:
+            return False
+        now, before = self.choose(lo[-1], hi[-1]), self.choose(lo[-1 - every], hi[-1 - every])
+        return abs(now - before) <= self.settle_tol * abs(now)
 
     def choose(self, lambda_min: float, lambda_max: float) -> float:
         """The damping for Hessian eigenvalue estimates ``lambda_min ≤ lambda_max`` (of ``H``, undamped)."""
@@ -281,13 +300,16 @@ class HessianKrylov:
 
 
 def estimate_spectrum(problem: "InfluenceProblem", iters: int = 60, seed: int = 0,
-                      max_examples: Optional[int] = None) -> HessianKrylov:
+                      max_examples: Optional[int] = None,
+                      stop: Optional[Callable[[List[float], List[float]], bool]] = None) -> HessianKrylov:
     """``λ_min(H)`` and ``λ_max(H)`` by ``iters`` steps of Lanczos (full reorthogonalisation) on the
     Hessian of the mean loss over the training set, or over at most ``max_examples`` of its examples drawn
-    from ``seed``. The run is returned for reuse."""
+    from ``seed``; ``stop(lo, hi)`` may end it sooner (e.g. :meth:`AutoDamping.settled`). The run is
+    returned for reuse."""
     seen = problem if max_examples is None else problem.subsample(max_examples, seed)
     op = seen.operator
-    lo, hi, lz = lanczos_run(op.full_hvp, op.num_params, dtype=op.dtype, device=op.device, iters=iters, seed=seed)
+    lo, hi, lz = lanczos_run(op.full_hvp, op.num_params, dtype=op.dtype, device=op.device, iters=iters, seed=seed,
+                             stop=stop)
     spectrum = Spectrum(lo[-1], hi[-1], lz.steps, seen.num_examples if seen is not problem else None)
     return HessianKrylov(spectrum, lz, seen, (None if seen is problem else int(max_examples or 0), int(seed)))
 

@@ -278,9 +278,11 @@ def lanczos_extremes(
 
 
 def lanczos_run(matvec: MatVec, dim: int, *, dtype: torch.dtype, device: torch.device, iters: int,
-                seed: int = 0) -> Tuple[List[float], List[float], Lanczos]:
-    """Up to ``iters`` Lanczos steps, stopping at a breakdown: the smallest and largest Ritz values after
-    each step (never empty: a run exhausted at once gives its only Ritz value) and the run, for reuse."""
+                seed: int = 0, stop: Optional[Callable[[List[float], List[float]], bool]] = None,
+                ) -> Tuple[List[float], List[float], Lanczos]:
+    """Up to ``iters`` Lanczos steps, stopping at a breakdown, or once ``stop(lo, hi)`` says the Ritz extremes
+    so far are enough: the smallest and largest Ritz values after each step (never empty: a run exhausted at
+    once gives its only Ritz value) and the run, for reuse."""
     lz = Lanczos(matvec, dim, dtype=dtype, device=device, seed=seed)
     lo: List[float] = []
     hi: List[float] = []
@@ -292,7 +294,7 @@ def lanczos_run(matvec: MatVec, dim: int, *, dtype: torch.dtype, device: torch.d
         return max(abs(lo[-1]), abs(hi[-1]))
 
     for _ in range(min(int(iters), dim)):
-        if not lz.step(extremes):
+        if not lz.step(extremes) or (stop is not None and lo and stop(lo, hi)):
             break
     if not lo:  # exhausted at once (one dimension): its only Ritz value
         theta = lz.ritz()[0]

@@ -245,7 +245,7 @@ class SolverSettings(ABC):
         invert ``H``): for automatic damping, Lanczos on the Hessian (``AutoDamping.iters`` full-data
         products on at most ``AutoDamping.max_examples`` examples); nothing for a fixed damping."""
         if isinstance(damping, AutoDamping):
-            return hessian_curvature(problem, damping.iters, damping.seed, damping.max_examples)
+            return hessian_curvature(problem, damping.iters, damping.seed, damping.max_examples, damping.settled)
         return Curvature()
 
     @property
@@ -318,11 +318,13 @@ def resolve_solver(solver: Union[str, SolverSettings], preconditioner: bool = Fa
     )
 
 
-def hessian_curvature(problem: "InfluenceProblem", iters: int, seed: int, max_examples: Optional[int]) -> Curvature:
-    """A Lanczos estimate of ``H``'s extreme eigenvalues as a :class:`Curvature` (the run in ``state``)."""
+def hessian_curvature(problem: "InfluenceProblem", iters: int, seed: int, max_examples: Optional[int],
+                      stop: Any = None) -> Curvature:
+    """A Lanczos estimate of ``H``'s extreme eigenvalues as a :class:`Curvature` (the run in ``state``;
+    ``stop(lo, hi)``: an early stop, e.g. :meth:`AutoDamping.settled`)."""
     from ..curvature.damping import estimate_spectrum
 
-    krylov = estimate_spectrum(problem, iters, seed, max_examples)
+    krylov = estimate_spectrum(problem, iters, seed, max_examples, stop)
     sp = krylov.spectrum
     seen = f" on {sp.examples} of {problem.num_examples} examples" if sp.examples is not None else ""
     return Curvature(sp, krylov, diagnostics=[

@@ -239,7 +239,7 @@ class LissaSettings(SolverSettings, name="lissa", kind=SolverKind.ITERATIVE):
         Neumann series diverges along any negative direction of ``H + λI``, but slowly enough (a factor
         ``1 + |μ|/s`` per step) to pass every norm check."""
         if isinstance(damping, AutoDamping):
-            return hessian_curvature(problem, damping.iters, damping.seed, damping.max_examples)
+            return hessian_curvature(problem, damping.iters, damping.seed, damping.max_examples, damping.settled)
         if self.check_curvature:
             cur = hessian_curvature(problem, 3 * self.power_iters, _setup_seed(self.seed, 1), None)
             cur.diagnostics = [Diagnostic("curvature_check_passes", cur.spectrum.passes, "curvature-check passes",

@@ -86,7 +86,8 @@ def test_auto_damping_works_for_every_solver(saddle):
     exact = run(saddle, ExactSettings(), damping="auto", queries=[0, 1, 2])
     cg = run(saddle, CGSettings(tol=1e-10), damping="auto", queries=[0, 1, 2])
     lam = exact.settings["damping"]
-    assert cg.settings["damping"] == pytest.approx(lam, rel=1e-9)  # Lanczos on 81 parameters: exact Ritz values
+    # Lanczos on 81 parameters stops once the damping settles (AutoDamping.settle_tol): 2e-9 apart here
+    assert cg.settings["damping"] == pytest.approx(lam, rel=1e-7)
     assert exact.settings["lambda_min_estimate"] == pytest.approx(float(ev[0]), rel=1e-6)
     # base 0: λ = −λ_min + max(0.5·|λ_min|, 1e-3·λ_max) = 1.5·|λ_min| here
     assert 0.5 * -float(ev[0]) > 1e-3 * float(ev[-1])
