@@ -270,3 +270,48 @@ def test_a_sequence_first_transformer_is_factored_as_the_batch_first_one(setting
     assert setup[0]["kronecker_coverage"] == setup[1]["kronecker_coverage"] > 0.9
     assert setup[0]["kronecker_layers"] == setup[1]["kronecker_layers"]
     assert "linear1" in setup[1]["kronecker_layers"] and "emb" in setup[1]["kronecker_layers"]
+
+
+class _Decoder(nn.Module):
+    """Embedding, one ``nn.TransformerDecoderLayer`` (self-attention on the first 4 tokens, cross-attention on the
+    other 4 as memory), mean pool, head; ``batch_first`` either way."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(12, 8)
+        self.dec = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        tgt, memory = h[:, :4], h[:, 4:]
+        if not self.batch_first:
+            tgt, memory = tgt.transpose(0, 1), memory.transpose(0, 1)
+        h = self.dec(tgt, memory)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_a_transformer_decoder_layer_is_factored_exactly(batch_first):
+    """``nn.TransformerDecoderLayer``: its self-attention, cross-attention (query from the target, key and value
+    from the memory), both out-projections, the feed-forward Linears, the embedding and the head are Kronecker
+    layers whose captured factors rebuild autograd's per-example gradients; only the three LayerNorms are
+    diagonal, and the coverage says so."""
+    torch.manual_seed(0)
+    model = _Decoder(batch_first).double()
+    x, y = torch.randint(0, 12, (7, 8)), torch.randint(0, 3, (7,))
+    problem = make_problem(model, TensorDataset(x, y))
+    obj = problem.objective
+    batch = obj.prepare_batch((x, y))
+    plan = plan_layers(obj, batch)
+    assert [l.name for l in plan.layers] == ["emb", "dec.self_attn", "dec.self_attn.out_proj", "dec.multihead_attn",
+                                             "dec.multihead_attn.out_proj", "dec.linear1", "dec.linear2", "head"]
+    norms = sum(p.numel() for n, p in model.named_parameters() if ".norm" in n)
+    assert plan.kronecker_coverage == pytest.approx(1 - norms / sum(p.numel() for p in model.parameters()))
+    assert all(".norm" in n for n in plan.diagonal_user_names)
+    grads = problem.example_grads(batch)
+    for layer, (a, g) in zip(plan.layers, capture_layers(obj, plan, batch)):
+        rebuilt = torch.cat(list(per_example_blocks(a, g)))
+        torch.testing.assert_close(rebuilt, layer.gather(grads), rtol=1e-9, atol=1e-11)
