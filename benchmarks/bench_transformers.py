@@ -72,7 +72,7 @@ from tests.zoo import (TransformerClassifier, _attention_backend, _majority_toke
 
 CACHE = os.path.join(HERE, ".cache")
 MODELS = ("classifier", "lm")
-OURS = ("ekfac", "kfac", "ekfac-uncalibrated", "ekfac-tracked")
+OURS = ("ekfac", "kfac", "ekfac-uncalibrated", "ekfac-tracked", "ekfac-true-fisher")
 PEER_METHODS = ("kronfluence-ekfac", "kronfluence-kfac")
 
 #: per size and model: data and architecture. ``classifier``: vocab, seq_len, d_model, heads, ff, n_train;
@@ -112,6 +112,27 @@ class CausalLM2(nn.Module):
         with _attention_backend(self.math_attention):
             h = self.encoder(h, mask=self.causal_mask[:t, :t], is_causal=True)
         return self.lm_head(self.norm(h))
+
+
+class SampledFisherLM(nn.Module):
+    """The LM with ``influence_loss(batch, sample=False)``: the same per-sequence loss, and with ``sample=True``
+    (the package's Fisher passes) next tokens drawn from the model's own predictive distribution, so EK-FAC/K-FAC
+    use the true Fisher, as kronfluence does, instead of the empirical one that ``loss_fn=`` gives."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inner(tokens)
+
+    def influence_loss(self, batch: Any, sample: bool = False) -> torch.Tensor:
+        x, y = batch
+        logits = self.inner(x)
+        if sample:
+            with torch.no_grad():
+                y = torch.distributions.Categorical(logits=logits.detach()).sample()
+        return lm_sequence_loss(logits, y)
 
 
 def make_model(name: str, cfg: Dict[str, Any]) -> nn.Module:
@@ -200,8 +221,13 @@ def ours(job: Dict[str, Any], model, train, query, b) -> Dict[str, Any]:
             solver = CGSettings(tol=job["tol"])
     else:
         solver = {"ekfac": "ekfac", "kfac": "kfac", "ekfac-uncalibrated": EKFACSettings(calibrate=False),
-                  "ekfac-tracked": "ekfac"}[method]
+                  "ekfac-tracked": "ekfac", "ekfac-true-fisher": "ekfac"}[method]
         damping = job["damping"]
+    if method == "ekfac-true-fisher":
+        if name != "lm":
+            raise ValueError("ekfac-true-fisher is for the LM only (the classifier's default loss already "
+                             "uses the true Fisher)")
+        model, loss_fn = SampledFisherLM(model), None
     # ekfac-tracked: attribute to kronfluence's tracked modules only (its coverage), to separate the effect of
     # coverage from the effect of the factorisation
     params = kronfluence_tracked(model) if method == "ekfac-tracked" else None
@@ -213,7 +239,8 @@ def ours(job: Dict[str, Any], model, train, query, b) -> Dict[str, Any]:
     setup = {d.name: d.value for d in res.setup_diagnostics()}
     shown = {"cg": f"CGSettings(tol={job['tol']:g}" + (")" if job.get("plain_cg") else ", preconditioner=ArnoldiSettings())"),
              "ekfac-uncalibrated": "EKFACSettings(calibrate=False)",
-             "ekfac-tracked": "'ekfac', params=those layers"}.get(method, repr(method))
+             "ekfac-tracked": "'ekfac', params=those layers",
+             "ekfac-true-fisher": "'ekfac', model.influence_loss(batch, sample) drawing next tokens"}.get(method, repr(method))
     out = {"wall_s": wall, "scores": res.scores, "damping": float(res.settings["damping"]),
            "settings": f"solver={shown}"}
     if method == "cg":
@@ -226,7 +253,8 @@ def ours(job: Dict[str, Any], model, train, query, b) -> Dict[str, Any]:
                 out[key] = res.settings[key]
     else:
         out["coverage"] = float(setup["kronecker_coverage"])
-        out["treatment"] = "diagonal: " + _compact(str(setup["diagonal_params"]))
+        out["treatment"] = "diagonal: " + _compact(str(setup["diagonal_params"])).replace("inner.", "")
+        out["settings"] += f"; fisher={setup.get('fisher')}"
         if params is not None:
             total = sum(p.numel() for p in model.parameters())
             attributed = sum(p.numel() for n in params for p in model.get_submodule(n).parameters())
@@ -491,7 +519,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         emit(f"| {label} | reference: ours `cg` (tol {args.tol:g}){how} | 1 | 1 | 1 | 1.00 | – / {loss_found if loss_found is not None else '–'}"
              f"{f' of {len(flips)}' if name == 'classifier' else ''} | {ref['wall_s']:.1f} | {ref['peak_mb']:.0f} | "
              f"{ref['base_mb']:.0f} | {ref['treatment']}; {ref['settings']} |")
-        for method in ours_methods + peers:
+        for method in [m for m in ours_methods if name == "lm" or m != "ekfac-true-fisher"] + peers:
             res = run_job({**base_job, "method": method, "damping": lam, "out": out}, args.inline, args.timeout)
             shown = f"ours `{method}`" if method in OURS else method
             if "error" in res:
