@@ -15,8 +15,9 @@ so the calibrated inverse is ``α (Ĥ + λI)⁻¹``: the same ranking (a positiv
 solve. ``α`` is estimated once, when the solver is fitted, on ``probes`` (16) probe vectors: the loss
 gradients of that many training examples drawn with the solver's seed; the estimate is the median of the
 per-probe ratios over the probes with ``xᵀv > 0`` and ``xᵀ(H + λI)x > 0`` (a probe along negative curvature
-says nothing about size). Cost: the probes' gradients and one full-data Hessian-vector product with
-``probes`` right-hand sides. It needs exact Hessian-vector products; a model with none (finite differences
+says nothing about size). Cost: the probes' gradients and one Hessian-vector product with ``probes``
+right-hand sides over at most :data:`CALIBRATION_EXAMPLES` (1,024) training examples, :data:`CALIBRATION_TANGENTS`
+(4) of them vmapped at a time. It needs exact Hessian-vector products; a model with none (finite differences
 only) keeps ``α = 1``, and the diagnostics say why.
 """
 
@@ -32,7 +33,12 @@ from ..seeds import Stream, derive_seed
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
 
-__all__ = ["magnitude_scale"]
+__all__ = ["CALIBRATION_EXAMPLES", "CALIBRATION_TANGENTS", "magnitude_scale"]
+
+#: training examples (drawn with the solver's seed) whose mean-loss Hessian the probes are multiplied by
+CALIBRATION_EXAMPLES = 1024
+#: probe vectors vmapped together in that product (its activations' memory grows with them)
+CALIBRATION_TANGENTS = 4
 
 
 def magnitude_scale(problem: "InfluenceProblem", inverse: Any, probes: int = 16,
@@ -53,7 +59,10 @@ def magnitude_scale(problem: "InfluenceProblem", inverse: Any, probes: int = 16,
     source = problem.train.subset(pick)
     v = torch.cat([problem.example_grads(batch) for _, batch in source.chunks(problem.chunk_size)])
     x = inverse.apply(v)
-    hx = problem.operator.full_hvp(x) + inverse.damping * x
+    seen = problem.subsample(CALIBRATION_EXAMPLES, seed)
+    op = seen.operator  # a scalar needs no more than a subset's Hessian; few tangents at a time bound the memory
+    op.tangent_chunk = CALIBRATION_TANGENTS
+    hx = op.full_hvp(x) + inverse.damping * x
     num = (x * v).sum(dim=1).double()
     den = (x * hx).sum(dim=1).double()
     ok = (num > 0) & (den > 0) & torch.isfinite(num) & torch.isfinite(den)

@@ -44,7 +44,8 @@ def half_sq(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def flat_eigenbasis(inv: KroneckerInverse) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse's eigenbasis ``Q [P, P]`` (columns) and eigenvalues ``[P]`` in flat coordinates, built
-    here from its per-layer factors and slices (block ``Q_S ⊗ Q_A`` per layer, identity on the diagonal)."""
+    here from its per-layer factors and slices (block ``Q_S ⊗ Q_A`` per layer, a dense block's eigenvectors for a
+    small leftover group, identity on the rest)."""
     p = inv.problem.num_params
     q = torch.zeros(p, p, dtype=D)
     lam = torch.zeros(p, dtype=D)
@@ -57,9 +58,12 @@ def flat_eigenbasis(inv: KroneckerInverse) -> tuple[torch.Tensor, torch.Tensor]:
         c = coords.reshape(-1)
         q[c[:, None], c[None, :]] = torch.kron(inv.q_s[k], inv.q_a[k])
         lam[c] = inv.eigenvalues[k].reshape(-1)
-    idx = inv.plan.diagonal_index
+    idx = inv._diag_index  # the diagonal part: identity
     q[idx, idx] = 1.0
-    lam[idx] = inv.diagonal
+    lam[idx] = inv._diag_values
+    for idx, qb, ev in inv.blocks:  # small leftover groups (a LayerNorm): their dense Fisher block's eigenbasis
+        q[idx[:, None], idx[None, :]] = qb
+        lam[idx] = ev
     return q, lam
 
 
@@ -119,7 +123,7 @@ def test_ekfac_eigenvalues_are_the_exact_diagonal_in_the_eigenbasis():
     assert names.index("fc.bias") < names.index("fc.weight")
     x, y = torch.randn(40, 2, 5, 5, dtype=D), torch.randn(40, 4, dtype=D)
     problem = make_problem(model, TensorDataset(x, y), half_sq, chunk_size=16)
-    inv = EKFACSettings(calibrate=False).fit(problem, 0.01)
+    inv = EKFACSettings(calibrate=False, dense_block_max=2048).fit(problem, 0.01)
     assert [l.name for l in inv.plan.layers] == ["c1", "c2", "fc"]
     assert inv.plan.diagonal_user_names == ("norm.weight", "norm.bias")
     q, lam = flat_eigenbasis(inv)
@@ -131,6 +135,12 @@ def test_ekfac_eigenvalues_are_the_exact_diagonal_in_the_eigenbasis():
     torch.testing.assert_close(inv.apply(v), want, rtol=1e-9, atol=1e-11)
     setup = {d.name: d.value for d in inv.setup}
     assert setup["diagonal_params"] == "norm.weight, norm.bias" and setup["kronecker_layers"] == "c1, c2, fc"
+    norm = sum(p.numel() for n, p in model.named_parameters() if n.startswith("norm."))
+    assert setup["dense_block_params"] == norm and len(inv.blocks) == 1  # the LayerNorm's exact Fisher block
+    plain = EKFACSettings(calibrate=False).fit(problem, 0.01)  # the default: all diagonal
+    assert not plain.blocks and {d.name: d.value for d in plain.setup}["dense_block_params"] == 0
+    q0, lam0 = flat_eigenbasis(plain)  # all diagonal: still diag(QᵀFQ) in its (identity) basis
+    torch.testing.assert_close(lam0, torch.diagonal(q0.T @ f @ q0), rtol=1e-9, atol=1e-13)
 
 
 @pytest.mark.parametrize("settings", [EKFACSettings(), KFACSettings()], ids=["ekfac", "kfac"])
