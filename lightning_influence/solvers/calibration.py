@@ -43,10 +43,10 @@ CALIBRATION_TANGENTS = 4
 
 def magnitude_scale(problem: "InfluenceProblem", inverse: Any, probes: int = 16,
                     seed: int = 0) -> Tuple[float, List[Diagnostic]]:
-    """``(α, diagnostics)`` for ``inverse`` (a closed-form inverse: ``apply(V)`` and ``damping``, applied unscaled) on ``problem`` at its damping: the
-    module docstring's estimate, or ``1.0`` with the reason in ``magnitude_scale_note`` when it cannot be
-    measured. Every process draws the same probes (positions in the whole training set), so the full-data
-    product all-reduces over identical vectors."""
+    """``(α, diagnostics)`` for ``inverse`` (a closed-form inverse: ``apply(V)`` and ``damping``, applied
+    unscaled) on ``problem`` at its damping: the module docstring's estimate, or ``1.0`` with the reason in
+    ``magnitude_scale_note`` when it cannot be measured. Every process draws the same probes and the same
+    subset (positions in the whole training set), so the product all-reduces over identical vectors."""
     plan = problem.objective.differentiation
     if plan.hvp is None or not plan.exact:
         why = ("the model has no exact Hessian-vector products" if plan.hvp is not None
