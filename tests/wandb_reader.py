@@ -57,6 +57,8 @@ def read_records(path: str) -> Iterator[Any]:
         if kind == 0 and length == 0:  # zero fill: end of what was written so far
             pos += left - _HEADER
             continue
+        if pos + length > len(data):  # a record still being written (the run is live): the end for now
+            break
         parts.append(data[pos : pos + length])
         pos += length
         if kind in (1, 4):
@@ -166,9 +168,17 @@ class OfflineRun:
         paths = glob.glob(os.path.join(os.fspath(wandb_dir), "**", "offline-run-*", "run-*.wandb"), recursive=True)
         if len(paths) != 1:
             raise FileNotFoundError(f"expected one offline run under {wandb_dir}, found {paths}")
+        from google.protobuf.message import DecodeError
+
         deadline = time.monotonic() + wait
         while True:
-            run = cls.read(paths[0])
+            try:
+                run = cls.read(paths[0])
+            except DecodeError:  # read while W&B's writer was mid-record (seen on a loaded machine): read again
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+                continue
             if run.finished or time.monotonic() >= deadline:
                 return run
             time.sleep(0.1)
