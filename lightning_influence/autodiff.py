@@ -81,7 +81,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -1177,7 +1177,7 @@ def probe(
     theta: Tensor,
     batch: Any,
     *,
-    need_hvp: bool = True,
+    need_hvp: Union[bool, str] = True,
     select: str = "fastest",
     num_vectors: int = 2,
     seed: int = 0,
@@ -1218,7 +1218,8 @@ def probe(
         theta: parameters ``[P]``.
         batch: a few (4–8) real examples, as the loss takes them.
         need_hvp: probe HVPs too (``False``: the plan's ``hvp`` is ``None``, for solvers that use per-example
-            gradients only, e.g. EK-FAC).
+            gradients only, e.g. EK-FAC; ``"optional"``: probe them, and keep ``hvp=None`` instead of raising
+            when none works, for solvers that use them when they exist, e.g. EK-FAC's magnitude calibration).
         select: ``"fastest"`` or ``"first"``.
         num_vectors: random right-hand sides of the HVP check.
         seed: seeds them.
@@ -1257,7 +1258,7 @@ def probe(
         attempts = attempts + hvp_attempts
     if grads is None:
         raise _unsupported("grads", [a for a in attempts if a.path == "grads"], None)
-    if need_hvp and hvp is None:
+    if need_hvp and need_hvp != "optional" and hvp is None:
         raise _unsupported("hvp", [a for a in attempts if a.path == "hvp"], grads, finite_differences)
     plan = replace(
         template,

@@ -229,14 +229,16 @@ class Objective:
     def num_params(self) -> int:
         return self.space.num_params
 
-    def choose_differentiation(self, batch: Any, need_hvp: bool = True, indices: Optional[Sequence[int]] = None,
+    def choose_differentiation(self, batch: Any, need_hvp: Union[bool, str] = True,
+                               indices: Optional[Sequence[int]] = None,
                                what: str = "training") -> Differentiation:
         """Probe how to differentiate this objective on a few prepared examples (``batch``) and keep the
         first strategy that works and agrees with the references, in the order measured fastest
         (:func:`~lightning_influence.autodiff.probe`, ``select="first"``: reverse over reverse first on a CPU,
         per-example gradients by ``vmap`` first): second derivatives with the model's kernels or composite ones (math attention, no fused RNN kernels, a differentiable
         ``embedding_bag``), finite differences only when nothing exact works. ``need_hvp=False`` for solvers
-        that use per-example gradients only (the Kronecker-factored ones).
+        that use per-example gradients only (the Kronecker-factored ones), ``"optional"`` for one that uses
+        HVPs where they exist (:func:`~lightning_influence.autodiff.probe`).
 
         Raises:
             UnsupportedModelError: nothing differentiates the model (the message names the op and layer, and

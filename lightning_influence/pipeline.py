@@ -38,7 +38,6 @@ from .data import Collate, ExampleSource
 from .diagnostics import Diagnostic, combine_scalars
 from .distributed import Communicator, local_communicator
 from .errors import InfluenceConfigError, InfluenceRuntimeError
-from .autodiff import UnsupportedModelError
 from .functional import batch_size_of
 from .guards import preserved_rng
 from .objective import IGNORE_INDEX, LossFn, Objective
@@ -161,13 +160,7 @@ def bind(
     train_indices = check_query_indices(train_indices, "train_indices", "the training dataset", duplicates="error")
     train = ExampleSource(train_dataset, collate_fn, objective.prepare_batch, indices=train_indices, what="training")
     batch = check_first_examples(objective, train)
-    first = train.indices[: batch_size_of(batch)].tolist()
-    try:
-        objective.choose_differentiation(batch, need_hvp=bool(need_hvp), indices=first)
-    except UnsupportedModelError:
-        if need_hvp != "optional":
-            raise
-        objective.choose_differentiation(batch, need_hvp=False, indices=first)
+    objective.choose_differentiation(batch, need_hvp=need_hvp, indices=train.indices[: batch_size_of(batch)].tolist())
     return InfluenceProblem(objective, train, args.forward_chunk, args.grad_chunk_for(objective.num_params), comm)
 
 
