@@ -21,7 +21,7 @@ no row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -101,6 +101,13 @@ def expand_tokens(batch: Any, rows: Tensor, positions: Tensor) -> Any:
     return (pick(batch[0]), masked.view(rows.numel(), *targets.shape[1:]), *(pick(x) for x in batch[2:]))
 
 
+def _masked_chunks(batch: Any, rows: Tensor, positions: Tensor, chunk_size: int) -> Iterator[Tuple[Tensor, Any]]:
+    """``(rows of the chunk, its masked batch)`` for the token terms ``rows``/``positions``, ``chunk_size`` at a
+    time (:func:`expand_tokens`)."""
+    for s in range(0, rows.numel(), chunk_size):
+        yield rows[s : s + chunk_size], expand_tokens(batch, rows[s : s + chunk_size], positions[s : s + chunk_size])
+
+
 def check_token_losses(objective: Objective, batch: Any, rows: Tensor, positions: Tensor, indices: List[int],
                        chunk_size: int) -> None:
     """The rule of this module on one query batch: the losses of the masked copies (:func:`expand_tokens`,
@@ -108,9 +115,8 @@ def check_token_losses(objective: Objective, batch: Any, rows: Tensor, positions
     disagrees and the fix."""
     seq = objective.losses(batch).double()
     summed = torch.zeros_like(seq)
-    for s in range(0, rows.numel(), chunk_size):
-        part = expand_tokens(batch, rows[s : s + chunk_size], positions[s : s + chunk_size])
-        summed.index_add_(0, rows[s : s + chunk_size].to(seq.device), objective.losses(part).double())
+    for part_rows, part in _masked_chunks(batch, rows, positions, chunk_size):
+        summed.index_add_(0, part_rows.to(seq.device), objective.losses(part).double())
     bad = (summed - seq).abs() > TOKEN_SUM_RTOL * seq.abs().clamp(min=1.0)
     if bool(bad.any()):
         j = int(bad.nonzero()[0])
@@ -135,11 +141,9 @@ def token_gradients(objective: Objective, batch: Any, first_row: int, indices: L
     if check:
         check_token_losses(objective, batch, rows, positions, indices, chunk_size)
     grads = []
-    for s in range(0, rows.numel(), chunk_size):
-        part = expand_tokens(batch, rows[s : s + chunk_size], positions[s : s + chunk_size])
+    for part_rows, part in _masked_chunks(batch, rows, positions, chunk_size):
         grads.append(checked_grads(objective.loss, objective.space, objective.theta, part, "query token", 0,
-                                   indices=torch.as_tensor(indices)[rows[s : s + chunk_size].cpu()],
-                                   plan=objective.differentiation))
+                                   indices=torch.as_tensor(indices)[part_rows.cpu()], plan=objective.differentiation))
     flat = batch[1].reshape(batch[1].shape[0], -1)
     return QueryTokens(grads=torch.cat(grads), rows=(rows + first_row).cpu(), positions=positions.cpu(),
                        targets=flat[rows, positions].cpu())

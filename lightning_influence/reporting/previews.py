@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from ..errors import InfluenceConfigError
+from ..objective import IGNORE_INDEX
 
 __all__ = [
     "Preview",
@@ -62,7 +63,6 @@ _TEXT_CHARS = 160
 _DECODED_CHARS = 400
 #: what ``decode`` must be (the messages name it)
 DECODE_SIGNATURE = "decode(token_ids: list[int]) -> str (e.g. a tokenizer's decode)"
-_IGNORE_INDEX = -100
 
 
 def check_decode(decode: Any) -> Optional[Callable[[List[int]], str]]:
@@ -87,7 +87,7 @@ def token_ids_of(value: Any) -> Optional[List[int]]:
         ids = [int(v) for v in value]
     else:
         return None
-    return [int(i) for i in ids if int(i) != _IGNORE_INDEX]
+    return [int(i) for i in ids if int(i) != IGNORE_INDEX]
 
 
 class Decoder:

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..objective import IGNORE_INDEX
 from ..results import InfluenceResults
 from .content import QueryView
 from .previews import ExampleCatalog
@@ -92,13 +93,9 @@ def _cells(results: InfluenceResults, row: int, positions: List[int], targets: L
             full = flat.tolist()
     if full is None:
         return [TokenCell(p, t, query.token_text(t), True) for p, t in zip(positions, targets)]
-    cells = []
-    for p, t in enumerate(full):
-        if p in scored:
-            cells.append(TokenCell(p, int(t), query.token_text(int(t)), True))
-        elif int(t) != -100:  # a real token the loss leaves out: shown, uncoloured
-            cells.append(TokenCell(p, int(t), query.token_text(int(t)), False))
-    return cells
+    # every scored position, and the real tokens the loss leaves out (shown, uncoloured); padding dropped
+    return [TokenCell(p, int(t), query.token_text(int(t)), p in scored) for p, t in enumerate(full)
+            if p in scored or int(t) != IGNORE_INDEX]
 
 
 def token_views(results: InfluenceResults, views: Sequence[QueryView], query: ExampleCatalog,
