@@ -12,10 +12,12 @@ Scores keep Koh & Liang's sign (positive = harmful). An index refuses a model wh
 from those it was built for (:class:`IndexMismatchError`).
 """
 
-from .build import DEFAULT_PROJECTION_DIM, REPRESENTATIONS, Representation, build_index, build_index_for_run
+from .build import (DEFAULT_PROJECTION_DIM, PROJECTIONS, REPRESENTATIONS, Projection, Representation, build_index,
+                    build_index_for_run)
 from .explain import explain
 from .fingerprint import IndexMismatchError
 from .index import InfluenceIndex
 
-__all__ = ["DEFAULT_PROJECTION_DIM", "IndexMismatchError", "InfluenceIndex", "REPRESENTATIONS", "Representation",
+__all__ = ["DEFAULT_PROJECTION_DIM", "IndexMismatchError", "InfluenceIndex", "PROJECTIONS", "Projection",
+           "REPRESENTATIONS", "Representation",
            "build_index", "build_index_for_run", "explain"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..data import Collate
@@ -17,9 +18,31 @@ from ..results import InfluenceResults, diagnostics_layout
 from .fingerprint import IndexMismatchError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..problem import InfluenceProblem
     from .index import InfluenceIndex
 
 __all__ = ["explain"]
+
+
+def _sketched_queries(index: "InfluenceIndex", problem: "InfluenceProblem", dataset: Dataset, indices: List[int],
+                      collate_fn: Optional[Collate]) -> Optional[Tensor]:
+    """A sketched index's query side from the layers' captured factors (as its rows were built: no rotation
+    of formed gradients, :meth:`~lightning_influence.index.sketch.KroneckerWhitening.batch_sketch`), or
+    ``None`` (not a sketch, or the model's layer plan differs from the index's: then ``index.scores`` of the
+    formed gradients, which gives the same numbers more slowly)."""
+    from ..data import ExampleSource
+    from ..solvers.kronecker.capture import plan_layers
+
+    if index.projection != "sketch" or not indices:
+        return None
+    whitening, sketch = index._sketch
+    objective = problem.objective
+    source = ExampleSource(dataset, collate_fn, objective.prepare_batch, indices=indices, what="query")
+    chunks = list(source.chunks(problem.grad_chunk_size))
+    bound = whitening.with_plan(plan_layers(objective, chunks[0][1]))
+    if bound is None:
+        return None
+    return torch.cat([bound.batch_sketch(objective, batch, sketch, start)[0] for start, batch in chunks])
 
 
 def explain(
@@ -69,9 +92,10 @@ def explain(
                                      f"{list(index.params)[:5]}; rebuild the index or pass the same module.")
         t0 = time.perf_counter()
         queries = query_gradients(problem, dataset, query_indices=args.query_indices, num_queries=args.num_queries,
-                                  collate_fn=collate_fn)
+                                  query_collate_fn=collate_fn)
         t1 = time.perf_counter()
-        scores = index.scores(queries.grads)
+        z = _sketched_queries(index, problem, dataset, queries.indices.tolist(), collate_fn)
+        scores = index.scores(queries.grads) if z is None else index.scores_from_projection(z)
         t2 = time.perf_counter()
     record = index.record
     if record.data is not None:

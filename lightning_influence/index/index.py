@@ -23,6 +23,7 @@ from ..objective import LossFn
 from ..record import RunRecord
 from ..results import InfluenceResults
 from .fingerprint import check_fingerprint
+from .sketch import CountSketch, KroneckerWhitening
 from .storage import open_rows, read_meta
 
 __all__ = ["InfluenceIndex"]
@@ -80,7 +81,11 @@ class InfluenceIndex:
             if selfs and all(x is not None for x in selfs) else None)
         proj = meta.get("projection")
         self._query_matrix: Optional[np.ndarray] = None
-        if self.representation == "compressed":
+        self._sketch: Optional[Tuple[KroneckerWhitening, CountSketch]] = None
+        if self.representation == "compressed" and proj.get("kind") == "sketch":
+            state = torch.load(os.path.join(path, proj["files"]["whitening"]), map_location="cpu", weights_only=True)
+            self._sketch = (KroneckerWhitening.from_state(state), CountSketch(self.dim, self.num_params, proj["seed"]))
+        elif self.representation == "compressed":
             self._query_matrix = open_rows(os.path.join(path, proj["files"]["query"]), self.dim, self.num_params,
                                            self.dtype)
 
@@ -135,10 +140,21 @@ class InfluenceIndex:
         return grads.to(self.dtype)
 
     # ------------------------------------------------------------------ queries
+    @property
+    def projection(self) -> Optional[str]:
+        """How a compressed index projects: ``"whitened"``/``"plain"`` (a stored Gaussian ``[k, P]`` matrix) or
+        ``"sketch"`` (whitened in the factored eigenbasis, then CountSketched); ``None`` when exact."""
+        return None if self.representation != "compressed" else str(self.meta["projection"]["kind"])
+
     def project(self, grads: Tensor) -> Tensor:
-        """The query side of a dot product with the stored rows: ``grads`` itself (exact) or
-        ``M_query grads`` ``[Q, k]`` (compressed)."""
+        """The query side of a dot product with the stored rows: ``grads`` itself (exact), ``M_query grads``
+        ``[Q, k]`` (Gaussian) or ``S c(grads)`` ``[Q, k]`` (sketch)."""
         grads = self._check_grads(grads)
+        if self._sketch is not None:
+            whitening, sketch = self._sketch
+            step = max(1, READ_BYTES // max(1, 2 * self.num_params * grads.element_size()))
+            return torch.cat([sketch.apply(whitening.coordinates(grads[s : s + step]))
+                              for s in range(0, grads.shape[0], step)] or [grads.new_zeros(0, self.dim)])
         if self._query_matrix is None:
             return grads
         step = max(1, READ_BYTES // max(1, self.num_params * grads.element_size()))
@@ -160,7 +176,16 @@ class InfluenceIndex:
         against the index's first (:meth:`check_module`)."""
         if module is not None:
             self.check_module(module)
-        z = self.project(query_grads)
+        return self.scores_from_projection(self.project(query_grads))
+
+    def scores_from_projection(self, z: Tensor) -> Tensor:
+        """``[Q, N]`` scores from the queries' side already projected (``z = project(query_grads)`` ``[Q, D]``,
+        or computed another way to the same values, as :func:`~lightning_influence.index.explain` does for a
+        sketch)."""
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != self.dim:
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise InfluenceConfigError(f"z must be a [Q, {self.dim}] tensor (index.project of the query gradients), "
+                                       f"got {got}.")
         out = torch.empty(z.shape[0], self.num_examples, dtype=z.dtype, device=z.device)
         for first, rows in self._blocks(z.device):
             out[:, first : first + rows.shape[0]] = -(z @ rows.T)

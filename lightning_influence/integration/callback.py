@@ -115,7 +115,8 @@ class InfluenceCallbackBase:
             :class:`~lightning_influence.index.InfluenceIndex` of the training set under the same solver and
             damping as the run (``influence/index/`` in the fit's folder; ``cb.index``), so that
             :meth:`explain` answers new queries without a pass over the training set. ``"compressed"``
-            stores ``index_projection_dim`` numbers per example instead of ``P``. A failed build is an
+            stores ``index_projection_dim`` numbers per example instead of ``P`` (with EK-FAC/K-FAC a whitened
+            CountSketch, :mod:`lightning_influence.index.sketch`; else a Gaussian projection). A failed build is an
             output failure (``output_errors["influence index"]``), never a lost run.
         index_projection_dim: the compressed index's projection size ``k``.
         collective_timeout: with several processes (DDP), seconds a rank waits in one influence collective

@@ -47,7 +47,7 @@ never ``P × P``, never the per-example gradients of the whole set.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -252,8 +252,10 @@ def _count_calls(objective: Objective, modules: Sequence[nn.Module], batch: Any)
     return counts
 
 
-def capture_layers(objective: Objective, plan: LayerPlan, batch: Any) -> List[Tuple[Tensor, Tensor]]:
-    """Layer inputs and output gradients of one Fisher batch.
+def capture_layers(objective: Objective, plan: LayerPlan, batch: Any,
+                   loss: Optional[Callable[[Any, Any], Tensor]] = None) -> List[Tuple[Tensor, Tensor]]:
+    """Layer inputs and output gradients of one Fisher batch (or, with ``loss=objective.loss`` and a
+    training batch, of the training losses themselves).
 
     Returns:
         per layer of ``plan``, ``(a [B, T, in'], g [B, T, out])``: the inputs (bias column of ones
@@ -285,7 +287,7 @@ def capture_layers(objective: Objective, plan: LayerPlan, batch: Any) -> List[Tu
             handles.append(mod.register_forward_hook(hook))
         handles += _reroute_hooks(objective.module, rerouted)
         with torch.enable_grad():
-            losses = objective.fisher_loss(objective.space.unflatten(theta), batch)
+            losses = (loss or objective.fisher_loss)(objective.space.unflatten(theta), batch)
     finally:
         for h in handles:
             h.remove()
@@ -319,18 +321,20 @@ def capture_layers(objective: Objective, plan: LayerPlan, batch: Any) -> List[Tu
     return result
 
 
-def diagonal_grads(objective: Objective, plan: LayerPlan, batch: Any) -> Tensor:
-    """Per-example Fisher gradients ``[B, D]`` of the diagonally handled parameters only (the others held
-    at their trained values), in the flat order of :attr:`LayerPlan.diagonal_index`."""
+def diagonal_grads(objective: Objective, plan: LayerPlan, batch: Any,
+                   loss: Optional[Callable[[Any, Any], Tensor]] = None) -> Tensor:
+    """Per-example Fisher gradients ``[B, D]`` (or of ``loss``) of the diagonally handled parameters only (the
+    others held at their trained values), in the flat order of :attr:`LayerPlan.diagonal_index`."""
+    per_example = loss or objective.fisher_loss
     full = objective.space.unflatten(objective.theta)
     names = plan.diagonal
     sub = ParamSpace(names, tuple(full[n].shape for n in names))
     fixed = {n: t for n, t in full.items() if n not in set(names)}
 
-    def loss(params: Any, b: Any) -> Tensor:
-        return objective.fisher_loss({**fixed, **params}, b)
+    def sub_loss(params: Any, b: Any) -> Tensor:
+        return per_example({**fixed, **params}, b)
 
-    return per_sample_grads(objective.differentiation, loss, sub, sub.flatten(full), batch, randomness="different")
+    return per_sample_grads(objective.differentiation, sub_loss, sub, sub.flatten(full), batch, randomness="different")
 
 
 def per_example_blocks(a: Tensor, g: Tensor, max_elements: int = 1 << 24) -> Iterator[Tensor]:
