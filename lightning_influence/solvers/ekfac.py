@@ -28,7 +28,7 @@ attributed parameter's (corrected) eigenvalue, never below the damping the train
 
 Magnitudes (``calibrate=True``, the default): the fitted inverse is ``α (Ĥ + λI)⁻¹`` with ``α`` the Galerkin
 scale of :mod:`~lightning_influence.solvers.calibration` (``xᵀv / xᵀ(H + λI)x`` on 16 training-gradient probes,
-one Hessian-vector product over at most 1,024 training examples), so scores and predicted loss changes have the size of the Hessian
+one Hessian-vector product over at most 256 training examples), so scores and predicted loss changes have the size of the Hessian
 solve; the ranking is the factored one. ``res.settings``/diagnostics record ``magnitude_scale``.
 """
 
