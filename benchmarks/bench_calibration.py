@@ -4,12 +4,13 @@
     python benchmarks/bench_calibration.py transformer_tokens   # some of them
 
 Per zoo entry (``tests/zoo.py``, float32 as trained, its loss): CG (``solver="cg"``) and EK-FAC uncalibrated
-(``EKFACSettings(calibrate=False)``), EK-FAC and K-FAC calibrated (the defaults), all with
-``damping=AutoDamping(base=weight_decay)`` (each solver's own automatic rule, as a user gets it). Printed per
-method: the damping it chose, the calibration scale ``α`` (``magnitude_scale``), the per-query ratio of mean
-``|score|`` to CG's (median [min-max] over queries: 1 = the Hessian solve's magnitudes, i.e. believable
-predicted loss changes ``−score/n``), and the median per-query Pearson against CG (the ranking; the scale
-does not change it).
+(``EKFACSettings(calibrate=False)``), with one scale (``calibrate="scalar"``), EK-FAC and K-FAC with the default
+two-group scales, all with ``damping=AutoDamping(base=weight_decay)`` (each solver's own automatic rule, as a
+user gets it). Printed per method: the damping it chose, the calibration scales ``α_K`` (``magnitude_scale``)
+and ``α_D`` (``magnitude_scale_rest``, the parameters outside the Kronecker layers; 0 = excluded, – = none),
+the per-query ratio of mean ``|score|`` to CG's (median [min-max] over queries: 1 = the Hessian solve's
+magnitudes, i.e. believable predicted loss changes ``−score/n``), and the median [min] per-query Pearson
+against CG (one scale leaves the ranking of the uncalibrated inverse; two scales change it).
 """
 
 from __future__ import annotations
@@ -35,19 +36,24 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     torch.set_num_threads(1)
     names = sys.argv[1:] or list(zoo.NAMES)
-    print("| model | CG λ | method | λ | α | mean \\|score\\| / CG's: median [min-max] | Pearson vs CG |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | CG λ | method | λ | α_K | α_D | mean \\|score\\| / CG's: median [min-max] | Pearson vs CG: median "
+          "[min] |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         e = zoo.get(name)
         kw = dict(loss_fn=e.loss_fn, query_indices=list(range(8)), damping=AutoDamping(base=e.weight_decay))
         cg = compute_influence(e.model, e.train, e.query, solver="cg", **kw)
-        for label, settings in (("ekfac, uncalibrated", EKFACSettings(calibrate=False)), ("ekfac", EKFACSettings()),
+        for label, settings in (("ekfac, uncalibrated", EKFACSettings(calibrate=False)),
+                                ("ekfac, one scale", EKFACSettings(calibrate="scalar")), ("ekfac", EKFACSettings()),
                                 ("kfac", KFACSettings())):
             res = compute_influence(e.model, e.train, e.query, solver=settings, **kw)
-            alpha = {d.name: d.value for d in res.setup_diagnostics()}.get("magnitude_scale", 1.0)
+            found = {d.name: d.value for d in res.setup_diagnostics()}
+            alpha, rest = found.get("magnitude_scale", 1.0), found.get("magnitude_scale_rest")
             size = res.scores.abs().mean(1) / cg.scores.abs().mean(1)
-            print(f"| {name} | {cg.damping:.3g} | {label} | {res.damping:.3g} | {alpha:.3g} | {size.median():.2f} "
-                  f"[{size.min():.2f}-{size.max():.2f}] | {pearson(res.scores, cg.scores).median():.3f} |", flush=True)
+            r = pearson(res.scores, cg.scores)
+            print(f"| {name} | {cg.damping:.3g} | {label} | {res.damping:.3g} | {alpha:.3g} | "
+                  f"{'–' if rest is None else format(rest, '.3g')} | {size.median():.2f} [{size.min():.2f}-"
+                  f"{size.max():.2f}] | {r.median():.3f} [{r.min():.3f}] |", flush=True)
 
 
 if __name__ == "__main__":

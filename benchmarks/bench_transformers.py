@@ -19,6 +19,7 @@ a base ``wd``). The fixed damping ``λ`` of every method is chosen by the refere
 Arnoldi-preconditioned, all parameters) with ``damping=AutoDamping(base=wd)``, i.e. the weight decay or the smallest
 damping that makes ``H + λI`` positive definite with a margin, whichever is larger. Every other method then runs at
 that ``λ``: ours ``ekfac``, ``kfac`` (magnitude-calibrated, the defaults) and ``EKFACSettings(calibrate=False)``,
+``EKFACSettings(calibrate="scalar")`` (one magnitude scale for all parameters, the rule before the two-group one),
 ``ekfac-tracked`` (our EK-FAC attributing only to the layers kronfluence tracks, to separate coverage from the
 factorisation), and kronfluence 1.0's EK-FAC and K-FAC (``damping_factor=λ``, sign negated as in ``peers.py``).
 The reference is cached in ``benchmarks/.cache/`` (``--fresh-reference`` recomputes); ``--damping`` fixes λ and
@@ -72,7 +73,7 @@ from tests.zoo import (TransformerClassifier, _attention_backend, _majority_toke
 
 CACHE = os.path.join(HERE, ".cache")
 MODELS = ("classifier", "lm")
-OURS = ("ekfac", "kfac", "ekfac-uncalibrated", "ekfac-tracked", "ekfac-true-fisher")
+OURS = ("ekfac", "kfac", "ekfac-uncalibrated", "ekfac-scalar", "ekfac-tracked", "ekfac-true-fisher")
 PEER_METHODS = ("kronfluence-ekfac", "kronfluence-kfac")
 
 #: per size and model: data and architecture. ``classifier``: vocab, seq_len, d_model, heads, ff, n_train;
@@ -221,7 +222,7 @@ def ours(job: Dict[str, Any], model, train, query, b) -> Dict[str, Any]:
             solver = CGSettings(tol=job["tol"])
     else:
         solver = {"ekfac": "ekfac", "kfac": "kfac", "ekfac-uncalibrated": EKFACSettings(calibrate=False),
-                  "ekfac-tracked": "ekfac", "ekfac-true-fisher": "ekfac"}[method]
+                  "ekfac-scalar": EKFACSettings(calibrate="scalar"), "ekfac-tracked": "ekfac", "ekfac-true-fisher": "ekfac"}[method]
         damping = job["damping"]
     if method == "ekfac-true-fisher":
         if name != "lm":
@@ -239,6 +240,7 @@ def ours(job: Dict[str, Any], model, train, query, b) -> Dict[str, Any]:
     setup = {d.name: d.value for d in res.setup_diagnostics()}
     shown = {"cg": f"CGSettings(tol={job['tol']:g}" + (")" if job.get("plain_cg") else ", preconditioner=ArnoldiSettings())"),
              "ekfac-uncalibrated": "EKFACSettings(calibrate=False)",
+             "ekfac-scalar": "EKFACSettings(calibrate='scalar')",
              "ekfac-tracked": "'ekfac', params=those layers",
              "ekfac-true-fisher": "'ekfac', model.influence_loss(batch, sample) drawing next tokens"}.get(method, repr(method))
     out = {"wall_s": wall, "scores": res.scores, "damping": float(res.settings["damping"]),

@@ -1,4 +1,4 @@
-"""Custom ``torch.autograd.Function``\ s for the tests of unsupported ops (tests/test_autodiff.py, the
+r"""Custom ``torch.autograd.Function``\ s for the tests of unsupported ops (tests/test_autodiff.py, the
 callback's tests): each breaks one kind of differentiation, and :class:`Act` / :class:`CustomNet` apply one
 inside a model."""
 

@@ -108,15 +108,15 @@ class KroneckerWhitening:
 
         if not isinstance(inverse, KroneckerInverse):
             return None
-        root_alpha = math.sqrt(float(inverse.scale))
+        root_alpha, root_rest = math.sqrt(float(inverse.scale)), math.sqrt(float(inverse.rest_scale))
         lam = float(inverse.damping)
         layers = [
             _Layer(tuple(l.weight_slice), None if l.bias_slice is None else tuple(l.bias_slice), l.out_features,
                    l.in_features, inverse.q_a[k].detach().cpu(), inverse.q_s[k].detach().cpu(),
                    (inverse.eigenvalues[k].detach().cpu().double() + lam).rsqrt().mul_(root_alpha))
             for k, l in enumerate(inverse.plan.layers)]
-        diag_scale = (inverse._diag_values.detach().cpu().double() + lam).rsqrt().mul_(root_alpha)
-        blocks = [(idx.detach().cpu(), q.detach().cpu(), (ev.detach().cpu().double() + lam).rsqrt().mul_(root_alpha))
+        diag_scale = (inverse._diag_values.detach().cpu().double() + lam).rsqrt().mul_(root_rest)
+        blocks = [(idx.detach().cpu(), q.detach().cpu(), (ev.detach().cpu().double() + lam).rsqrt().mul_(root_rest))
                   for idx, q, ev in inverse.blocks]
         return cls(inverse.problem.num_params, layers, inverse._diag_index.detach().cpu(), diag_scale, blocks,
                    plan=inverse.plan)

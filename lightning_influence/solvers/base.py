@@ -278,6 +278,11 @@ class SolverSettings(ABC):
         "arnoldi"``): by default its defaults; a solver may tune them for that role."""
         return cls()
 
+    def for_preconditioning(self) -> "SolverSettings":
+        """These settings as another solver's preconditioner uses them (default: unchanged; K-FAC/EK-FAC keep
+        one calibration scale, so that the preconditioner stays positive definite)."""
+        return self
+
     def to_dict(self) -> Dict[str, Any]:
         """Settings as a flat, JSON-serialisable dict, including the solver's name and kind."""
         out: Dict[str, Any] = {"solver": self.name, "kind": self.kind.value}

@@ -28,12 +28,16 @@ attributed parameter's (corrected) eigenvalue, never below the damping the train
 
 Magnitudes (``calibrate=True``, the default): the fitted inverse is ``α (Ĥ + λI)⁻¹`` with ``α`` the Galerkin
 scale of :mod:`~lightning_influence.solvers.calibration` (``xᵀv / xᵀ(H + λI)x`` on 16 training-gradient probes,
-one Hessian-vector product over at most 256 training examples), so scores and predicted loss changes have the size of the Hessian
-solve; the ranking is the factored one. ``res.settings``/diagnostics record ``magnitude_scale``.
+one Hessian-vector product over at most 256 training examples), so scores and predicted loss changes have the
+size of the Hessian solve. With parameters outside the Kronecker layers (diagonal or dense blocks) the two groups
+get a scale each from the two-dimensional Galerkin fit, and a group whose scale comes out ``≤ 0`` is excluded
+(scale 0, named in the ``magnitude_scale_rest`` diagnostic). ``res.settings``/diagnostics record
+``magnitude_scale`` (the Kronecker layers') and ``magnitude_scale_rest``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -49,7 +53,7 @@ from ..errors import InfluenceConfigError, InfluenceRuntimeError
 from ..functional import batch_size_of
 from ..seeds import Stream, derive_seed
 from .base import Curvature, FactoredInverse, SolverKind, SolverSettings
-from .calibration import magnitude_scale
+from .calibration import group_scales, magnitude_scale
 from .kronecker import LayerPlan, capture_layers, diagonal_grads, per_example_blocks, plan_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,7 +130,10 @@ class _KroneckerSettings(SolverSettings):
         fisher_samples: Fisher draws per training example (each a full pass over the data); more draws
             lower the Monte-Carlo noise of ``S`` and ``Λ``. Ignored (one pass) for an empirical Fisher.
         calibrate: scale the inverse to the Hessian's magnitude (module docstring; needs exact
-            Hessian-vector products, else ``α = 1``). ``False``: the plain ``(Ĥ + λI)⁻¹``.
+            Hessian-vector products, else ``α = 1``): ``True`` (default) one scale for the Kronecker layers and
+            one for the parameters outside them, a group whose fitted scale is ``≤ 0`` excluded
+            (:func:`~lightning_influence.solvers.calibration.group_scales`); ``"scalar"``: one scale for all (what
+            a preconditioner gets: never a zero block); ``False``: the plain ``(Ĥ + λI)⁻¹``.
         dense_block_max: parameters without a Kronecker adapter (LayerNorms, positional parameters, …)
             are grouped by the module that owns them; a group of at most this many numbers gets its exact
             (dense) Fisher block, a larger one the diagonal. ``0`` (default): all diagonal. Measured against CG
@@ -140,7 +147,7 @@ class _KroneckerSettings(SolverSettings):
     seed: int = 0
     chunk_size: Optional[int] = None
     fisher_samples: int = 1
-    calibrate: bool = True
+    calibrate: Union[bool, str] = True
     dense_block_max: int = 0
 
     def __post_init__(self) -> None:
@@ -161,14 +168,18 @@ class _KroneckerSettings(SolverSettings):
             raise bad("chunk_size", "a positive integer or None (the problem's chunk size)")
         if not pos_int(self.fisher_samples):
             raise bad("fisher_samples", "a positive integer (label draws per example)")
-        if not isinstance(self.calibrate, bool):
-            raise bad("calibrate", "True or False")
+        if not (isinstance(self.calibrate, bool) or self.calibrate == "scalar"):
+            raise bad("calibrate", "True (a scale per group), 'scalar' (one scale) or False")
         if not (is_int(self.dense_block_max) and self.dense_block_max >= 0):
             raise bad("dense_block_max", "an integer ≥ 0 (0: no dense blocks)")
 
     @property
     def corrected(self) -> bool:
         return False
+
+    def for_preconditioning(self) -> "_KroneckerSettings":
+        """A preconditioner must stay positive definite: one calibration scale, never an excluded group."""
+        return dataclasses.replace(self, calibrate="scalar") if self.calibrate is True else self
 
     @property
     def damping_rule(self) -> DampingRule:
@@ -213,7 +224,14 @@ class _KroneckerSettings(SolverSettings):
                                         "seconds for the pass(es) that estimate the corrected eigenvalues"))
         if self.calibrate:
             t0 = time.perf_counter()
-            inv.scale, found = magnitude_scale(problem, inv, seed=self.seed)
+            if self.calibrate == "scalar":
+                inv.scale, found = magnitude_scale(problem, inv, seed=self.seed)
+                inv.rest_scale = inv.scale
+            else:
+                rest = torch.cat([inv._diag_index] + [idx for idx, _, _ in inv.blocks])
+                inv.scale, inv.rest_scale, found = group_scales(
+                    problem, inv, rest, seed=self.seed, rest_names=f.plan.diagonal_user_names,
+                    rest_share=1.0 - f.plan.kronecker_coverage)
             inv.setup += found + [Diagnostic("calibration_seconds", time.perf_counter() - t0, "calibration (s)",
                                              "seconds for the probes' gradients and their Hessian-vector product")]
         return inv
@@ -358,50 +376,55 @@ class KroneckerInverse(FactoredInverse):
         #: flat coordinates of the diagonal part and its curvature; the dense blocks' coordinates and bases
         self._diag_index, self._diag_values = all_diag[plain], diagonal.to(problem.device)[plain]
         self.blocks = [(all_diag[idx.to(problem.device)], q, ev) for idx, q, ev in blocks]
-        #: ``α``: the inverse applied is ``α (Ĥ + λI)⁻¹`` (1 until calibrated; see ``calibrate``)
+        #: ``α_K``: the Kronecker layers' block of the inverse applied is ``α_K (Ĥ + λI)⁻¹`` (1 until calibrated;
+        #: see ``calibrate``)
         self.scale = 1.0
+        #: ``α_D``: the same for the diagonal part and the dense blocks (0: those parameters are excluded)
+        self.rest_scale = 1.0
 
     # ------------------------------------------------------------------ applying
     def _map(self, vectors: Tensor, power: float) -> Tensor:
-        """``Q diag((Λ + λ)^(−power)) Qᵀ V``."""
+        """``Q diag(α (Λ + λ)^(−1))^power Qᵀ V`` (``α``: the group's scale)."""
         out = torch.empty_like(vectors)
+        a_k, a_d = self.scale ** power, self.rest_scale ** power
         for k, layer in enumerate(self.plan.layers):
             qa, qs = self.q_a[k].to(vectors.dtype), self.q_s[k].to(vectors.dtype)
             rot = qs.T @ layer.gather(vectors) @ qa
-            rot = rot * (self.eigenvalues[k].to(vectors.dtype) + self.damping).pow(-power)
+            rot = rot * ((self.eigenvalues[k].to(vectors.dtype) + self.damping).pow(-power) * a_k)
             layer.scatter(qs @ rot @ qa.T, out)
         if self._diag_index.numel():
             idx = self._diag_index
-            out[:, idx] = vectors[:, idx] * (self._diag_values.to(vectors.dtype) + self.damping).pow(-power)
+            out[:, idx] = vectors[:, idx] * ((self._diag_values.to(vectors.dtype) + self.damping).pow(-power) * a_d)
         for idx, q, ev in self.blocks:
             q = q.to(vectors.dtype)
-            out[:, idx] = ((vectors[:, idx] @ q) * (ev.to(vectors.dtype) + self.damping).pow(-power)) @ q.T
+            out[:, idx] = ((vectors[:, idx] @ q) * ((ev.to(vectors.dtype) + self.damping).pow(-power) * a_d)) @ q.T
         return out
 
     def apply(self, vectors: Tensor) -> Tensor:
-        """``α (Ĥ + λI)⁻¹ V`` for every row of ``vectors`` ``[Q, P]``."""
-        out = self._map(vectors, 1.0)
-        return out if self.scale == 1.0 else out.mul_(self.scale)
+        """``α (Ĥ + λI)⁻¹ V`` for every row of ``vectors`` ``[Q, P]`` (each group with its own ``α``)."""
+        return self._map(vectors, 1.0)
 
     def apply_inverse_sqrt(self, vectors: Tensor) -> Tensor:
         """``√α (Ĥ + λI)^{-1/2} V`` (symmetric square root) for every row of ``vectors`` ``[Q, P]``."""
-        out = self._map(vectors, 0.5)
-        return out if self.scale == 1.0 else out.mul_(math.sqrt(self.scale))
+        return self._map(vectors, 0.5)
 
     def quadratic(self, grads: Tensor) -> Tuple[Tensor, List[Diagnostic]]:
-        """``α g_iᵀ (Ĥ + λI)⁻¹ g_i`` per row of ``grads`` ``[B, P]``: ``Σ (Q_Sᵀ G Q_A)² / (Λ + λ)`` per layer
-        plus ``Σ g²/(d + λ)`` on the diagonal; no back rotation."""
+        """``α g_iᵀ (Ĥ + λI)⁻¹ g_i`` per row of ``grads`` ``[B, P]``: ``α_K Σ (Q_Sᵀ G Q_A)² / (Λ + λ)`` per layer
+        plus ``α_D Σ g²/(d + λ)`` on the diagonal; no back rotation."""
         total = grads.new_zeros(grads.shape[0])
         for k, layer in enumerate(self.plan.layers):
             qa, qs = self.q_a[k].to(grads.dtype), self.q_s[k].to(grads.dtype)
             rot = qs.T @ layer.gather(grads) @ qa
             total += (rot.square() / (self.eigenvalues[k].to(grads.dtype) + self.damping)).sum(dim=(1, 2))
+        if self.scale != 1.0:
+            total.mul_(self.scale)
+        rest = grads.new_zeros(grads.shape[0])
         if self._diag_index.numel():
             g = grads[:, self._diag_index]
-            total += (g.square() / (self._diag_values.to(grads.dtype) + self.damping)).sum(dim=1)
+            rest += (g.square() / (self._diag_values.to(grads.dtype) + self.damping)).sum(dim=1)
         for idx, q, ev in self.blocks:
-            total += ((grads[:, idx] @ q.to(grads.dtype)).square() / (ev.to(grads.dtype) + self.damping)).sum(dim=1)
-        return total if self.scale == 1.0 else total.mul_(self.scale), []
+            rest += ((grads[:, idx] @ q.to(grads.dtype)).square() / (ev.to(grads.dtype) + self.damping)).sum(dim=1)
+        return total + self.rest_scale * rest, []
 
 
 def _eigh(m: Tensor, layer: str, which: str) -> Tuple[Tensor, Tensor]:

@@ -149,9 +149,10 @@ class Preconditioned(SolverSettings):
                         pre = self.by.build(problem, damping, curvature.state)
                     else:
                         at = DampingChoice(damping.value, "fixed", "fixed", f"the {self.inner.name} damping")
-                        by_cur = self.by.estimate(problem, damping.value)
-                        pre = self.by.build(problem, self.by.damping_rule.choose(damping.value, by_cur.spectrum, self.by.name)
-                                            if by_cur.spectrum is not None else at, by_cur)
+                        by = self.by.for_preconditioning()
+                        by_cur = by.estimate(problem, damping.value)
+                        pre = by.build(problem, by.damping_rule.choose(damping.value, by_cur.spectrum, by.name)
+                                       if by_cur.spectrum is not None else at, by_cur)
                         pre.setup = list(by_cur.diagnostics) + pre.setup
                 except NegativeCurvatureError as err:
                     raise NegativeCurvatureError(f"(found by the {self.by.name} preconditioner) {err}") from err
