@@ -159,8 +159,8 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def ours_solver(name: str):
-    """Our solver for a benchmark row name: a registry name (``lissa`` is the default, Arnoldi-preconditioned
-    LiSSA) or one of the variants below."""
+    """Our solver for a benchmark row name: a registry name (``auto`` is the default: the automatic choice)
+    or one of the variants below."""
     from lightning_influence import ArnoldiSettings, CGSettings, LissaSettings
 
     variants = {
@@ -230,7 +230,7 @@ def headline(measured: List[Dict[str, Any]], timed_out: Optional[Dict[Tuple[str,
     """The headline tables: speed ratios at matched accuracy, from the measured rows.
 
     * For every model and Q: the fastest of ours and the fastest peer whose median Pearson r reaches
-      ``target``, the ratio of their wall times (> 1: ours is faster), our default (``lissa``) for
+      ``target``, the ratio of their wall times (> 1: ours is faster), our default (``auto``) for
       reference, and the methods that timed out there (``timed_out``: ``{(model, Q): [names]}``).
     * For every peer row: the fastest of our rows at least as accurate (median r ≥ the peer's), and the
       ratio peer wall / our wall; "none" when no row of ours reached the peer's accuracy.
@@ -240,8 +240,8 @@ def headline(measured: List[Dict[str, Any]], timed_out: Optional[Dict[Tuple[str,
     timed_out = timed_out or {}
     out = ["## Headline: wall-time ratios at matched accuracy", "",
            f"Fastest method reaching median Pearson r ≥ {target} against the reference (ratio = peer s / ours s; "
-           "> 1 means ours is faster); our default solver (`lissa`) for reference; methods that timed out:", "",
-           "| model | Q | fastest of ours ≥ target | s | fastest peer ≥ target | s | ratio | default `lissa`: r, s "
+           "> 1 means ours is faster); our default solver (`auto`) for reference; methods that timed out:", "",
+           "| model | Q | fastest of ours ≥ target | s | fastest peer ≥ target | s | ratio | default `auto`: r, s "
            "| timed out |", "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["model"], r["q"]) for r in measured}, key=lambda k: (MODELS.index(k[0]), k[1]))
 
@@ -256,7 +256,7 @@ def headline(measured: List[Dict[str, Any]], timed_out: Optional[Dict[Tuple[str,
         here = [r for r in rows if r["r_med"] >= target]
         o, p = fastest([r for r in here if r["ours"]]), fastest([r for r in here if not r["ours"]])
         ratio = f"{p['wall'] / o['wall']:.1f}×" if o and p else "–"
-        d = next((r for r in rows if r["method"] == "ours: lissa"), None)
+        d = next((r for r in rows if r["method"] == "ours: auto"), None)
         default = f"{d['r_med']:.4f}, {d['wall']:.1f}" if d else "–"
         out.append(f"| {LABELS[m]} | {q} | {cell(o)} | {cell(p)} | {ratio} | {default} | "
                    f"{', '.join(timed_out.get((m, q), [])) or '–'} |")
@@ -325,7 +325,7 @@ def main() -> None:
                     help="Q values (first Q validation digits); MODEL=Q for one model only, e.g. 10 cnn=100")
     ap.add_argument("--methods", nargs="*", default=list(PEERS) + list(NOT_INSTALLABLE),
                     help="peer methods (default: all of %s)" % ", ".join(list(PEERS) + list(NOT_INSTALLABLE)))
-    ap.add_argument("--ours", default="lissa,lissa-plain,cg-arnoldi,ekfac,kfac,arnoldi",
+    ap.add_argument("--ours", default="auto,exact,cg,cg-arnoldi,arnoldi,lissa,ekfac,kfac",
                     help="comma-separated solver names of ours ('none' or '' for no rows of ours): registry names "
                          "or lissa-plain (no preconditioner: the previous default), lissa-ekfac, lissa-rank50, cg-arnoldi, "
                          "cg-ekfac")

@@ -351,6 +351,9 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
     model = model.to(getattr(torch, job["dtype"]))
     if job["method"].startswith("kronfluence"):
         importlib.import_module("kronfluence")  # the package's import is not timed
+    else:  # nor ours and the framework it runs in (Lightning imports torch._dynamo, which torch.func's first
+        importlib.import_module("lightning_influence")  # grad would otherwise import inside the timed call)
+        importlib.import_module("pytorch_lightning")
     base = rss_mb()
     fn = kronfluence_method if job["method"].startswith("kronfluence") else ours
     out = fn(job, model, train, query, b)
@@ -412,6 +415,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--damping", type=float, default=None,
                     help="fixed λ for every method (default: the reference's AutoDamping(base=wd))")
     ap.add_argument("--plain-cg", action="store_true", help="reference CG without the Arnoldi preconditioner")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the CG reference (times and memory only; needs --damping)")
     ap.add_argument("--fresh-reference", action="store_true", help="recompute the cached CG reference")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -424,6 +429,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
 
+    if args.no_reference and args.damping is None:
+        ap.error("--no-reference needs --damping (the λ every method runs at)")
     torch.set_num_threads(args.threads)
     cache = CACHE if not args.inline else tempfile.mkdtemp(prefix="bench_tf_")
     os.makedirs(cache, exist_ok=True)
@@ -458,6 +465,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             "* r = Pearson per query over all training examples against the reference (median / min); |s| ratio = "
             "mean |score| / the reference's; coverage = Kronecker-factored (ours) or tracked (kronfluence) "
             "parameters / all; wall = the method's call(s); peak = VmHWM of its own process (base = before it ran)"]
+    head.append("* imports untimed: kronfluence's; ours and Lightning's (the framework it runs in; Lightning imports "
+                "torch._dynamo, which torch.func's first grad imports otherwise, about 1 s inside the timed call)")
+    if args.no_reference:
+        head.append(f"* no reference (--no-reference): every method at λ = {args.damping:g}; r and |s| not measured")
     if peer_note:
         head.append(f"* {peer_note}")
     rows = ["| model | method | median r | min r | \\|s\\| ratio | coverage | flips found (self-infl. / loss) | "
@@ -496,7 +507,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         ref_path = os.path.join(cache, f"transformers_ref_{name}_{args.size}_{args.dtype}_{args.tol:g}.pt")
         cached = (os.path.exists(ref_path) and not args.fresh_reference and not args.inline and args.damping is None
                   and not args.plain_cg)
-        if cached:
+        if args.no_reference:
+            ref, ref_scores = {"damping": args.damping}, None
+        elif cached:
             saved_ref = torch.load(ref_path, weights_only=False)
             ref, ref_scores = saved_ref["info"], saved_ref["scores"]
         else:
@@ -518,9 +531,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         flips = b["flipped"]
         loss_found = recovered(b["train_losses"], flips) if name == "classifier" else None
         how = " (cached from an earlier run of this command)" if cached else ""
-        emit(f"| {label} | reference: ours `cg` (tol {args.tol:g}){how} | 1 | 1 | 1 | 1.00 | – / {loss_found if loss_found is not None else '–'}"
+        if ref_scores is not None:
+            emit(f"| {label} | reference: ours `cg` (tol {args.tol:g}){how} | 1 | 1 | 1 | 1.00 | – / {loss_found if loss_found is not None else '–'}"
              f"{f' of {len(flips)}' if name == 'classifier' else ''} | {ref['wall_s']:.1f} | {ref['peak_mb']:.0f} | "
-             f"{ref['base_mb']:.0f} | {ref['treatment']}; {ref['settings']} |")
+                 f"{ref['base_mb']:.0f} | {ref['treatment']}; {ref['settings']} |")
         for method in [m for m in ours_methods if name == "lm" or m != "ekfac-true-fisher"] + peers:
             res = run_job({**base_job, "method": method, "damping": lam, "out": out}, args.inline, args.timeout)
             shown = f"ours `{method}`" if method in OURS else method
@@ -528,7 +542,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 emit(f"| {label} | {shown} | failed: {res['error'][:220].replace('|', '/')} |||||||||")
                 continue
             saved = torch.load(out)
-            c = correlations(saved["scores"], ref_scores)
+            c = (correlations(saved["scores"], ref_scores) if ref_scores is not None
+                 else {"r_med": float("nan"), "r_min": float("nan"), "ratio": float("nan")})
             flip = "–"
             if name == "classifier" and "self" in saved:
                 found = recovered(saved["self"], flips)

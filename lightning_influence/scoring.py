@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .errors import InfluenceRuntimeError
 from .autodiff import DEFAULT_PLAN, Differentiation, per_sample_grads
-from .functional import ParamSpace, PerExampleLoss, batch_size_of
+from .functional import ParamSpace, PerExampleLoss, batch_size_of, nonfinite_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from .problem import InfluenceProblem
@@ -28,7 +28,7 @@ def checked_grads(loss: PerExampleLoss, space: ParamSpace, theta: Tensor, batch:
     raises naming the first example whose gradient is NaN/inf: its dataset index ``indices[start + j]``
     (``start + j`` when ``indices`` is ``None``, i.e. the batch covers the dataset in order)."""
     g = per_sample_grads(plan, loss, space, theta, batch)
-    bad = ~torch.isfinite(g).all(dim=1)
+    bad = nonfinite_rows(g)
     if bool(bad.any()):
         first = start + int(bad.nonzero()[0])
         if indices is not None:

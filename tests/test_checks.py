@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from lightning_influence import InfluenceCallback, InfluenceConfigError
 from lightning_influence.checks import check_positive_int, is_int, is_real
@@ -38,3 +39,15 @@ def test_combined_counts_stay_integers():
     assert total.value == 7 and isinstance(total.value, int)
     mixed = [[Diagnostic("hvp_calls", 3, "HVPs", reduce="sum")], [Diagnostic("hvp_calls", 0.5, "HVPs", reduce="sum")]]
     assert combine_scalars(mixed)[0].value == 3.5
+
+
+def test_nonfinite_rows_is_exact_where_a_row_sum_overflows():
+    from lightning_influence.functional import nonfinite_rows
+
+    x = torch.ones(6, 3, 2)
+    x[1, 0, 0] = float("nan")
+    x[3, 2, 1] = float("inf")
+    x[4] = 3e38  # finite entries whose float32 sum overflows: not a bad row
+    x[5, 0, 0], x[5, 1, 1] = float("inf"), -float("inf")  # their sum is NaN
+    assert nonfinite_rows(x).tolist() == [False, True, False, True, False, True]
+    assert nonfinite_rows(torch.zeros(0, 4)).tolist() == []

@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..functional import batch_size_of
+from ..functional import batch_size_of, nonfinite_rows
 from ..seeds import derive_seed
 
 __all__ = ["CountSketch", "KroneckerWhitening"]
@@ -217,7 +217,7 @@ class KroneckerWhitening:
             row += b
             if row == rows:  # the layer (or part) is done for every example: the next coordinates
                 row, offset = 0, offset + part.shape[1]
-        bad = ~(torch.isfinite(z).all(dim=1) & torch.isfinite(norms))
+        bad = nonfinite_rows(z) | ~torch.isfinite(norms)
         if bool(bad.any()):
             raise InfluenceRuntimeError(
                 f"the loss gradient of training example {start + int(bad.nonzero()[0])} is not finite at "

@@ -339,6 +339,6 @@ def hessian_curvature(problem: "InfluenceProblem", iters: int, seed: int, max_ex
 
 def check_finite(x: Tensor, what: str, step: int, history: Any = None, fix: str = "") -> None:
     """Raise :class:`SolverDivergedError` if ``x`` holds NaN or inf."""
-    if not bool(torch.isfinite(x).all()):
+    if bool(torch.isfinite(x.sum()).logical_not()) and not bool(torch.isfinite(x).all()):
         hist = f" Norm history: {history}." if history else ""
         raise SolverDivergedError(f"{what} became NaN/inf at step {step}.{hist} {fix}".strip())
