@@ -13,6 +13,7 @@ from lightning_influence.curvature.damping import AutoDamping
 from lightning_influence.pipeline import bind
 from lightning_influence.solvers.calibration import group_scales, magnitude_scale
 from lightning_influence.solvers.ekfac import EKFACSettings, KFACSettings
+from lightning_influence.solvers.cg import CGSettings
 from lightning_influence.solvers.exact import ExactSettings
 from lightning_influence.validation import check_run_arguments
 
@@ -96,6 +97,16 @@ def test_a_preconditioner_keeps_one_scale():
     assert EKFACSettings().for_preconditioning().calibrate == "scalar"
     assert KFACSettings(calibrate=False).for_preconditioning().calibrate is False
     assert ExactSettings().for_preconditioning() == ExactSettings()
+    torch.manual_seed(0)
+    x, y = torch.randn(60, 5, dtype=D), torch.randint(0, 3, (60,))
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).to(D)  # a diagonal group
+    data = TensorDataset(x, y)
+    alone = compute_influence(model, data, data, solver="ekfac", damping=0.1, num_queries=2, dtype=D)
+    assert "magnitude_scale_rest" in {d.name for d in alone.setup_diagnostics()}
+    res = compute_influence(model, data, data, solver=CGSettings(preconditioner="ekfac"), damping=5.0, num_queries=2,
+                            dtype=D)
+    keys = {d.key for d in res.setup_diagnostics()}
+    assert "preconditioner/magnitude_scale" in keys and "preconditioner/magnitude_scale_rest" not in keys
 
 
 def _run(entry, solver):
