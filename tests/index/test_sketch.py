@@ -47,7 +47,7 @@ def reference(logreg):
 def test_whitening_coordinates_give_the_calibrated_ekfac_inner_products():
     """``c(u)·c(v) = α uᵀ(Ĥ + λI)⁻¹ v`` to round-off (float64) on a model with a factored layer without its
     bias, one with it, a LayerNorm (the diagonal part) and, with ``dense_block_max``, the LayerNorm as a dense
-    block; the saved state gives the same coordinates."""
+    block (each group with its own calibration scale); the saved state gives the same coordinates."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Tanh(),
                                 torch.nn.Linear(5, 3)).double()
@@ -60,6 +60,7 @@ def test_whitening_coordinates_give_the_calibrated_ekfac_inner_products():
             g = torch.randn(6, problem.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
             expected = g @ inverse.apply(g).T
         assert bool(inverse._diag_index.numel()) != bool(inverse.blocks)  # the diagonal, or the dense block
+        assert abs(inverse.scale - inverse.rest_scale) > 0.05 * inverse.scale  # two calibration scales, both used
         whitening = KroneckerWhitening.of(inverse)
         c = whitening.coordinates(g)
         assert c.shape == g.shape
