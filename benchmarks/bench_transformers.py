@@ -222,7 +222,8 @@ def ours(job: Dict[str, Any], model, train, query, b) -> Dict[str, Any]:
             solver = CGSettings(tol=job["tol"])
     else:
         solver = {"ekfac": "ekfac", "kfac": "kfac", "ekfac-uncalibrated": EKFACSettings(calibrate=False),
-                  "ekfac-scalar": EKFACSettings(calibrate="scalar"), "ekfac-tracked": "ekfac", "ekfac-true-fisher": "ekfac"}[method]
+                  "ekfac-scalar": EKFACSettings(calibrate="scalar"), "ekfac-tracked": "ekfac",
+                  "ekfac-true-fisher": "ekfac"}[method]
         damping = job["damping"]
     if method == "ekfac-true-fisher":
         if name != "lm":
@@ -351,9 +352,8 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
     model = model.to(getattr(torch, job["dtype"]))
     if job["method"].startswith("kronfluence"):
         importlib.import_module("kronfluence")  # the package's import is not timed
-    else:  # nor ours and the framework it runs in (Lightning imports torch._dynamo, which torch.func's first
-        importlib.import_module("lightning_influence")  # grad would otherwise import inside the timed call)
-        importlib.import_module("pytorch_lightning")
+    else:  # nor the framework ours runs in: Lightning imports torch._dynamo, which torch.func's first grad would
+        importlib.import_module("pytorch_lightning")  # otherwise import inside the timed call (ours() imports ours)
     base = rss_mb()
     fn = kronfluence_method if job["method"].startswith("kronfluence") else ours
     out = fn(job, model, train, query, b)
@@ -533,7 +533,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         how = " (cached from an earlier run of this command)" if cached else ""
         if ref_scores is not None:
             emit(f"| {label} | reference: ours `cg` (tol {args.tol:g}){how} | 1 | 1 | 1 | 1.00 | – / {loss_found if loss_found is not None else '–'}"
-             f"{f' of {len(flips)}' if name == 'classifier' else ''} | {ref['wall_s']:.1f} | {ref['peak_mb']:.0f} | "
+                 f"{f' of {len(flips)}' if name == 'classifier' else ''} | {ref['wall_s']:.1f} | {ref['peak_mb']:.0f} | "
                  f"{ref['base_mb']:.0f} | {ref['treatment']}; {ref['settings']} |")
         for method in [m for m in ours_methods if name == "lm" or m != "ekfac-true-fisher"] + peers:
             res = run_job({**base_job, "method": method, "damping": lam, "out": out}, args.inline, args.timeout)

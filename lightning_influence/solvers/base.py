@@ -62,6 +62,7 @@ from ..curvature.damping import (AutoDamping, DampingChoice, DampingRule, Dampin
                                  SpectrumRule, resolve_damping)
 from ..diagnostics import Diagnostic
 from ..errors import InfluenceConfigError, SolverDivergedError
+from ..functional import nonfinite_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
@@ -339,6 +340,6 @@ def hessian_curvature(problem: "InfluenceProblem", iters: int, seed: int, max_ex
 
 def check_finite(x: Tensor, what: str, step: int, history: Any = None, fix: str = "") -> None:
     """Raise :class:`SolverDivergedError` if ``x`` holds NaN or inf."""
-    if bool(torch.isfinite(x.sum()).logical_not()) and not bool(torch.isfinite(x).all()):
+    if bool(nonfinite_rows(x.reshape(1, -1)).any()):
         hist = f" Norm history: {history}." if history else ""
         raise SolverDivergedError(f"{what} became NaN/inf at step {step}.{hist} {fix}".strip())

@@ -101,12 +101,13 @@ def group_scales(problem: "InfluenceProblem", inverse: Any, rest: Tensor, probes
     def dot(a: Tensor, b: Tensor) -> Tensor:
         return (a * b).sum(dim=1).double()
 
-    g_ff, g_fr, g_rr = dot(x_fact, h_fact), dot(x_fact, h_rest), dot(x_rest, h_rest)
-    b_f, b_r = dot(x_fact, v), dot(x_rest, v)
-    fin = torch.stack([g_ff, g_fr, g_rr, b_f, b_r]).isfinite().all(dim=0)
-    gram = torch.stack([torch.stack([g_ff[fin].sum(), g_fr[fin].sum()]), torch.stack([g_fr[fin].sum(), g_rr[fin].sum()])])
-    rhs = torch.stack([b_f[fin].sum(), b_r[fin].sum()])
-    coef = torch.linalg.solve(gram, rhs) if bool(fin.any()) and float(gram[0, 0]) > 0 and float(torch.linalg.det(gram)) > 0 else None
+    terms = torch.stack([dot(x_fact, h_fact), dot(x_fact, h_rest), dot(x_rest, h_rest), dot(x_fact, v),
+                         dot(x_rest, v)])
+    fin = terms.isfinite().all(dim=0)  # the probes whose five products are all finite, summed over
+    g_ff, g_fr, g_rr, b_f, b_r = terms[:, fin].sum(dim=1)
+    gram = torch.stack([torch.stack([g_ff, g_fr]), torch.stack([g_fr, g_rr])])
+    usable = bool(fin.any()) and float(g_ff) > 0 and float(torch.linalg.det(gram)) > 0
+    coef = torch.linalg.solve(gram, torch.stack([b_f, b_r])) if usable else None
     names = ", ".join(rest_names) or "the parameters outside the Kronecker layers"
     share = f"{100 * rest_share:.1f}% of the attributed parameters"
     if coef is not None and bool((coef > 0).all()) and bool(coef.isfinite().all()):

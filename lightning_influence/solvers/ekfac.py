@@ -416,15 +416,13 @@ class KroneckerInverse(FactoredInverse):
             qa, qs = self.q_a[k].to(grads.dtype), self.q_s[k].to(grads.dtype)
             rot = qs.T @ layer.gather(grads) @ qa
             total += (rot.square() / (self.eigenvalues[k].to(grads.dtype) + self.damping)).sum(dim=(1, 2))
-        if self.scale != 1.0:
-            total.mul_(self.scale)
         rest = grads.new_zeros(grads.shape[0])
         if self._diag_index.numel():
             g = grads[:, self._diag_index]
             rest += (g.square() / (self._diag_values.to(grads.dtype) + self.damping)).sum(dim=1)
         for idx, q, ev in self.blocks:
             rest += ((grads[:, idx] @ q.to(grads.dtype)).square() / (ev.to(grads.dtype) + self.damping)).sum(dim=1)
-        return total + self.rest_scale * rest, []
+        return self.scale * total + self.rest_scale * rest, []
 
 
 def _eigh(m: Tensor, layer: str, which: str) -> Tuple[Tensor, Tensor]:
