@@ -1,6 +1,7 @@
 """Adapters from other influence-function libraries to this project's convention, for bench_peers.py.
 
-Every adapter takes ``(model, train, val, queries, damping)`` — a trained ``nn.Module`` in its working
+Every adapter takes ``(model, train, val, queries, damping)`` and differentiates the loss :func:`use_loss`
+set (cross-entropy unless a zoo entry's is set) — a trained ``nn.Module`` in its working
 dtype, two ``TensorDataset``s of ``(x, y)``, the validation positions of the queries and ``λ`` — and
 returns ``(scores, settings)``: scores ``[Q, N]`` over all training examples in this project's sign,
 
@@ -17,7 +18,8 @@ positive = harmful, and a short string of the settings used. How each peer's con
   ``(1 − d)``, which damps with ``scaling·d``: we pass ``d = λ / scaling``. → transposed and negated.
 * kronfluence 1.0 pairwise scores ``[Q, N]`` = ``+g_qᵀ (F̂ + λI)⁻¹ g_i`` with the (E)K-FAC factors of the
   Fisher averaged over examples (``compute_train_loss`` returns a *sum*, labels sampled from the model
-  when ``sample=True``) and ``damping_factor = λ`` → negated.
+  when ``sample=True``: labels for classification, tokens for a language model, Gaussian noise for squared
+  error) and ``damping_factor = λ`` → negated.
 * pytorch-influence-functions 0.1.1 ``calc_influence_single`` = ``−(1/N) ∇ℓ_iᵀ s_test`` per training example
   (one autograd gradient each) with ``s_test`` from its ``s_test`` recursion ``h ← v + (1 − d)h − H_B h/s``,
   whose fixed point is ``s (H + s·d·I)⁻¹ v``: we pass ``d = λ/s`` → already our sign. Read in its source:
@@ -40,6 +42,50 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 Adapter = Callable[[nn.Module, TensorDataset, TensorDataset, Sequence[int], float], Tuple[torch.Tensor, str]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+#: the per-example loss ``fn(outputs, targets) -> [B]`` every adapter differentiates, and the task it belongs
+#: to (for kronfluence's sampled Fisher); bench_peers sets a zoo entry's with :func:`use_loss`
+LOSS: Dict[str, object] = {"fn": cross_entropy_per_example, "task": "classification"}
+
+
+def use_loss(fn: LossFn | None, task: str = "classification") -> None:
+    """Make every adapter use ``fn`` (``None``: cross-entropy on ``[B, C]`` logits) for a ``task`` of
+    ``"classification"``, ``"language_model"`` or ``"regression"``."""
+    LOSS.update(fn=fn or cross_entropy_per_example, task=task)
+
+
+def _per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return LOSS["fn"](outputs, targets)  # type: ignore[operator]
+
+
+def _mean_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _per_example(outputs, targets).mean()
+
+
+class _PerExampleLoss(nn.Module):
+    """The loss as captum wants it: a module with ``reduction = "none"``."""
+
+    reduction = "none"
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _per_example(outputs, targets)
+
+
+def _sampled_targets(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Targets drawn from the model's predictive distribution (the true Fisher): a label per row of
+    ``[B, C]`` logits, a token per position of ``[B, T, V]``, ``outputs + N(0, 1/2)`` for the summed squared
+    error (the Gaussian whose negative log-likelihood it is, up to a constant)."""
+    out = outputs.detach()
+    if LOSS["task"] == "regression":
+        return out + torch.randn_like(out) * 0.5 ** 0.5
+    flat = torch.softmax(out.reshape(-1, out.shape[-1]), -1)
+    return torch.multinomial(flat, 1).reshape(out.shape[:-1]).to(targets.dtype)
 
 # Peers whose method forms the explicit P×P Hessian: skipped above this many parameters (the CNN's 21,546
 # would need 21,546 HVP rows over the data and an eigendecomposition / solve of a 21,546² matrix).
@@ -62,15 +108,15 @@ def _pydvl(kind: str) -> Adapter:
 
         loader = DataLoader(train, batch_size=128)
         if kind == "direct":
-            infl, s = DirectInfluence(model, F.cross_entropy, regularization=damping), "regularization=λ"
+            infl, s = DirectInfluence(model, _mean_loss, regularization=damping), "regularization=λ"
         elif kind == "cg":
-            infl = CgInfluence(model, F.cross_entropy, regularization=damping, warn_on_max_iteration=False)
+            infl = CgInfluence(model, _mean_loss, regularization=damping, warn_on_max_iteration=False)
             s = "regularization=λ, defaults rtol=1e-4, atol=1e-6, maxiter=10·P, one CG per query"
         elif kind == "lissa":
-            infl = LissaInfluence(model, F.cross_entropy, regularization=damping, warn_on_max_iteration=False)
+            infl = LissaInfluence(model, _mean_loss, regularization=damping, warn_on_max_iteration=False)
             s = "regularization=λ, defaults maxiter=1000, scale=10, dampen=0, rtol=1e-4"
         elif kind == "arnoldi":
-            infl, s = ArnoldiInfluence(model, F.cross_entropy, regularization=damping), "regularization=λ, default rank=10"
+            infl, s = ArnoldiInfluence(model, _mean_loss, regularization=damping), "regularization=λ, default rank=10"
         elif kind == "ekfac":
             infl = EkfacInfluence(model, update_diagonal=True, hessian_regularization=damping)
             s = "hessian_regularization=λ, update_diagonal=True (the EK-FAC eigenvalue correction)"
@@ -94,7 +140,7 @@ def _dattri(kind: str) -> Adapter:
 
         def loss_func(params, data):
             x, y = data
-            return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+            return _mean_loss(torch.func.functional_call(model, params, (x,)), y)
 
         task = AttributionTask(loss_func=loss_func, model=model, checkpoints=model.state_dict())
         if kind == "explicit":
@@ -137,14 +183,14 @@ def _kronfluence(strategy: str) -> Adapter:
             def compute_train_loss(self, batch, model, sample=False):
                 x, y = batch
                 logits = model(x)
-                if sample:  # true Fisher: labels drawn from the model
+                if sample:  # true Fisher: targets drawn from the model
                     with torch.no_grad():
-                        y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-                return F.cross_entropy(logits, y, reduction="sum")
+                        y = _sampled_targets(logits, y)
+                return _per_example(logits, y).sum()
 
             def compute_measurement(self, batch, model):
                 x, y = batch
-                return F.cross_entropy(model(x), y, reduction="sum")
+                return _per_example(model(x), y).sum()
 
         dt = next(model.parameters()).dtype
         task = Classification()
@@ -184,7 +230,7 @@ def _captum(kind: str) -> Adapter:
             m.load_state_dict(torch.load(path))
             return 1.0
 
-        common = dict(checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=128,
+        common = dict(checkpoints_load_func=load, loss_fn=_PerExampleLoss(), batch_size=128,
                       hessian_dataset=DataLoader(train, batch_size=n), hessian_reg=n * damping)
         if kind == "naive":  # its default projection_dim=50 keeps only the top-50 eigenpairs of H; all = exact
             p = sum(t.numel() for t in model.parameters())
