@@ -325,6 +325,32 @@ def test_probe_records_why_strategies_were_rejected(probed):
     assert (a.op, a.layer) == ("_embedding_bag_backward", "`emb` (EmbeddingBag)")
 
 
+def test_a_vmap_that_loops_over_examples_loses_to_the_same_strategy_batched(probed):
+    """On the fused-attention transformer ``vmap`` with plain kernels runs CPU flash attention one example
+    at a time (torch has no batching rule for it): the report says so, and the chosen per-example gradients
+    are not that attempt (the composite kernels' ``vmap`` batches the math attention instead)."""
+    _, plan, report = probed[("tf", True)]
+    (plain,) = [a for a in report.for_path("grads") if (a.strategy, a.composite) == ("vmap", False)]
+    assert plain.works and "_scaled_dot_product_flash_attention_for_cpu" in plain.fallback, plain.line()
+    assert "vmap loops over examples for aten::_scaled_dot_product_flash_attention_for_cpu" in plain.line()
+    assert (plan.grads, plan.grads_composite) != ("vmap", False), str(report)
+    (batched,) = [a for a in report.for_path("grads") if (a.strategy, a.composite) == ("vmap", True)]
+    assert batched.works and batched.fallback is None
+    _, _, mlp_report = probed[("mlp", True)]
+    assert all(a.fallback is None for a in mlp_report.attempts), str(mlp_report)
+
+
+def test_choose_leaves_out_a_looping_attempt_only_when_its_strategy_batches_elsewhere():
+    fast_loop = ad.Attempt("grads", "vmap", False, "ok", seconds=0.010, fallback="aten::op")
+    batched = ad.Attempt("grads", "vmap", True, "ok", seconds=0.020)
+    loop = ad.Attempt("grads", "loop", False, "ok", seconds=0.015)
+    assert ad._choose([fast_loop, batched, loop], "fastest") is loop  # the fallback one is out; then the fastest
+    assert ad._choose([fast_loop, batched], "fastest") is batched
+    alone = ad.Attempt("grads", "vmap", True, "ok", seconds=0.012, fallback="aten::op")  # both kernels loop
+    assert ad._choose([fast_loop, alone, loop], "fastest") is fast_loop
+    assert ad._vmap_fallbacks([]) is None
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the mkldnn LSTM kernel is CPU float32 only")
 def test_probe_on_the_float32_lstm_avoids_the_mkldnn_kernel():
     pb = make("lstm", dtype=torch.float32)
