@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import pytorch_lightning as pl
@@ -32,6 +33,7 @@ from ..results import InfluenceResults
 from ..solvers import SolverKind, SolverSettings, resolve_solver
 from ..validation import check_run_arguments
 from . import loaders
+from .budget import TimeBudget, budgeted_solver, check_time_budget
 from .checks import (averaging_order_note, check_build_index, check_callback_arguments, check_timeout,
                      nothing_trained_note)
 from .outputs import FitOutputs, fit_outputs, release_folder
@@ -119,6 +121,11 @@ class InfluenceCallbackBase:
             CountSketch, :mod:`lightning_influence.index.sketch`; else a Gaussian projection). A failed build is an
             output failure (``output_errors["influence index"]``), never a lost run.
         index_projection_dim: the compressed index's projection size ``k``.
+        time_budget: with ``solver="auto"``, how long its Hessian solvers may be estimated to take before
+            it picks EK-FAC instead (:mod:`~lightning_influence.solvers.auto`, rule 5; the choice and the
+            estimate are logged). ``"training"`` (default): as long as the training run so far, at least
+            60 s. A number: seconds. ``None``: no limit (exact or CG scores whatever they cost). Other
+            solvers ignore it.
         collective_timeout: with several processes (DDP), seconds a rank waits in one influence collective
             for the others (default 600): a rank that stopped (SIGSTOP), hangs or died ends the run with an
             error on every rank within it, instead of Lightning's process-group timeout (30 minutes). The
@@ -180,6 +187,7 @@ class InfluenceCallbackBase:
         build_index: Union[bool, Literal["exact", "compressed"]] = False,
         index_projection_dim: int = DEFAULT_PROJECTION_DIM,
         collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT,
+        time_budget: TimeBudget = "training",
     ) -> None:
         args = check_run_arguments(num_queries=num_queries, query_indices=query_indices, params=params,
                                    chunk_size=chunk_size, query_batch_size=query_batch_size, dtype=dtype,
@@ -188,7 +196,10 @@ class InfluenceCallbackBase:
                                  render_example=render_example, decode=decode, per_token=per_token,
                                  on_results=on_results, top_k=top_k,
                                  reporters=reporters, save_results=save_results, report=report, report_path=report_path)
+        check_time_budget(time_budget)
         self.solver: SolverSettings = resolve_solver(solver)
+        self.time_budget: TimeBudget = time_budget
+        self._train_started: Optional[float] = None
         self.schedule = from_arguments(schedule, every_n_epochs, every_n_steps)
         self.num_queries, self.query_dataloader, self.damping = num_queries, query_dataloader, damping
         self.query_indices = None if args.query_indices is None else list(args.query_indices)
@@ -262,6 +273,7 @@ class InfluenceCallbackBase:
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # checks that need the dataloaders, before any training step: a bad configuration costs nothing
         self._trained = True
+        self._train_started = time.perf_counter()  # the length of training so far: time_budget="training"
         self.store.start_fit()
         self.errors, self._last_epoch, self._last_step_run, self._limit_noted = RunHistory(), None, -1, False
         # the collectives first, on every rank, before any check can fail on one rank only
@@ -445,11 +457,16 @@ class InfluenceCallbackBase:
                  comm: Optional[Communicator] = None) -> InfluenceResults:
         return compute_influence(
             pl_module, train.dataset, query.dataset, query_indices=self.query_indices, num_queries=self.num_queries,
-            loss_fn=self.loss_fn, params=self.params, solver=self.solver, damping=self._damping(trainer, pl_module),
-            self_influence=self.self_influence, collate_fn=train.collate_fn, query_collate_fn=query.collate_fn,
+            loss_fn=self.loss_fn, params=self.params, solver=self._budgeted_solver(),
+            damping=self._damping(trainer, pl_module), self_influence=self.self_influence, collate_fn=train.collate_fn, query_collate_fn=query.collate_fn,
             chunk_size=self.chunk_size, query_batch_size=self.query_batch_size, dtype=self.dtype,
             progress=checked_progress(trainer, self._progress(trainer), self._interrupt), comm=comm,
             train_indices=self._train_indices, per_token=self.per_token)
+
+    def _budgeted_solver(self) -> SolverSettings:
+        """The solver for this run: ``solver="auto"`` with the time budget (:mod:`.budget`) applied."""
+        trained = 0.0 if self._train_started is None else time.perf_counter() - self._train_started
+        return budgeted_solver(self.solver, self.time_budget, trained)
 
     def _progress(self, trainer: "pl.Trainer") -> Optional[ProgressFn]:
         from .progress import trainer_progress

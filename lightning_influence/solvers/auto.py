@@ -30,6 +30,15 @@ What decides (:func:`choose_solver`, the rule; ``benchmarks/README.md`` has the 
 4. **More training examples: LiSSA** (``"lissa"``, preconditioned by Arnoldi on at most 4,096 of them),
    whose steps cost a minibatch, not a pass over the whole set.
 
+5. **A time budget** (``time_budget``, seconds; the callback's default is the training run's own length, at
+   least a minute): the Hessian solvers' cost is estimated before any pass (:func:`product_seconds` times
+   two Hessian-vector products on a few training examples; the rule's products as above, plus
+   :data:`DAMPING_PRODUCTS` for the automatic damping) and when it exceeds the budget ``"ekfac"`` is picked
+   instead (a few passes of per-example gradients, then a closed-form solve per query: lower accuracy, a
+   bounded cost), and the reason gives the estimate and how to insist (``solver="cg"``). On a 109k-parameter
+   transformer trained on 4,000 sequences CG would take hours against a minute of training
+   (``benchmarks/bench_phase.py``). LiSSA's cost (beyond ``full_pass_examples``) is not estimated.
+
 Self-influence (``self_influence=True``) with an iterative solver solves every training gradient as a
 right-hand side; the rule accounts for it by preconditioning (step 3). ``res.settings["auto_choice"]``
 records the choice and ``res.settings["auto_reason"]`` the rule that made it; the callback logs both in one
@@ -53,6 +62,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
@@ -66,8 +76,8 @@ from .base import Curvature, InverseHVP, SolverKind, SolverSettings, resolve_sol
 if TYPE_CHECKING:  # pragma: no cover
     from ..problem import InfluenceProblem
 
-__all__ = ["AutoSettings", "Choice", "HVPS_PER_PRECONDITIONED_SOLVE", "HVPS_PER_SOLVE", "PRECONDITIONER_PRODUCTS",
-           "choose_solver", "cg_products"]
+__all__ = ["AutoSettings", "Choice", "DAMPING_PRODUCTS", "HVPS_PER_PRECONDITIONED_SOLVE", "HVPS_PER_SOLVE",
+           "PRECONDITIONER_PRODUCTS", "choose_solver", "cg_products", "product_seconds"]
 
 #: full-data Hessian-vector products plain CG spends per right-hand side at ``cg_tol = 1e-3`` (its iterations
 #: on the zoo: 12-115, median 34); the explicit Hessian costs ``P`` of them for any number of right-hand sides
@@ -79,6 +89,9 @@ HVPS_PER_PRECONDITIONED_SOLVE = 6
 PRECONDITIONER_PRODUCTS = 300
 #: right-hand sides from which the reason points to the closed-form solvers (CG then costs thousands of passes)
 MANY_SOLVES = 1_000
+#: single-vector full-data products the automatic damping's Lanczos may spend (it stops when its damping has
+#: settled: 20-60 passes on the zoo)
+DAMPING_PRODUCTS = 60
 
 
 def cg_products(solves: int, preconditioned: bool) -> int:
@@ -111,8 +124,42 @@ class Choice:
 def choose_solver(num_params: int, num_examples: int, num_queries: int, *, self_influence: bool = False,
                   exact_hvp: bool = True, dtype: torch.dtype = torch.float32, exact_params: int = 1_000,
                   full_pass_examples: int = 50_000, precondition_queries: int = 32,
-                  memory_bytes: int = 2 * 2**30, cg_tol: float = 1e-3) -> Choice:
-    """The rule of the module docstring, for ``P`` parameters, ``n`` training examples and ``Q`` queries."""
+                  memory_bytes: int = 2 * 2**30, cg_tol: float = 1e-3, time_budget: Optional[float] = None,
+                  seconds_per_product: Optional[float] = None) -> Choice:
+    """The rule of the module docstring, for ``P`` parameters, ``n`` training examples and ``Q`` queries.
+
+    ``time_budget`` (seconds) applies rule 5 when ``seconds_per_product`` (one full-data Hessian-vector
+    product with one right-hand side, :func:`product_seconds`) is given: an exact or CG choice whose
+    estimated cost exceeds the budget becomes EK-FAC.
+
+    Example:
+        >>> choose_solver(21546, 1347, 10, time_budget=60.0, seconds_per_product=0.05).name
+        'cg'
+        >>> choose_solver(108883, 4000, 16, time_budget=60.0, seconds_per_product=4.0).name
+        'ekfac'
+    """
+    choice, products = _rule(num_params, num_examples, num_queries, self_influence, exact_hvp, dtype, exact_params,
+                             full_pass_examples, precondition_queries, memory_bytes, cg_tol)
+    if time_budget is None or seconds_per_product is None or products is None:
+        return choice
+    from .ekfac import EKFACSettings
+
+    estimate = products * seconds_per_product
+    if estimate <= time_budget:
+        return Choice(choice.settings, f"{choice.reason}; estimated {estimate:,.0f} s, within the time budget of "
+                                       f"{time_budget:,.0f} s")
+    return Choice(EKFACSettings(), f"{choice.describe()} would take ≈ {estimate:,.0f} s ({products:,} full-data "
+                                   f"Hessian-vector products at {seconds_per_product:.3g} s each), over the time "
+                                   f"budget of {time_budget:,.0f} s: EK-FAC instead (a few passes of per-example "
+                                   f"gradients; lower accuracy than {choice.name}). Pass solver='{choice.name}' for "
+                                   "its scores, or a larger time_budget")
+
+
+def _rule(num_params: int, num_examples: int, num_queries: int, self_influence: bool, exact_hvp: bool,
+          dtype: torch.dtype, exact_params: int, full_pass_examples: int, precondition_queries: int,
+          memory_bytes: int, cg_tol: float) -> "tuple[Choice, Optional[int]]":
+    """Rules 1-4, and the single-vector full-data products the choice is expected to spend (``None``
+    where it is not estimated: EK-FAC, LiSSA)."""
     from .cg import CGSettings
     from .ekfac import EKFACSettings
     from .exact import ExactSettings
@@ -120,19 +167,20 @@ def choose_solver(num_params: int, num_examples: int, num_queries: int, *, self_
 
     if not exact_hvp:
         return Choice(EKFACSettings(), "the model has no exact Hessian-vector products (finite differences only); "
-                                       "EK-FAC needs per-example gradients only")
+                                       "EK-FAC needs per-example gradients only"), None
     itemsize = torch.empty((), dtype=dtype).element_size()
     fits = num_params <= ExactSettings().max_params and 3 * num_params**2 * itemsize <= memory_bytes
     if fits and num_params <= exact_params:
         return Choice(ExactSettings(), f"P = {num_params:,} ≤ {exact_params:,}: the explicit Hessian, solved to "
-                                       "round-off")
+                                       "round-off"), num_params + DAMPING_PRODUCTS
     solves = num_queries + (num_examples if self_influence else 0)
     many = num_queries >= precondition_queries or self_influence
     products = cg_products(solves, many)
     if fits and num_params <= products:
         what = f"{num_queries} queries" + (f" and {num_examples:,} self-influence solves" if self_influence else "")
         return Choice(ExactSettings(), f"P = {num_params:,} HVPs form the explicit Hessian, fewer than the ≈ "
-                                       f"{products:,} conjugate gradient would spend for {what}")
+                                       f"{products:,} conjugate gradient would spend for {what}"), \
+            num_params + DAMPING_PRODUCTS
     if num_examples <= full_pass_examples:
         why = (f"n = {num_examples:,} ≤ {full_pass_examples:,}: conjugate gradient on full-data products, to a "
                f"relative residual of {cg_tol:g}")
@@ -141,10 +189,45 @@ def choose_solver(num_params: int, num_examples: int, num_queries: int, *, self_
                     "'ekfac' is many times faster at lower accuracy")
         if many:
             what = "self-influence" if self_influence else f"Q = {num_queries} ≥ {precondition_queries}"
-            return Choice(CGSettings(tol=cg_tol, preconditioner="arnoldi"), f"{why}; {what}: preconditioned by Arnoldi")
-        return Choice(CGSettings(tol=cg_tol), why)
+            return Choice(CGSettings(tol=cg_tol, preconditioner="arnoldi"),
+                          f"{why}; {what}: preconditioned by Arnoldi"), products + DAMPING_PRODUCTS
+        return Choice(CGSettings(tol=cg_tol), why), products + DAMPING_PRODUCTS
     return Choice(LissaSettings(), f"n = {num_examples:,} > {full_pass_examples:,}: LiSSA's steps cost a minibatch, "
-                                   "not a pass over the training set")
+                                   "not a pass over the training set"), None
+
+
+def product_seconds(problem: "InfluenceProblem", examples: int = 64, vectors: int = 4) -> float:
+    """Seconds one Hessian-vector product of the whole training set with one right-hand side takes,
+    estimated from a timed product of ``vectors`` fixed random directions on the first ``examples``
+    training examples of each process's shard (after one untimed product: first-call costs excluded),
+    scaled to the shard's size and averaged over the processes (every process gets the same number).
+    Small batches overstate the per-example cost a little (fixed per-call overhead): the estimate errs
+    towards the cheaper solver."""
+    from ..autodiff import batch_hvp
+
+    op, shard = problem.operator, problem.shard
+    b = min(int(examples), len(shard))
+    seconds = 0.0
+    if b:
+        _, batch = next(iter(shard.chunks(b)))
+        gen = torch.Generator().manual_seed(0)
+        v = torch.randn(int(vectors), problem.num_params, generator=gen, dtype=problem.dtype).to(problem.device)
+        sync = (lambda: torch.cuda.synchronize(problem.device)) if problem.device.type == "cuda" else (lambda: None)
+        batch_hvp(op.plan, op.loss, op.space, op.theta, batch, v)
+        sync()
+        t0 = time.perf_counter()
+        batch_hvp(op.plan, op.loss, op.space, op.theta, batch, v)
+        sync()
+        seconds = (time.perf_counter() - t0) / (b * int(vectors)) * len(shard)
+    return agreed(problem, seconds)
+
+
+def agreed(problem: "InfluenceProblem", value: float) -> float:
+    """The mean of ``value`` over the processes (itself on one): a number every process decides on alike."""
+    if not problem.comm.distributed:
+        return float(value)
+    total = problem.all_reduce(torch.tensor([float(value)], dtype=torch.float64, device=problem.device))
+    return float(total[0]) / problem.comm.world_size
 
 
 @dataclass(frozen=True)
@@ -157,6 +240,9 @@ class AutoSettings(SolverSettings, name="auto", kind=SolverKind.AUTO):
         precondition_queries: ``Q`` from which CG is preconditioned by Arnoldi.
         memory_bytes: memory the explicit Hessian may take (three ``P × P`` copies while factorising).
         cg_tol: relative residual at which the chosen conjugate gradient stops (module docstring, rule 3).
+        time_budget: seconds the Hessian solvers may be estimated to take before EK-FAC is picked instead
+            (rule 5; ``None``: no limit, accuracy first). ``InfluenceCallback`` sets it from the training
+            run's length (its ``time_budget`` argument).
     """
 
     exact_params: int = 1_000
@@ -164,6 +250,7 @@ class AutoSettings(SolverSettings, name="auto", kind=SolverKind.AUTO):
     precondition_queries: int = 32
     memory_bytes: int = 2 * 2**30
     cg_tol: float = 1e-3
+    time_budget: Optional[float] = None
 
     def __post_init__(self) -> None:
         for arg in ("exact_params", "full_pass_examples", "precondition_queries", "memory_bytes"):
@@ -172,15 +259,22 @@ class AutoSettings(SolverSettings, name="auto", kind=SolverKind.AUTO):
                 raise InfluenceConfigError(f"AutoSettings.{arg}={v!r} must be an integer ≥ 0.")
         if not (is_real(self.cg_tol) and 0 < self.cg_tol < 1):
             raise InfluenceConfigError(f"AutoSettings.cg_tol={self.cg_tol!r} must be a number in (0, 1), e.g. 1e-3.")
+        if self.time_budget is not None and not (is_real(self.time_budget) and self.time_budget > 0):
+            raise InfluenceConfigError(f"AutoSettings.time_budget={self.time_budget!r} must be a number of seconds > 0, "
+                                       "or None for no limit.")
 
     def choose(self, problem: "InfluenceProblem", num_queries: int = 16, self_influence: bool = False) -> Choice:
         """The choice for ``problem`` (its sizes, and whether its differentiation has exact HVPs)."""
         plan = problem.objective.differentiation
+        exact_hvp = plan.hvp is not None and plan.exact
+        spp = budget = None
+        if self.time_budget is not None and exact_hvp:  # each process's clock: decide on the mean of all
+            spp, budget = product_seconds(problem), agreed(problem, self.time_budget)
         return choose_solver(problem.num_params, problem.num_examples, num_queries, self_influence=self_influence,
-                             exact_hvp=plan.hvp is not None and plan.exact, dtype=problem.dtype,
+                             exact_hvp=exact_hvp, dtype=problem.dtype,
                              exact_params=self.exact_params, full_pass_examples=self.full_pass_examples,
                              precondition_queries=self.precondition_queries, memory_bytes=self.memory_bytes,
-                             cg_tol=self.cg_tol)
+                             cg_tol=self.cg_tol, time_budget=budget, seconds_per_product=spp)
 
     def fit(self, problem: "InfluenceProblem", damping: Any = "auto") -> InverseHVP:
         """Fit the solver :meth:`choose` picks for 16 queries without self-influence; the pipeline asks

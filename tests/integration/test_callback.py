@@ -15,6 +15,7 @@ from lightning_influence import (
     AutoDamping,
     ExactSettings,
     InfluenceCallback,
+    InfluenceConfigError,
     InfluenceResults,
     LissaSettings,
     compute_influence,
@@ -235,3 +236,38 @@ def test_a_custom_op_without_any_derivative_fails_before_training_naming_it(tmp_
     with pytest.raises(UnsupportedModelError, match=r"op `tests\.custom_ops\.NoBackward` in layer `inner\.net\.1` \(Act\)"):
         trainer.fit(model, *loaders(train, val))
     assert trainer.global_step == 0
+
+
+def test_the_time_budget_of_the_automatic_choice(tmp_path, data, caplog):
+    """``time_budget``: by default (``"training"``) a small model keeps its exact solve (the budget is at
+    least a minute); a budget the Hessian solvers cannot meet gives EK-FAC, with the estimate in the log
+    line; an explicit solver ignores it; bad values are refused at construction, naming the argument."""
+    import logging
+
+    from lightning_influence.integration.budget import MIN_TIME_BUDGET, budget_seconds
+
+    train, val = data
+    torch.manual_seed(0)
+    default = InfluenceCallback(num_queries=2, on_error="raise")
+    quiet_trainer(tmp_path / "a", max_epochs=1, callbacks=[default]).fit(
+        LitClassifier(nn.Linear(64, 10), lr=0.2, weight_decay=1e-3), *loaders(train, val))
+    assert default.results.settings["auto_choice"] == "exact"
+    assert f"within the time budget of {MIN_TIME_BUDGET:,.0f} s" in default.results.settings["auto_reason"]
+
+    tight = InfluenceCallback(num_queries=2, on_error="raise", time_budget=1e-6)
+    with caplog.at_level(logging.INFO):
+        quiet_trainer(tmp_path / "b", max_epochs=1, callbacks=[tight]).fit(
+            LitClassifier(nn.Linear(64, 10), lr=0.2, weight_decay=1e-3), *loaders(train, val))
+    assert tight.error is None and tight.results.solver == "ekfac"
+    assert any("EK-FAC instead" in r.getMessage() and "Pass solver='exact'" in r.getMessage() for r in caplog.records)
+
+    explicit = InfluenceCallback(num_queries=2, on_error="raise", solver="exact", time_budget=1e-6)
+    quiet_trainer(tmp_path / "c", max_epochs=1, callbacks=[explicit]).fit(
+        LitClassifier(nn.Linear(64, 10), lr=0.2, weight_decay=1e-3), *loaders(train, val))
+    assert explicit.results.solver == "exact" and "auto_choice" not in explicit.results.settings
+
+    assert budget_seconds("training", 5.0) == MIN_TIME_BUDGET and budget_seconds("training", 300.0) == 300.0
+    assert budget_seconds(None, 300.0) is None and budget_seconds(12.5, 300.0) == 12.5
+    for bad in (0, -1.0, "fast", float("nan")):
+        with pytest.raises(InfluenceConfigError, match=r"time_budget=.* must be 'training'"):
+            InfluenceCallback(time_budget=bad)

@@ -81,3 +81,63 @@ def test_the_choice_is_recorded_and_an_explicit_solver_wins():
     for got, want in zip(moved.scores.double(), auto.scores.double()):
         assert torch.corrcoef(torch.stack([got, want]))[0, 1] > 0.9995
         assert abs(float(got.norm() / want.norm()) - 1) < 1e-2
+
+
+# ------------------------------------------------------------------ rule 5: the time budget
+@pytest.mark.parametrize(
+    "kw, seconds, name",
+    [
+        # 16 queries, plain CG: 32·16 + 60 = 572 products; 572 × 0.1 s = 57.2 s within 60 s, 572 × 0.11 s over
+        (dict(num_params=21_546, num_examples=1_347, num_queries=16), 0.1, "cg"),
+        (dict(num_params=21_546, num_examples=1_347, num_queries=16), 0.11, "ekfac"),
+        # exact: P + 60 products (650 + 60 = 710; 710 × 0.08 = 56.8 s)
+        (dict(num_params=650, num_examples=1_347, num_queries=16), 0.08, "exact"),
+        (dict(num_params=650, num_examples=1_347, num_queries=16), 0.09, "ekfac"),
+        # preconditioned CG for 100 queries: 300 + 6·100 + 60 = 960 products
+        (dict(num_params=21_546, num_examples=1_347, num_queries=100), 0.06, "cg"),
+        (dict(num_params=21_546, num_examples=1_347, num_queries=100), 0.07, "ekfac"),
+        # LiSSA (n > 50,000) is not estimated: no budget applies
+        (dict(num_params=21_546, num_examples=60_000, num_queries=16), 100.0, "lissa"),
+    ],
+)
+def test_the_time_budget_turns_a_too_slow_hessian_solver_into_ekfac(kw, seconds, name):
+    choice = choose_solver(**kw, time_budget=60.0, seconds_per_product=seconds)
+    assert choice.name == name
+    if name == "ekfac":
+        assert "over the time budget of 60 s: EK-FAC instead" in choice.reason
+        assert "Pass solver='" in choice.reason  # how to insist on the accurate solver
+    elif name in ("cg", "exact"):
+        assert "within the time budget of 60 s" in choice.reason
+    # no budget, or no estimate: rules 1-4 alone, which pick the Hessian solver (or LiSSA) here
+    base = choose_solver(**kw)
+    assert base.name in ("exact", "cg", "lissa") and (name == "ekfac" or base.name == name)
+    assert choose_solver(**kw, time_budget=60.0).reason == base.reason
+    assert choose_solver(**kw, seconds_per_product=seconds).reason == base.reason
+
+
+def test_product_seconds_scales_one_timed_product_to_the_training_set():
+    from lightning_influence.pipeline import bind
+    from lightning_influence.solvers.auto import product_seconds
+
+    train, _ = digits(torch.float32, n_train=512)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    problem = bind(model, train)
+    small = product_seconds(problem, examples=64, vectors=4)
+    assert 0 < small < 5.0  # one 2,410-parameter product over 512 digits: milliseconds
+    # the same product timed on every example is the same order: the estimate is per example, scaled
+    whole = product_seconds(problem, examples=512, vectors=4)
+    assert 0.05 < small / whole < 20
+
+
+def test_a_budget_the_hessian_solvers_cannot_meet_picks_ekfac_and_says_why():
+    train, val = digits(torch.float32, n_train=120)
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10)
+    res = compute_influence(model, train, val, num_queries=2, damping=0.1, solver=AutoSettings(time_budget=1e-9))
+    assert res.settings["auto_choice"] == "ekfac" and res.solver == "ekfac"
+    assert "EK-FAC instead" in res.settings["auto_reason"] and "Pass solver='exact'" in res.settings["auto_reason"]
+    roomy = compute_influence(model, train, val, num_queries=2, damping=0.1, solver=AutoSettings(time_budget=1e6))
+    assert roomy.settings["auto_choice"] == "exact" and "within the time budget" in roomy.settings["auto_reason"]
+    with pytest.raises(InfluenceConfigError, match=r"AutoSettings.time_budget=0 must be a number of seconds > 0"):
+        AutoSettings(time_budget=0)
