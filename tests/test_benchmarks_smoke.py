@@ -50,3 +50,35 @@ def test_bench_transformers_tiny_ours_only(bench_transformers, tmp_path, monkeyp
         if model == "classifier":
             found, baseline = re.match(r"(\d+) / (\d+) of (\d+)", cols[6]).groups()[:2]
             assert 0 <= int(found) and 0 <= int(baseline)
+
+
+def test_the_peer_adapters_differentiate_the_zoo_entrys_loss():
+    """``benchmarks/peers.py``: ``use_loss`` sets the per-example loss every adapter uses, and the targets drawn
+    for kronfluence's true Fisher have the shape and law of the task (a label per row, a token per position,
+    Gaussian noise of variance ½ around the prediction for the summed squared error)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import peers
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    from tests.zoo import lm_sequence_loss, mse_loss
+
+    torch.manual_seed(0)
+    try:
+        logits, labels = torch.randn(6, 4), torch.randint(0, 4, (6,))
+        peers.use_loss(None)
+        torch.testing.assert_close(peers._mean_loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
+        assert peers._sampled_targets(logits, labels).shape == (6,)
+        lm, tokens = torch.randn(3, 5, 7), torch.randint(0, 7, (3, 5))
+        peers.use_loss(lm_sequence_loss, "language_model")
+        torch.testing.assert_close(peers._PerExampleLoss()(lm, tokens), lm_sequence_loss(lm, tokens))
+        drawn = peers._sampled_targets(lm, tokens)
+        assert drawn.shape == (3, 5) and drawn.dtype == torch.long and int(drawn.max()) < 7
+        out = torch.zeros(20000, 1)
+        peers.use_loss(mse_loss, "regression")
+        noise = peers._sampled_targets(out, out)
+        assert abs(float(noise.var()) - 0.5) < 0.03 and abs(float(noise.mean())) < 0.03
+    finally:
+        peers.use_loss(None)
