@@ -200,6 +200,7 @@ class InfluenceCallbackBase:
         self.solver: SolverSettings = resolve_solver(solver)
         self.time_budget: TimeBudget = time_budget
         self._train_started: Optional[float] = None
+        self._influence_seconds = 0.0
         self.schedule = from_arguments(schedule, every_n_epochs, every_n_steps)
         self.num_queries, self.query_dataloader, self.damping = num_queries, query_dataloader, damping
         self.query_indices = None if args.query_indices is None else list(args.query_indices)
@@ -273,7 +274,8 @@ class InfluenceCallbackBase:
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # checks that need the dataloaders, before any training step: a bad configuration costs nothing
         self._trained = True
-        self._train_started = time.perf_counter()  # the length of training so far: time_budget="training"
+        # the length of training so far, for time_budget="training": the fit's time less its influence runs'
+        self._train_started, self._influence_seconds = time.perf_counter(), 0.0
         self.store.start_fit()
         self.errors, self._last_epoch, self._last_step_run, self._limit_noted = RunHistory(), None, -1, False
         # the collectives first, on every rank, before any check can fail on one rank only
@@ -366,6 +368,7 @@ class InfluenceCallbackBase:
     def _run(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", key: RunKey) -> None:
         """One influence run for the weights at ``key`` (:meth:`_attempt`); failures follow ``on_error``."""
         self.results, self.error, self.results_path, self.outputs, self.output_errors = None, None, None, {}, {}
+        started = time.perf_counter()
         try:
             with preserved_rng(), interruptible("the influence computation") as self._interrupt, \
                     opened_communicator(trainer, self.collective_timeout) as comm:
@@ -384,6 +387,7 @@ class InfluenceCallbackBase:
                 "on_error='raise' to stop on it instead."
             )
         finally:
+            self._influence_seconds += time.perf_counter() - started
             if self.error is not None:
                 self.errors[key] = self.error
 
@@ -458,14 +462,18 @@ class InfluenceCallbackBase:
         return compute_influence(
             pl_module, train.dataset, query.dataset, query_indices=self.query_indices, num_queries=self.num_queries,
             loss_fn=self.loss_fn, params=self.params, solver=self._budgeted_solver(),
-            damping=self._damping(trainer, pl_module), self_influence=self.self_influence, collate_fn=train.collate_fn, query_collate_fn=query.collate_fn,
+            damping=self._damping(trainer, pl_module), self_influence=self.self_influence,
+            collate_fn=train.collate_fn, query_collate_fn=query.collate_fn,
             chunk_size=self.chunk_size, query_batch_size=self.query_batch_size, dtype=self.dtype,
             progress=checked_progress(trainer, self._progress(trainer), self._interrupt), comm=comm,
             train_indices=self._train_indices, per_token=self.per_token)
 
     def _budgeted_solver(self) -> SolverSettings:
-        """The solver for this run: ``solver="auto"`` with the time budget (:mod:`.budget`) applied."""
-        trained = 0.0 if self._train_started is None else time.perf_counter() - self._train_started
+        """The solver for this run: ``solver="auto"`` with the time budget (:mod:`.budget`) applied, from the
+        training time so far (the fit's time less its earlier influence runs)."""
+        trained = 0.0
+        if self._train_started is not None:
+            trained = time.perf_counter() - self._train_started - self._influence_seconds
         return budgeted_solver(self.solver, self.time_budget, trained)
 
     def _progress(self, trainer: "pl.Trainer") -> Optional[ProgressFn]:

@@ -266,6 +266,14 @@ def test_the_time_budget_of_the_automatic_choice(tmp_path, data, caplog):
         LitClassifier(nn.Linear(64, 10), lr=0.2, weight_decay=1e-3), *loaders(train, val))
     assert explicit.results.solver == "exact" and "auto_choice" not in explicit.results.settings
 
+    # the training so far is the fit's time less its earlier influence runs
+    import time as _time
+
+    probe = InfluenceCallback()
+    probe._train_started, probe._influence_seconds = _time.perf_counter() - 200.0, 80.0
+    assert probe._budgeted_solver().time_budget == pytest.approx(120.0, abs=5.0)
+    probe._influence_seconds = 190.0
+    assert probe._budgeted_solver().time_budget == MIN_TIME_BUDGET
     assert budget_seconds("training", 5.0) == MIN_TIME_BUDGET and budget_seconds("training", 300.0) == 300.0
     assert budget_seconds(None, 300.0) is None and budget_seconds(12.5, 300.0) == 12.5
     for bad in (0, -1.0, "fast", float("nan")):
