@@ -141,3 +141,10 @@ def test_a_budget_the_hessian_solvers_cannot_meet_picks_ekfac_and_says_why():
     assert roomy.settings["auto_choice"] == "exact" and "within the time budget" in roomy.settings["auto_reason"]
     with pytest.raises(InfluenceConfigError, match=r"AutoSettings.time_budget=0 must be a number of seconds > 0"):
         AutoSettings(time_budget=0)
+
+
+def test_the_estimate_times_as_many_right_hand_sides_as_the_choice_batches():
+    from lightning_influence.solvers.auto import _batched_width
+
+    assert _batched_width("exact", 4_810, 8) == 512 and _batched_width("exact", 300, 8) == 300  # identity blocks
+    assert _batched_width("cg", 21_546, 10) == 10 and _batched_width("cg", 21_546, 100) == 32  # the queries
