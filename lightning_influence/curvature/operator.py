@@ -17,7 +17,10 @@ from ..seeds import rank_seed
 from ..autodiff import DEFAULT_PLAN, Differentiation, batch_hvp, per_sample_grads
 from ..functional import ParamSpace, PerExampleLoss, batch_size_of
 
-__all__ = ["HessianOperator"]
+__all__ = ["DENSE_BLOCK", "HessianOperator"]
+
+#: identity columns per sweep of :meth:`HessianOperator.dense` (right-hand sides batched in one full-data product)
+DENSE_BLOCK = 512
 
 
 class HessianOperator:
@@ -153,7 +156,7 @@ class HessianOperator:
         summed = self.comm.all_reduce_sum(torch.cat([part.reshape(-1), part.new_tensor([mine])]))
         return summed[:-1].reshape_as(vectors) / summed[-1]
 
-    def dense(self, block: int = 512) -> Tensor:
+    def dense(self, block: int = DENSE_BLOCK) -> Tensor:
         """The explicit Hessian ``[P, P]`` of the mean training loss, built from HVPs with identity
         blocks (``P / block`` sweeps over the data). Symmetrised to remove round-off asymmetry."""
         p = self.num_params

@@ -71,6 +71,7 @@ import torch
 
 from ..checks import is_int, is_real
 from ..curvature.damping import DampingChoice, DampingSpec
+from ..curvature.operator import DENSE_BLOCK
 from ..errors import InfluenceConfigError
 from .base import Curvature, InverseHVP, SolverKind, SolverSettings, resolve_solver
 
@@ -141,6 +142,12 @@ def choose_solver(num_params: int, num_examples: int, num_queries: int, *, self_
     """
     choice, products = _rule(num_params, num_examples, num_queries, self_influence, exact_hvp, dtype, exact_params,
                              full_pass_examples, precondition_queries, memory_bytes, cg_tol)
+    return _budgeted(choice, products, time_budget, seconds_per_product)
+
+
+def _budgeted(choice: Choice, products: Optional[int], time_budget: Optional[float],
+              seconds_per_product: Optional[float]) -> Choice:
+    """Rule 5 on the choice of rules 1-4 that spends ``products`` full-data products (``None``: not estimated)."""
     if time_budget is None or seconds_per_product is None or products is None:
         return choice
     from .ekfac import EKFACSettings
@@ -203,7 +210,7 @@ def _batched_width(name: str, num_params: int, num_queries: int) -> int:
     most 32 timed); a product's cost per vector falls with the width (on the digits demo's MLP 4 vectors
     overstated the explicit Hessian's cost 6.5×: 171 s estimated, 26 s measured)."""
     if name == "exact":
-        return max(1, min(num_params, 512))
+        return max(1, min(num_params, DENSE_BLOCK))
     return max(1, min(num_queries, 32))
 
 
@@ -277,20 +284,14 @@ class AutoSettings(SolverSettings, name="auto", kind=SolverKind.AUTO):
     def choose(self, problem: "InfluenceProblem", num_queries: int = 16, self_influence: bool = False) -> Choice:
         """The choice for ``problem`` (its sizes, and whether its differentiation has exact HVPs)."""
         plan = problem.objective.differentiation
-        exact_hvp = plan.hvp is not None and plan.exact
-        spp = budget = None
-        if self.time_budget is not None and exact_hvp:  # each process's clock: decide on the mean of all
-            plain = choose_solver(problem.num_params, problem.num_examples, num_queries, self_influence=self_influence,
-                                  dtype=problem.dtype, exact_params=self.exact_params,
-                                  full_pass_examples=self.full_pass_examples,
-                                  precondition_queries=self.precondition_queries, memory_bytes=self.memory_bytes)
-            spp = product_seconds(problem, vectors=_batched_width(plain.name, problem.num_params, num_queries))
-            budget = agreed(problem, self.time_budget)
-        return choose_solver(problem.num_params, problem.num_examples, num_queries, self_influence=self_influence,
-                             exact_hvp=exact_hvp, dtype=problem.dtype,
-                             exact_params=self.exact_params, full_pass_examples=self.full_pass_examples,
-                             precondition_queries=self.precondition_queries, memory_bytes=self.memory_bytes,
-                             cg_tol=self.cg_tol, time_budget=budget, seconds_per_product=spp)
+        choice, products = _rule(problem.num_params, problem.num_examples, num_queries, self_influence,
+                                 plan.hvp is not None and plan.exact, problem.dtype, self.exact_params,
+                                 self.full_pass_examples, self.precondition_queries, self.memory_bytes, self.cg_tol)
+        if self.time_budget is None or products is None:
+            return choice
+        # timed at the width the choice batches; each process's clock: decide on the mean of all
+        spp = product_seconds(problem, vectors=_batched_width(choice.name, problem.num_params, num_queries))
+        return _budgeted(choice, products, agreed(problem, self.time_budget), spp)
 
     def fit(self, problem: "InfluenceProblem", damping: Any = "auto") -> InverseHVP:
         """Fit the solver :meth:`choose` picks for 16 queries without self-influence; the pipeline asks
